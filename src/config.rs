@@ -1,0 +1,873 @@
+//! Configuration: `gateway.toml` read into raw serde structs (unknown keys are errors, so
+//! typos fail loudly), then validated into [`Config`]. Validation collects every problem
+//! before failing, so an operator fixes the file in one pass instead of one key per restart.
+//!
+//! Relative paths in the file are resolved against the directory holding the file, so a
+//! config mounted at `/etc/gatehouse/gateway.toml` can say `cert = "certs/site.crt"`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::ratelimit::{RateLimitConfig, RawRateLimit};
+
+/// A validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from (for messages).
+    pub source: PathBuf,
+    /// Listening sockets.
+    pub listen: Listen,
+    /// Certificates and TLS settings.
+    pub tls: Tls,
+    /// Where requests are forwarded.
+    pub upstream: Upstream,
+    /// Request handling limits and trust settings.
+    pub proxy: Proxy,
+    /// Plain-HTTP listener behaviour.
+    pub redirect: Redirect,
+    /// Directories served directly, like nginx `alias`.
+    pub statics: Vec<StaticDir>,
+    /// WebSocket tunnel settings.
+    pub websocket: WebSocket,
+    /// Rate limiting; `None` when the section is absent.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Admin listener (health, readiness, metrics).
+    pub admin: Option<Admin>,
+    /// Process-wide settings.
+    pub server: Server,
+    /// Logging.
+    pub log: Log,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Plain-HTTP listener that redirects to HTTPS; `None` disables it.
+    pub http: Option<SocketAddr>,
+    /// HTTPS listener.
+    pub https: SocketAddr,
+    /// Port written into redirect `Location` headers (omitted from the URL when 443).
+    pub public_https_port: u16,
+}
+
+/// One certificate chain with its key, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSource {
+    /// Chain file: leaf first, then intermediates.
+    pub cert: PathBuf,
+    /// Private key file (PKCS#8, PKCS#1 or SEC1 PEM, unencrypted).
+    pub key: PathBuf,
+    /// Optional CA bundle used to validate and complete the chain.
+    pub ca_bundle: Option<PathBuf>,
+    /// Host names this certificate must cover and is chosen for by SNI. Empty: taken from
+    /// the certificate's own DNS names, and not checked.
+    pub names: Vec<String>,
+    /// The config key this entry came from, e.g. `tls` or `tls.certificates[1]`.
+    pub key_path: String,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// All certificates; the first is the default for clients without (or with unknown) SNI.
+    pub certificates: Vec<CertificateSource>,
+    /// Time allowed for a client to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Lowest TLS version accepted.
+    pub min_version: TlsVersion,
+    /// `Strict-Transport-Security` max-age; `None` sends no HSTS header.
+    pub hsts_max_age: Option<Duration>,
+    /// Whether the HSTS header carries `includeSubDomains`.
+    pub hsts_include_subdomains: bool,
+    /// Days before expiry below which `check` and reloads warn.
+    pub expiry_warning_days: u32,
+    /// Interval at which certificate files are re-read even without file-system events.
+    pub reload_poll_interval: Duration,
+}
+
+/// Lowest accepted TLS protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Upstream origins (scheme `http`); requests are spread across them.
+    pub targets: Vec<UpstreamTarget>,
+    /// Time allowed to open a TCP connection to the upstream.
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream to send response headers.
+    pub response_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per upstream.
+    pub pool_max_idle: usize,
+    /// How long an upstream that refused a connection is skipped.
+    pub unhealthy_for: Duration,
+}
+
+/// One upstream origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// Always `http`: TLS ends at the gateway.
+    pub scheme: Scheme,
+    /// Host and port.
+    pub authority: Authority,
+}
+
+impl fmt::Display for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// `[proxy]`
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the gateway).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_size: u64,
+    /// Largest request head accepted (431 beyond).
+    pub max_header_size: usize,
+    /// Time allowed for a client to send a complete request head (slowloris defence); hyper
+    /// also closes keep-alive connections idle this long.
+    pub header_read_timeout: Duration,
+    /// Concurrent streams allowed on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+/// `[redirect]`
+#[derive(Debug, Clone, Default)]
+pub struct Redirect {
+    /// Directory served at `/.well-known/acme-challenge/` on the HTTP port (certbot webroot).
+    pub acme_challenge_dir: Option<PathBuf>,
+}
+
+/// One `[[static]]` entry.
+#[derive(Debug, Clone)]
+pub struct StaticDir {
+    /// URL prefix, starting and ending with `/`.
+    pub prefix: String,
+    /// Directory the prefix maps to.
+    pub dir: PathBuf,
+}
+
+/// `[websocket]`
+#[derive(Debug, Clone)]
+pub struct WebSocket {
+    /// A tunnel with no bytes in either direction for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Address of the admin listener (keep it on loopback or a private network).
+    pub listen: SocketAddr,
+}
+
+/// `[server]`
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Time in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Connections accepted at once across listeners; more wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Runtime worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
+}
+
+/// `[log]`
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// Output format.
+    pub format: LogFormat,
+    /// Default filter when `RUST_LOG` is not set.
+    pub level: String,
+    /// One line per request.
+    pub access_log: bool,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable key=value lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub source_path: PathBuf,
+    /// One entry per bad key.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        write!(
+            f,
+            "{}: {count} problem{}",
+            self.source_path.display(),
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One bad key and what to do about it.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// Dotted key, e.g. `upstream.url`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Collects problems while validating; modules owning a section validate it with this.
+pub struct Problems {
+    base_dir: PathBuf,
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    /// Records a problem with `key`.
+    pub fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Resolves a path from the file against the file's directory.
+    pub fn path(&self, value: &str) -> PathBuf {
+        self.base_dir.join(value)
+    }
+
+    /// Parses a duration such as `"30s"`, `"500ms"` or `"2m"`.
+    pub fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text) {
+            Ok(duration) => duration,
+            Err(err) => {
+                self.add(
+                    key,
+                    format!("`{text}` is not a duration ({err}); write e.g. \"30s\", \"500ms\" or \"2m\""),
+                );
+                default
+            }
+        }
+    }
+
+    /// Parses a socket address such as `"0.0.0.0:8443"` or `"[::]:443"`.
+    pub fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        let parsed = value.parse().ok();
+        if parsed.is_none() {
+            self.add(
+                key,
+                format!("`{value}` is not an ADDR:PORT; write e.g. \"0.0.0.0:8443\" or \"[::]:8443\" (host names are not resolved here)"),
+            );
+        }
+        parsed
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: RawListen,
+    tls: RawTls,
+    upstream: RawUpstream,
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    redirect: RawRedirect,
+    #[serde(default, rename = "static")]
+    statics: Vec<RawStatic>,
+    #[serde(default)]
+    websocket: RawWebSocket,
+    rate_limit: Option<RawRateLimit>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    http: Option<String>,
+    https: String,
+    public_https_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    ca_bundle: Option<String>,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+    handshake_timeout: Option<String>,
+    min_version: Option<String>,
+    hsts_max_age: Option<String>,
+    #[serde(default)]
+    hsts_include_subdomains: bool,
+    expiry_warning_days: Option<u32>,
+    reload_poll_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: String,
+    key: String,
+    ca_bundle: Option<String>,
+    #[serde(default)]
+    names: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: OneOrMany,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle: Option<usize>,
+    unhealthy_for: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    max_body_size: Option<bytesize::ByteSize>,
+    max_header_size: Option<bytesize::ByteSize>,
+    header_read_timeout: Option<String>,
+    max_concurrent_streams: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedirect {
+    acme_challenge_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatic {
+    prefix: String,
+    dir: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebSocket {
+    idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    shutdown_grace: Option<String>,
+    max_connections: Option<usize>,
+    worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+    access_log: Option<bool>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let single = |key: &str, message: String| ConfigError {
+            source_path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: key.to_owned(),
+                message,
+            }],
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            single(
+                "(file)",
+                format!("cannot read the configuration file: {err}; pass the right path with --config or GATEHOUSE_CONFIG"),
+            )
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration text as if it had been read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError {
+            source_path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: "(syntax)".to_owned(),
+                message: err.to_string().trim_end().to_owned(),
+            }],
+        })?;
+        let base_dir = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let mut problems = Problems {
+            base_dir,
+            list: Vec::new(),
+        };
+        let config = validate(raw, path, &mut problems);
+        if problems.list.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                source_path: path.to_path_buf(),
+                problems: problems.list,
+            })
+        }
+    }
+}
+
+fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
+    let listen = validate_listen(raw.listen, p);
+    let tls = validate_tls(raw.tls, p);
+    let upstream = validate_upstream(raw.upstream, p);
+    let proxy = validate_proxy(&raw.proxy, p);
+    let redirect = Redirect {
+        acme_challenge_dir: raw.redirect.acme_challenge_dir.map(|dir| p.path(&dir)),
+    };
+    let statics = validate_statics(raw.statics, p);
+    let websocket = WebSocket {
+        idle_timeout: p.duration(
+            "websocket.idle_timeout",
+            raw.websocket.idle_timeout.as_deref(),
+            Duration::from_secs(600),
+        ),
+    };
+    let rate_limit = raw
+        .rate_limit
+        .and_then(|raw| crate::ratelimit::validate_config(raw, p));
+    let admin = raw.admin.and_then(|admin| {
+        p.socket_addr("admin.listen", &admin.listen)
+            .map(|listen| Admin { listen })
+    });
+    let server = Server {
+        shutdown_grace: p.duration(
+            "server.shutdown_grace",
+            raw.server.shutdown_grace.as_deref(),
+            Duration::from_secs(8),
+        ),
+        max_connections: raw.server.max_connections.unwrap_or(25_000),
+        worker_threads: raw.server.worker_threads.unwrap_or(0),
+    };
+    if server.max_connections == 0 {
+        p.add("server.max_connections", "must be at least 1");
+    }
+    let log = validate_log(raw.log, p);
+    Config {
+        source: path.to_path_buf(),
+        listen,
+        tls,
+        upstream,
+        proxy,
+        redirect,
+        statics,
+        websocket,
+        rate_limit,
+        admin,
+        server,
+        log,
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn validate_listen(raw: RawListen, p: &mut Problems) -> Listen {
+    let https = p
+        .socket_addr("listen.https", &raw.https)
+        .unwrap_or_else(unspecified);
+    let http = raw
+        .http
+        .and_then(|http| p.socket_addr("listen.http", &http));
+    let public_https_port = match raw.public_https_port {
+        Some(0) => {
+            p.add("listen.public_https_port", "port 0 cannot appear in a URL; write the port clients connect to (443 behind Docker's 443:8443 mapping)");
+            443
+        }
+        Some(port) => port,
+        None => https.port(),
+    };
+    Listen {
+        http,
+        https,
+        public_https_port,
+    }
+}
+
+fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
+    let mut certificates = Vec::new();
+    match (raw.cert, raw.key) {
+        (Some(cert), Some(key)) => certificates.push(CertificateSource {
+            cert: p.path(&cert),
+            key: p.path(&key),
+            ca_bundle: raw.ca_bundle.as_deref().map(|b| p.path(b)),
+            names: normalize_names(raw.names, "tls.names", p),
+            key_path: "tls".to_owned(),
+        }),
+        (Some(_), None) => p.add("tls.key", "tls.cert is set but tls.key is missing; add key = \"path/to/private.key\""),
+        (None, Some(_)) => p.add("tls.cert", "tls.key is set but tls.cert is missing; add cert = \"path/to/fullchain.crt\" (leaf first, then intermediates)"),
+        (None, None) => {
+            if raw.ca_bundle.is_some() || !raw.names.is_empty() {
+                p.add("tls", "ca_bundle/names are set without cert and key; put them inside the [[tls.certificates]] entry they belong to");
+            }
+        }
+    }
+    for (index, entry) in raw.certificates.into_iter().enumerate() {
+        let key_path = format!("tls.certificates[{index}]");
+        certificates.push(CertificateSource {
+            cert: p.path(&entry.cert),
+            key: p.path(&entry.key),
+            ca_bundle: entry.ca_bundle.as_deref().map(|b| p.path(b)),
+            names: normalize_names(entry.names, &format!("{key_path}.names"), p),
+            key_path,
+        });
+    }
+    if certificates.is_empty() {
+        p.add(
+            "tls",
+            "no certificate configured; set cert = \"...\" and key = \"...\" under [tls] (or add [[tls.certificates]] entries)",
+        );
+    }
+    let min_version = match raw.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::Tls12,
+        Some("1.3") => TlsVersion::Tls13,
+        Some(other) => {
+            p.add(
+                "tls.min_version",
+                format!("`{other}` is not supported; write \"1.2\" (default) or \"1.3\""),
+            );
+            TlsVersion::Tls12
+        }
+    };
+    let hsts_max_age = raw
+        .hsts_max_age
+        .as_deref()
+        .map(|text| p.duration("tls.hsts_max_age", Some(text), Duration::ZERO))
+        .filter(|age| !age.is_zero());
+    Tls {
+        certificates,
+        handshake_timeout: p.duration(
+            "tls.handshake_timeout",
+            raw.handshake_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        min_version,
+        hsts_max_age,
+        hsts_include_subdomains: raw.hsts_include_subdomains,
+        expiry_warning_days: raw.expiry_warning_days.unwrap_or(14),
+        reload_poll_interval: p.duration(
+            "tls.reload_poll_interval",
+            raw.reload_poll_interval.as_deref(),
+            Duration::from_secs(30),
+        ),
+    }
+}
+
+fn normalize_names(names: Vec<String>, key: &str, p: &mut Problems) -> Vec<String> {
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            let plain = lower.strip_prefix("*.").unwrap_or(&lower);
+            if rustls::pki_types::ServerName::try_from(plain).is_ok() {
+                Some(lower)
+            } else {
+                p.add(
+                    key,
+                    format!("`{name}` is not a host name; write e.g. \"example.com\" or \"*.example.com\""),
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> Upstream {
+    let urls = match raw.url {
+        OneOrMany::One(url) => vec![url],
+        OneOrMany::Many(urls) => urls,
+    };
+    if urls.is_empty() {
+        p.add(
+            "upstream.url",
+            "no upstream given; write url = \"http://web:8000\"",
+        );
+    }
+    let targets = urls
+        .iter()
+        .filter_map(|url| parse_upstream_url(url, p))
+        .collect();
+    Upstream {
+        targets,
+        connect_timeout: p.duration(
+            "upstream.connect_timeout",
+            raw.connect_timeout.as_deref(),
+            Duration::from_secs(5),
+        ),
+        response_timeout: p.duration(
+            "upstream.response_timeout",
+            raw.response_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        pool_idle_timeout: p.duration(
+            "upstream.pool_idle_timeout",
+            raw.pool_idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        pool_max_idle: raw.pool_max_idle.unwrap_or(1024),
+        unhealthy_for: p.duration(
+            "upstream.unhealthy_for",
+            raw.unhealthy_for.as_deref(),
+            Duration::from_secs(5),
+        ),
+    }
+}
+
+fn parse_upstream_url(url: &str, p: &mut Problems) -> Option<UpstreamTarget> {
+    let hint = "write e.g. \"http://web:8000\" (the app's service name and port)";
+    let parsed: http::Uri = match url.parse() {
+        Ok(uri) => uri,
+        Err(err) => {
+            p.add(
+                "upstream.url",
+                format!("`{url}` is not a URL ({err}); {hint}"),
+            );
+            return None;
+        }
+    };
+    if parsed.scheme() != Some(&Scheme::HTTP) {
+        p.add(
+            "upstream.url",
+            format!(
+                "`{url}`: only http:// upstreams are supported (TLS ends at the gateway); {hint}"
+            ),
+        );
+        return None;
+    }
+    if parsed.path() != "/" || parsed.query().is_some() {
+        p.add(
+            "upstream.url",
+            format!(
+                "`{url}`: a path or query is not supported; requests keep their own path; {hint}"
+            ),
+        );
+        return None;
+    }
+    let Some(authority) = parsed.authority().cloned() else {
+        p.add("upstream.url", format!("`{url}` has no host; {hint}"));
+        return None;
+    };
+    let authority = if authority.port().is_some() {
+        authority
+    } else {
+        // An explicit port keeps pool keys and Host-less logs unambiguous.
+        format!("{}:80", authority.host()).parse().ok()?
+    };
+    Some(UpstreamTarget {
+        scheme: Scheme::HTTP,
+        authority,
+    })
+}
+
+fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .filter_map(|text| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    p.add(
+                        "proxy.trusted_proxies",
+                        format!("`{text}` is not an IP address or CIDR; write e.g. \"10.0.0.0/8\" or \"192.168.1.10\""),
+                    );
+                })
+                .ok()
+        })
+        .collect();
+    let max_header_size = raw.max_header_size.map_or(64 * 1024, |size| {
+        usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
+    });
+    if max_header_size < 8192 {
+        p.add(
+            "proxy.max_header_size",
+            "must be at least 8 KiB (browsers send large cookies); write e.g. \"64KiB\"",
+        );
+    }
+    Proxy {
+        trusted_proxies,
+        max_body_size: raw.max_body_size.map_or(100 * 1024 * 1024, |s| s.as_u64()),
+        max_header_size: max_header_size.max(8192),
+        header_read_timeout: p.duration(
+            "proxy.header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+        max_concurrent_streams: raw.max_concurrent_streams.unwrap_or(256),
+    }
+}
+
+fn validate_statics(raw: Vec<RawStatic>, p: &mut Problems) -> Vec<StaticDir> {
+    raw.into_iter()
+        .enumerate()
+        .filter_map(|(index, entry)| {
+            let key = format!("static[{index}].prefix");
+            if !entry.prefix.starts_with('/') || !entry.prefix.ends_with('/') || entry.prefix == "/" {
+                p.add(
+                    key,
+                    format!("`{}` must start and end with `/` and not be `/` alone; write e.g. \"/static/\"", entry.prefix),
+                );
+                return None;
+            }
+            Some(StaticDir {
+                prefix: entry.prefix,
+                dir: p.path(&entry.dir),
+            })
+        })
+        .collect()
+}
+
+fn validate_log(raw: RawLog, p: &mut Problems) -> Log {
+    let format = match raw.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            p.add(
+                "log.format",
+                format!("`{other}` is not a log format; write \"text\" or \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    Log {
+        format,
+        level: raw.level.unwrap_or_else(|| "info".to_owned()),
+        access_log: raw.access_log.unwrap_or(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        https = "127.0.0.1:8443"
+        [tls]
+        cert = "certs/a.crt"
+        key = "certs/a.key"
+        [upstream]
+        url = "http://127.0.0.1:8000"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_paths() {
+        let config = Config::parse(MINIMAL, Path::new("/etc/gatehouse/gateway.toml")).unwrap();
+        assert_eq!(config.listen.public_https_port, 8443);
+        assert_eq!(
+            config.tls.certificates[0].cert,
+            Path::new("/etc/gatehouse/certs/a.crt")
+        );
+        assert_eq!(
+            config.upstream.targets[0].to_string(),
+            "http://127.0.0.1:8000"
+        );
+        assert_eq!(config.proxy.max_body_size, 100 * 1024 * 1024);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [listen]
+            https = "nowhere"
+            http = "127.0.0.1:80"
+            [tls]
+            cert = "a.crt"
+            [upstream]
+            url = "https://web:8000"
+            response_timeout = "soon"
+        "#;
+        let err = Config::parse(text, Path::new("g.toml")).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listen.https",
+                "tls.key",
+                "upstream.url",
+                "upstream.response_timeout"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nurls = []");
+        let err = Config::parse(&text, Path::new("g.toml")).unwrap_err();
+        assert!(err.to_string().contains("urls"), "{err}");
+    }
+
+    #[test]
+    fn upstream_without_port_gets_port_80() {
+        let text = MINIMAL.replace("http://127.0.0.1:8000", "http://web");
+        let config = Config::parse(&text, Path::new("g.toml")).unwrap();
+        assert_eq!(config.upstream.targets[0].authority.as_str(), "web:80");
+    }
+}

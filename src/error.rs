@@ -1,0 +1,152 @@
+//! Request errors and the one place they become responses. Each error knows its side
+//! (the client, the upstream, or the gateway itself), which picks the status code and the
+//! log level: client mistakes are not the operator's emergency, upstream failures are.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::config::UpstreamTarget;
+
+/// Boxed error type used by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the gateway sends.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Which party a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something wrong.
+    Downstream,
+    /// The upstream failed.
+    Upstream,
+    /// The gateway itself failed.
+    Internal,
+}
+
+/// Why a request could not be proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Connection to the upstream refused or unreachable.
+    #[error("upstream {upstream}: cannot connect: {reason}")]
+    UpstreamConnect {
+        /// The upstream.
+        upstream: UpstreamTarget,
+        /// The cause, flattened.
+        reason: String,
+    },
+    /// The upstream did not answer in time.
+    #[error("upstream {upstream}: no response within {after:?} (upstream.response_timeout)")]
+    UpstreamTimeout {
+        /// The upstream.
+        upstream: UpstreamTarget,
+        /// The configured timeout.
+        after: Duration,
+    },
+    /// The upstream answered with something broken or closed early.
+    #[error("upstream {upstream}: {reason}")]
+    UpstreamBroken {
+        /// The upstream.
+        upstream: UpstreamTarget,
+        /// The cause, flattened.
+        reason: String,
+    },
+    /// Every upstream is marked down.
+    #[error("no upstream available: every instance refused connections recently")]
+    NoUpstream,
+    /// The request body exceeds `proxy.max_body_size`.
+    #[error("request body larger than {limit} bytes (proxy.max_body_size)")]
+    BodyTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The request is malformed in a way hyper lets through.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// Serving a static file failed.
+    #[error("static file: {0}")]
+    Static(String),
+}
+
+impl ProxyError {
+    /// Who is at fault.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UpstreamBroken { .. }
+            | ProxyError::NoUpstream => Side::Upstream,
+            ProxyError::Static(_) => Side::Internal,
+        }
+    }
+
+    /// The status code the client receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamBroken { .. }
+            | ProxyError::NoUpstream => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Logs the error once, at a level chosen by its side, and turns it into a response.
+    /// The body names no internals: upstream addresses stay in the log.
+    pub fn into_response(self) -> Response<Body> {
+        match self.side() {
+            Side::Downstream => tracing::debug!(error = %self, "request refused"),
+            Side::Upstream => tracing::warn!(error = %self, "upstream failure"),
+            Side::Internal => tracing::error!(error = %self, "internal failure"),
+        }
+        let status = self.status();
+        let text = match &self {
+            ProxyError::BadRequest(reason) => format!("400 Bad Request: {reason}\n"),
+            _ => format!(
+                "{} {}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("Error")
+            ),
+        };
+        plain_response(status, text)
+    }
+}
+
+/// A small `text/plain` response.
+pub fn plain_response(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A complete in-memory body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Flattens an error and its sources into one line, for logs.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

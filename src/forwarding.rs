@@ -1,0 +1,267 @@
+//! Pure header functions for forwarding: hop-by-hop removal and the `X-Forwarded-*` /
+//! `X-Real-IP` set Django reads (`SECURE_PROXY_SSL_HEADER`, `USE_X_FORWARDED_HOST`,
+//! `USE_X_FORWARDED_PORT`, `REMOTE_ADDR` middleware).
+//!
+//! Client-sent forwarding headers are replaced, never trusted, unless the peer is one of
+//! `proxy.trusted_proxies`: then the client address is the right-most untrusted entry of
+//! its `X-Forwarded-For` and the peer is appended to the list.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+use ipnet::IpNet;
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Port`.
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+/// `X-Real-IP`.
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
+
+/// Who is on the other end of a downstream connection, computed once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Socket address of the peer.
+    pub addr: SocketAddr,
+    /// The peer IP as a header value, reused by every request on the connection.
+    pub ip_header: HeaderValue,
+    /// Whether the peer is a trusted proxy whose `X-Forwarded-For` is believed.
+    pub trusted: bool,
+}
+
+impl Peer {
+    /// Describes the peer at `addr`.
+    pub fn new(addr: SocketAddr, trusted_proxies: &[IpNet]) -> Peer {
+        let ip = canonical_ip(addr.ip());
+        Peer {
+            addr,
+            ip_header: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0")),
+            trusted: is_trusted(ip, trusted_proxies),
+        }
+    }
+}
+
+/// Maps IPv4-mapped IPv6 addresses (dual-stack listeners) to plain IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+fn is_trusted(ip: IpAddr, trusted_proxies: &[IpNet]) -> bool {
+    trusted_proxies.iter().any(|net| net.contains(&ip))
+}
+
+/// The client address for logs and rate limiting: the peer, or behind trusted proxies the
+/// right-most address in `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(peer: &Peer, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> IpAddr {
+    let peer_ip = canonical_ip(peer.addr.ip());
+    if !peer.trusted {
+        return peer_ip;
+    }
+    let mut client = peer_ip;
+    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for entry in text.rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = canonical_ip(ip);
+            if !is_trusted(client, trusted_proxies) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+/// Rewrites the request headers for the upstream: removes hop-by-hop headers (keeping
+/// `Connection: upgrade` and `Upgrade` when `upgrade` is set) and sets the forwarding set.
+/// `host` is the client's `Host` (or HTTP/2 `:authority`), `client` from [`client_ip`].
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    peer: &Peer,
+    client: IpAddr,
+    host: &HeaderValue,
+    public_port: &HeaderValue,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    let forwarded_for = if peer.trusted {
+        let previous: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if previous.is_empty() {
+            peer.ip_header.clone()
+        } else {
+            let mut joined = previous.join(&b", "[..]);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(peer.ip_header.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer.ip_header.clone())
+        }
+    } else {
+        headers.remove(&FORWARDED);
+        peer.ip_header.clone()
+    };
+    let real_ip = if client == canonical_ip(peer.addr.ip()) {
+        peer.ip_header.clone()
+    } else {
+        HeaderValue::from_str(&client.to_string()).unwrap_or_else(|_| peer.ip_header.clone())
+    };
+    headers.insert(&X_FORWARDED_FOR, forwarded_for);
+    headers.insert(&X_REAL_IP, real_ip);
+    headers.insert(&X_FORWARDED_PROTO, HTTPS.clone());
+    headers.insert(&X_FORWARDED_HOST, host.clone());
+    headers.insert(&X_FORWARDED_PORT, public_port.clone());
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless
+/// this is a protocol upgrade being tunnelled.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        if let Ok(text) = connection.to_str() {
+            for name in text.split(',').map(str::trim) {
+                if upgrade && name.eq_ignore_ascii_case("upgrade") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    if !upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether the request asks for a WebSocket (or other) upgrade over HTTP/1.1.
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: &str, trusted: &[IpNet]) -> Peer {
+        Peer::new(SocketAddr::new(ip.parse().unwrap(), 5555), trusted)
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_forge_client_address() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        headers.insert(&X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
+        headers.insert(&FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        let peer = peer("203.0.113.9", &[]);
+        let client = client_ip(&peer, &headers, &[]);
+        let host = HeaderValue::from_static("example.com");
+        prepare_request(
+            &mut headers,
+            &peer,
+            client,
+            &host,
+            &HeaderValue::from_static("443"),
+            false,
+        );
+        assert_eq!(headers[&X_FORWARDED_FOR], "203.0.113.9");
+        assert_eq!(headers[&X_REAL_IP], "203.0.113.9");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(headers[&X_FORWARDED_HOST], "example.com");
+        assert!(!headers.contains_key(&FORWARDED));
+    }
+
+    #[test]
+    fn trusted_proxy_chain_is_extended_and_client_is_rightmost_untrusted() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("6.6.6.6, 198.51.100.7, 10.1.1.1"),
+        );
+        let peer = peer("10.0.0.2", &trusted);
+        let client = client_ip(&peer, &headers, &trusted);
+        assert_eq!(client, "198.51.100.7".parse::<IpAddr>().unwrap());
+        let host = HeaderValue::from_static("example.com");
+        prepare_request(
+            &mut headers,
+            &peer,
+            client,
+            &host,
+            &HeaderValue::from_static("443"),
+            false,
+        );
+        assert_eq!(
+            headers[&X_FORWARDED_FOR],
+            "6.6.6.6, 198.51.100.7, 10.1.1.1, 10.0.0.2"
+        );
+        assert_eq!(headers[&X_REAL_IP], "198.51.100.7");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(&KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn upgrade_headers_survive_for_websockets() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade_request(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+}

@@ -1,0 +1,207 @@
+//! Gatehouse: an HTTPS gateway for web apps in Docker. It terminates TLS with validated,
+//! hot-reloadable certificates, redirects plain HTTP, proxies HTTP/1.1, HTTP/2 and
+//! `WebSockets` to the app, serves static files and rate-limits clients through `Redis`.
+//!
+//! One request: [`listener`] accepts and terminates TLS (the [`tls`] resolver picks the
+//! current certificate per handshake) → hyper connection → [`proxy::Proxy::handle`] →
+//! rate-limit decision → static file, WebSocket tunnel, or [`forwarding`] + pooled
+//! client → response. Errors become responses in [`error`].
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod forwarding;
+pub mod listener;
+pub mod proxy;
+pub mod ratelimit;
+pub mod redirect;
+pub mod tls;
+pub mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+use tls::CertStore;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A certificate set failed validation.
+    #[error(transparent)]
+    Certificate(#[from] tls::CertError),
+    /// A listener could not bind.
+    #[error("{key} = \"{addr}\": cannot listen: {source}; is another process (nginx?) using the port, or does it need root (ports below 1024)?")]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// rustls refused the TLS settings.
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The rate limiter could not start.
+    #[error("rate_limit: {0}")]
+    RateLimit(String),
+}
+
+/// A gateway with its certificates validated and its sockets bound, ready to run.
+pub struct Gateway {
+    config: Config,
+    https: TcpListener,
+    http: Option<TcpListener>,
+    admin: Option<TcpListener>,
+    certificates: Arc<CertStore>,
+    acceptor: TlsAcceptor,
+}
+
+impl Gateway {
+    /// Validates certificates and binds every listener; nothing is served yet.
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let provider = tls::provider();
+        let certificates = Arc::new(CertStore::load(&config.tls, &provider, SystemTime::now())?);
+        for slot in certificates.slots() {
+            let report = slot.report();
+            for warning in &report.warnings {
+                tracing::warn!(cert = %report.cert_path.display(), "{warning}");
+            }
+        }
+        let server_config = tls::server_config(&config.tls, certificates.clone(), provider)?;
+        let https = bind("listen.https", config.listen.https).await?;
+        let http = match config.listen.http {
+            Some(addr) => Some(bind("listen.http", addr).await?),
+            None => None,
+        };
+        let admin = match &config.admin {
+            Some(admin) => Some(bind("admin.listen", admin.listen).await?),
+            None => None,
+        };
+        Ok(Gateway {
+            config,
+            https,
+            http,
+            admin,
+            certificates,
+            acceptor: TlsAcceptor::from(server_config),
+        })
+    }
+
+    /// The bound HTTPS address (useful with port 0).
+    pub fn https_addr(&self) -> SocketAddr {
+        local_addr(&self.https)
+    }
+
+    /// The bound plain-HTTP address, if enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(local_addr)
+    }
+
+    /// The bound admin address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(local_addr)
+    }
+
+    /// The served certificates.
+    pub fn certificates(&self) -> Arc<CertStore> {
+        self.certificates.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains for `server.shutdown_grace`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let config = self.config;
+        let hard_stop = CancellationToken::new();
+        let limiter = match &config.rate_limit {
+            Some(settings) => Some(
+                ratelimit::RateLimiter::new(settings)
+                    .await
+                    .map_err(|e| StartError::RateLimit(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let proxy = Arc::new(proxy::Proxy::new(&config, limiter, hard_stop.clone()));
+        let ctx = Arc::new(listener::Context {
+            builder: listener::http_builder(&config),
+            permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            connections: TaskTracker::new(),
+            draining: shutdown.clone(),
+            hard_stop: hard_stop.clone(),
+            trusted_proxies: config.proxy.trusted_proxies.clone(),
+        });
+        let listeners = TaskTracker::new();
+        tracing::info!(
+            https = %local_addr(&self.https),
+            http = ?self.http.as_ref().map(local_addr),
+            admin = ?self.admin.as_ref().map(local_addr),
+            upstream = %config.upstream.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "gatehouse listening"
+        );
+        listeners.spawn(listener::serve_https(
+            self.https,
+            self.acceptor,
+            config.tls.handshake_timeout,
+            proxy.clone(),
+            ctx.clone(),
+        ));
+        if let Some(http) = self.http {
+            let redirector = Arc::new(redirect::Redirector::new(
+                config.listen.public_https_port,
+                config.redirect.acme_challenge_dir.as_deref(),
+            ));
+            listeners.spawn(listener::serve_http(http, redirector, ctx.clone()));
+        }
+        if let Some(admin) = self.admin {
+            listeners.spawn(admin::serve(admin, ctx.clone()));
+        }
+        listeners.close();
+
+        shutdown.cancelled().await;
+        let grace = config.server.shutdown_grace;
+        tracing::info!(
+            grace_ms = grace.as_millis(),
+            "shutting down: no new connections, draining"
+        );
+        listeners.wait().await;
+        ctx.connections.close();
+        let tunnels = proxy.tunnels.tracker().clone();
+        tunnels.close();
+        let drained = tokio::time::timeout(grace, async {
+            ctx.connections.wait().await;
+            tunnels.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = ctx.connections.len(),
+                websockets = tunnels.len(),
+                "shutdown grace over; closing what is left"
+            );
+            hard_stop.cancel();
+            ctx.connections.wait().await;
+            tunnels.wait().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}

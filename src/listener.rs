@@ -1,0 +1,174 @@
+//! Accept loops: a shared connection limit, TLS handshakes with a deadline, one hyper
+//! connection per socket, and graceful drain. A connection goes *handshaking* → *serving*
+//! → (on shutdown) *draining*: hyper finishes in-flight requests and closes idle
+//! keep-alive connections; when the grace ends, whatever is left is dropped.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::forwarding::Peer;
+use crate::proxy::Proxy;
+use crate::redirect::Redirector;
+
+/// What every connection task shares.
+pub(crate) struct Context {
+    /// HTTP/1.1 + HTTP/2 connection settings.
+    pub builder: auto::Builder<TokioExecutor>,
+    /// Connections allowed at once, across listeners.
+    pub permits: Arc<Semaphore>,
+    /// Every connection task, so shutdown can wait for them.
+    pub connections: TaskTracker,
+    /// Cancelled when shutdown starts: stop accepting, drain connections.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace ends: drop what is left.
+    pub hard_stop: CancellationToken,
+    /// Trusted proxy networks, for [`Peer`].
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// The HTTP settings shared by both listeners.
+pub(crate) fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.proxy.header_read_timeout)
+        .max_buf_size(config.proxy.max_header_size)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(config.proxy.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.proxy.max_header_size).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Accepts HTTPS connections until draining starts.
+pub(crate) async fn serve_https(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    proxy: Arc<Proxy>,
+    ctx: Arc<Context>,
+) {
+    while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
+        let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
+        ctx.connections.spawn(async move {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(err)) => {
+                    tracing::debug!(peer = %addr, reason = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, reason = "timeout", "TLS handshake failed");
+                    return;
+                }
+            };
+            let peer = Arc::new(Peer::new(addr, &task_ctx.trusted_proxies));
+            let service = service_fn(move |req| proxy.clone().handle(peer.clone(), req));
+            let conn = task_ctx
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service);
+            drive(conn, &task_ctx, addr).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Accepts plain-HTTP connections (redirects and ACME challenges) until draining starts.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    redirector: Arc<Redirector>,
+    ctx: Arc<Context>,
+) {
+    while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
+        let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
+        ctx.connections.spawn(async move {
+            let service = service_fn(move |req| redirector.clone().handle(req));
+            let conn = task_ctx
+                .builder
+                .serve_connection(TokioIo::new(stream), service);
+            drive(conn, &task_ctx, addr).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Waits for a connection slot and a connection; `None` once draining starts.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    ctx: &Context,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        () = ctx.draining.cancelled() => return None,
+        permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
+    };
+    loop {
+        let accepted = tokio::select! {
+            () = ctx.draining.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                // Small responses must not wait for Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                return Some((stream, addr, permit));
+            }
+            Err(err) if is_per_connection(&err) => {}
+            Err(err) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                tracing::error!(error = %err, "accept failed; retrying in 100 ms (raise `ulimit -n`?)");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn is_per_connection(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Runs a connection to completion; on shutdown asks it to finish gracefully, and drops it
+/// when the grace is over.
+async fn drive<C>(conn: C, ctx: &Context, addr: SocketAddr)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = ctx.draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = ctx.hard_stop.cancelled() => return,
+            }
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(peer = %addr, error = %err, "connection ended with error");
+    }
+}

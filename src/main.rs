@@ -1,0 +1,286 @@
+//! The `gatehouse` binary: `run` (default), `check` and `health`. Loads the config, sets up
+//! logging and the runtime, and turns errors into messages and exit codes:
+//! 0 success, 64 bad configuration, 65 bad certificate, 1 anything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use gatehouse::config::{Config, LogFormat};
+use gatehouse::tls::{self, CertificateReport};
+use gatehouse::{Gateway, StartError};
+use tokio_util::sync::CancellationToken;
+
+const EXIT_CONFIG: u8 = 64;
+const EXIT_CERTIFICATE: u8 = 65;
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "HTTPS gateway: TLS, redirect, reverse proxy, WebSockets, rate limiting"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "GATEHOUSE_CONFIG",
+        default_value = "gateway.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the configuration and every certificate without listening, like `nginx -t`.
+    Check,
+    /// Ask a running gateway's admin listener whether it is ready (for Docker HEALTHCHECK).
+    Health,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("gatehouse: invalid configuration {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&config),
+        Command::Health => health(&config),
+        Command::Run => run(config),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    let _log_guard = init_logging(&config);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    let runtime = match runtime.build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = match err.downcast_ref::<StartError>() {
+                Some(StartError::Certificate(_)) => EXIT_CERTIFICATE,
+                _ => 1,
+            };
+            tracing::error!("{err:#}");
+            eprintln!("gatehouse: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let gateway = Gateway::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    gateway.run(shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+    shutdown.cancel();
+}
+
+fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},rustls=warn,hyper=warn,h2=warn",
+            config.log.level
+        ))
+    });
+    // Lines are written on a background thread so a slow terminal or pipe never stalls
+    // a request; the guard flushes them at exit.
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_target(true);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    guard
+}
+
+fn check(config: &Config) -> ExitCode {
+    println!("configuration {}: OK", config.source.display());
+    let provider = tls::provider();
+    let mut certificate_failed = false;
+    for source in &config.tls.certificates {
+        println!();
+        println!(
+            "certificate {} ({})",
+            source.cert.display(),
+            source.key_path
+        );
+        match tls::certs::load(
+            source,
+            &provider,
+            SystemTime::now(),
+            config.tls.expiry_warning_days,
+        ) {
+            Ok(loaded) => print_report(&loaded.report),
+            Err(err) => {
+                certificate_failed = true;
+                println!("  verdict:   FAIL");
+                println!("  error:     {err}");
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for entry in &config.statics {
+        if !entry.dir.is_dir() {
+            missing.push(format!(
+                "static {}: directory {} does not exist",
+                entry.prefix,
+                entry.dir.display()
+            ));
+        }
+    }
+    if let Some(dir) = &config.redirect.acme_challenge_dir {
+        if !dir.is_dir() {
+            missing.push(format!(
+                "redirect.acme_challenge_dir: directory {} does not exist",
+                dir.display()
+            ));
+        }
+    }
+    for warning in &missing {
+        println!("\nwarning: {warning}");
+    }
+    println!();
+    print_django_hint(config);
+    if certificate_failed {
+        println!("\nresult: FAIL (fix the files above; `gatehouse check` again before starting)");
+        ExitCode::from(EXIT_CERTIFICATE)
+    } else {
+        println!("\nresult: OK");
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_report(report: &CertificateReport) {
+    println!("  subject:   {}", report.subject);
+    println!("  names:     {}", report.names.join(", "));
+    println!("  chain:     {}", report.chain.join(" <- "));
+    println!(
+        "  not after: {} ({} days left)",
+        report.not_after, report.days_left
+    );
+    println!("  key:       {}", report.key_type);
+    println!("  serial:    {}", report.serial);
+    for warning in &report.warnings {
+        println!("  warning:   {warning}");
+    }
+    let verdict = if report.warnings.is_empty() {
+        "OK"
+    } else {
+        "OK with warnings"
+    };
+    println!("  verdict:   {verdict}");
+}
+
+fn print_django_hint(config: &Config) {
+    let names: Vec<&str> = config
+        .tls
+        .certificates
+        .iter()
+        .flat_map(|source| source.names.iter().map(String::as_str))
+        .collect();
+    let hosts = if names.is_empty() {
+        vec!["example.com"]
+    } else {
+        names
+    };
+    let port = match config.listen.public_https_port {
+        443 => String::new(),
+        port => format!(":{port}"),
+    };
+    println!("Django settings for an app behind Gatehouse:");
+    println!("  SECURE_PROXY_SSL_HEADER = (\"HTTP_X_FORWARDED_PROTO\", \"https\")");
+    println!("  USE_X_FORWARDED_HOST = False  # Host is passed through unchanged");
+    println!(
+        "  ALLOWED_HOSTS = [{}]",
+        hosts
+            .iter()
+            .map(|h| format!("\"{h}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  CSRF_TRUSTED_ORIGINS = [{}]",
+        hosts
+            .iter()
+            .map(|h| format!("\"https://{h}{port}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  # Channels: wrap the websocket router in AllowedHostsOriginValidator");
+}
+
+fn health(config: &Config) -> ExitCode {
+    match probe_ready(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("gatehouse health: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe_ready(config: &Config) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let admin = config.admin.as_ref().context(
+        "no [admin] listen address in the config; add [admin] listen = \"127.0.0.1:9090\"",
+    )?;
+    let mut addr = admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to the admin listener at {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let status_line = reply.lines().next().unwrap_or_default();
+    anyhow::ensure!(status_line.contains(" 200 "), "not ready: {status_line}");
+    Ok(())
+}

@@ -1,0 +1,449 @@
+//! The HTTPS request path: `handle(req)` runs rate limiting, then serves a static file, a
+//! WebSocket tunnel, or forwards to the upstream over a pooled HTTP/1.1 client. Every
+//! failure becomes a response in [`crate::error`]; nothing here panics or hangs a client.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{self, PathAndQuery};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tower_http::services::ServeDir;
+
+use crate::config::{Config, UpstreamTarget};
+use crate::error::{plain_response, Body, ProxyError};
+use crate::forwarding::{self, Peer};
+use crate::ratelimit::RateLimiter;
+use crate::websocket;
+
+/// Request body sent upstream: the client's body under the size limit, or nothing (the
+/// handshake of an HTTP/2 WebSocket, whose stream becomes the tunnel).
+pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+
+/// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// Everything a request needs, built once at startup and shared by all connections.
+pub struct Proxy {
+    /// Pooled client to the upstreams.
+    client: UpstreamClient,
+    /// Upstream instances with their passive health.
+    upstreams: Upstreams,
+    /// `[[static]]` routes, longest prefix first.
+    statics: Vec<StaticRoute>,
+    /// Rate limiter, when `[rate_limit]` is configured.
+    limiter: Option<RateLimiter>,
+    /// Peers whose forwarding headers are believed.
+    trusted_proxies: Vec<IpNet>,
+    /// `proxy.max_body_size`.
+    max_body_size: u64,
+    /// `upstream.response_timeout`.
+    response_timeout: Duration,
+    /// Value of `X-Forwarded-Port`.
+    public_port: HeaderValue,
+    /// `Strict-Transport-Security` value, when enabled.
+    hsts: Option<HeaderValue>,
+    /// Whether one log line is written per request.
+    access_log: bool,
+    /// WebSocket tunnel settings and shutdown tracking.
+    pub(crate) tunnels: websocket::Tunnels,
+}
+
+struct StaticRoute {
+    prefix: String,
+    files: ServeDir,
+}
+
+impl Proxy {
+    /// Builds the request path from a validated config.
+    pub fn new(
+        config: &Config,
+        limiter: Option<RateLimiter>,
+        shutdown: CancellationToken,
+    ) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.upstream.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.upstream.pool_idle_timeout)
+            .pool_max_idle_per_host(config.upstream.pool_max_idle)
+            .http1_preserve_header_case(false)
+            .build(connector);
+        let mut statics: Vec<StaticRoute> = config
+            .statics
+            .iter()
+            .map(|entry| StaticRoute {
+                prefix: entry.prefix.clone(),
+                files: ServeDir::new(&entry.dir)
+                    .precompressed_br()
+                    .precompressed_gzip()
+                    .append_index_html_on_directories(false),
+            })
+            .collect();
+        statics.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        let hsts = config.tls.hsts_max_age.map(|age| {
+            let mut value = format!("max-age={}", age.as_secs());
+            if config.tls.hsts_include_subdomains {
+                value.push_str("; includeSubDomains");
+            }
+            HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("max-age=0"))
+        });
+        Proxy {
+            client,
+            upstreams: Upstreams::new(&config.upstream.targets, config.upstream.unhealthy_for),
+            statics,
+            limiter,
+            trusted_proxies: config.proxy.trusted_proxies.clone(),
+            max_body_size: config.proxy.max_body_size,
+            response_timeout: config.upstream.response_timeout,
+            public_port: HeaderValue::from(config.listen.public_https_port),
+            hsts,
+            access_log: config.log.access_log,
+            tunnels: websocket::Tunnels::new(
+                config.websocket.idle_timeout,
+                TaskTracker::new(),
+                shutdown,
+            ),
+        }
+    }
+
+    /// Handles one HTTPS request from `peer`.
+    pub async fn handle(
+        self: Arc<Self>,
+        peer: Arc<Peer>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let client = forwarding::client_ip(&peer, req.headers(), &self.trusted_proxies);
+        let logged = self
+            .access_log
+            .then(|| (req.method().clone(), req.uri().clone(), req.version()));
+
+        let mut rate_headers = None;
+        if let Some(limiter) = &self.limiter {
+            match limiter.check(client, req.method(), req.uri().path()).await {
+                Ok(headers) => rate_headers = headers,
+                Err(rejection) => {
+                    let response = rejection.into_response();
+                    Self::log(logged, client, &response, started);
+                    return Ok(response);
+                }
+            }
+        }
+
+        let result = match self.static_route(req.uri().path()) {
+            Some(route) => serve_static(route, req).await,
+            None => self.forward(&peer, client, req).await,
+        };
+        let mut response = result.unwrap_or_else(ProxyError::into_response);
+        if let Some(hsts) = &self.hsts {
+            response
+                .headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        if let Some(headers) = rate_headers {
+            response.headers_mut().extend(headers);
+        }
+        Self::log(logged, client, &response, started);
+        Ok(response)
+    }
+
+    fn log(
+        logged: Option<(Method, Uri, Version)>,
+        client: IpAddr,
+        response: &Response<Body>,
+        started: Instant,
+    ) {
+        let Some((method, uri, version)) = logged else {
+            return;
+        };
+        let bytes_out = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        tracing::info!(
+            target: "gatehouse::access",
+            client = %client,
+            method = %method,
+            path = uri.path(),
+            status = response.status().as_u16(),
+            version = ?version,
+            bytes_out,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+
+    fn static_route(&self, path: &str) -> Option<&StaticRoute> {
+        self.statics
+            .iter()
+            .find(|route| path.starts_with(route.prefix.as_str()))
+    }
+
+    async fn forward(
+        &self,
+        peer: &Peer,
+        client: IpAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            if websocket::h2_websocket_protocol(&req) {
+                return self.forward_h2_websocket(peer, client, req).await;
+            }
+            return Ok(plain_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 Method Not Allowed: this is not a forward proxy\n",
+            ));
+        }
+        let upgrade =
+            req.version() == Version::HTTP_11 && forwarding::is_upgrade_request(req.headers());
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        if let Some(length) = content_length(&parts.headers) {
+            if length > self.max_body_size {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.max_body_size,
+                });
+            }
+        }
+        let host = request_host(&mut parts)?;
+        forwarding::prepare_request(
+            &mut parts.headers,
+            peer,
+            client,
+            &host,
+            &self.public_port,
+            upgrade,
+        );
+        let upstream = self.upstreams.pick();
+        parts.uri = upstream_uri(&upstream.target, &parts.uri);
+        parts.version = Version::HTTP_11;
+        let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
+        let request = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
+
+        let mut response = self.send(upstream, request).await?;
+        if let Some(downstream) = downstream_upgrade {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(self.tunnels.open(downstream, &mut response, client));
+            }
+        }
+        let (mut parts, body) = response.into_parts();
+        forwarding::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed_unsync(),
+        ))
+    }
+
+    /// RFC 8441: a WebSocket opened as an HTTP/2 extended CONNECT stream is bridged to an
+    /// HTTP/1.1 upgrade on the upstream.
+    async fn forward_h2_websocket(
+        &self,
+        peer: &Peer,
+        client: IpAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let downstream = hyper::upgrade::on(&mut req);
+        let (mut parts, _) = req.into_parts();
+        let host = request_host(&mut parts)?;
+        websocket::h2_to_h1_handshake(&mut parts);
+        forwarding::prepare_request(
+            &mut parts.headers,
+            peer,
+            client,
+            &host,
+            &self.public_port,
+            true,
+        );
+        let upstream = self.upstreams.pick();
+        parts.uri = upstream_uri(&upstream.target, &parts.uri);
+        let request = Request::from_parts(parts, Either::Right(Empty::new()));
+        let mut response = self.send(upstream, request).await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(self.tunnels.open_h2(downstream, &mut response, client));
+        }
+        let (mut parts, body) = response.into_parts();
+        forwarding::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed_unsync(),
+        ))
+    }
+
+    async fn send(
+        &self,
+        upstream: &UpstreamState,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                upstream: upstream.target.clone(),
+                after: self.response_timeout,
+            }),
+            Ok(Err(err)) => {
+                if err.is_connect() {
+                    self.upstreams.mark_down(upstream);
+                    return Err(ProxyError::UpstreamConnect {
+                        upstream: upstream.target.clone(),
+                        reason: crate::error::chain(&err),
+                    });
+                }
+                if is_body_limit(&err) {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: self.max_body_size,
+                    });
+                }
+                Err(ProxyError::UpstreamBroken {
+                    upstream: upstream.target.clone(),
+                    reason: crate::error::chain(&err),
+                })
+            }
+        }
+    }
+}
+
+fn is_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The client's `Host`, taken from HTTP/2 `:authority` (and written as `Host`, which
+/// Django needs) when the header is absent.
+fn request_host(parts: &mut http::request::Parts) -> Result<HeaderValue, ProxyError> {
+    if let Some(host) = parts.headers.get(header::HOST) {
+        return Ok(host.clone());
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .ok_or(ProxyError::BadRequest("missing Host header"))?;
+    let host = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| ProxyError::BadRequest("invalid :authority"))?;
+    parts.headers.insert(header::HOST, host.clone());
+    Ok(host)
+}
+
+fn upstream_uri(target: &UpstreamTarget, original: &Uri) -> Uri {
+    let mut parts = uri::Parts::default();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(target.authority.clone());
+    parts.path_and_query = Some(
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all present, so this cannot fail.
+    Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+}
+
+async fn serve_static(
+    route: &StaticRoute,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let rest = &parts.uri.path()[route.prefix.len() - 1..];
+    let rest = match parts.uri.query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_owned(),
+    };
+    parts.uri = rest
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    let response = route
+        .files
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await
+        .map_err(|err| ProxyError::Static(err.to_string()))?;
+    Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+}
+
+/// Upstream instances, chosen round robin, skipping those that recently refused.
+struct Upstreams {
+    targets: Vec<UpstreamState>,
+    next: AtomicUsize,
+    unhealthy_for: Duration,
+    epoch: Instant,
+}
+
+struct UpstreamState {
+    target: UpstreamTarget,
+    /// Milliseconds since `epoch` until which this instance is skipped.
+    down_until: AtomicU64,
+}
+
+impl Upstreams {
+    fn new(targets: &[UpstreamTarget], unhealthy_for: Duration) -> Upstreams {
+        Upstreams {
+            targets: targets
+                .iter()
+                .map(|target| UpstreamState {
+                    target: target.clone(),
+                    down_until: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            unhealthy_for,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next healthy instance; when all are marked down, the next one anyway, so a
+    /// recovered upstream is noticed without waiting.
+    fn pick(&self) -> &UpstreamState {
+        let count = self.targets.len();
+        if count == 1 {
+            return &self.targets[0];
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        (0..count)
+            .map(|offset| &self.targets[(start + offset) % count])
+            .find(|state| state.down_until.load(Ordering::Relaxed) <= now)
+            .unwrap_or(&self.targets[start % count])
+    }
+
+    fn mark_down(&self, state: &UpstreamState) {
+        if self.targets.len() > 1 {
+            let until = self.now_ms() + u64::try_from(self.unhealthy_for.as_millis()).unwrap_or(0);
+            state.down_until.store(until, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! TLS termination: the crypto provider, the rustls server configuration and the
+//! certificate store it resolves from.
+//!
+//! The store holds one slot per configured certificate. Each slot publishes its current
+//! chain through an `ArcSwap`, and the rustls resolver reads the slot on every handshake,
+//! so a reload (see [`reload`]) swaps a slot and new handshakes see the new chain while
+//! listeners and established connections are never touched.
+
+pub mod certs;
+pub mod reload;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{CertificateSource, Tls, TlsVersion};
+pub use certs::{CertError, CertificateReport, LoadedCertificate};
+
+/// The one crypto provider used everywhere: aws-lc-rs (faster handshakes than ring and
+/// the post-quantum hybrid key exchange X25519MLKEM768).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// One configured certificate and the chain currently served for it.
+#[derive(Debug)]
+pub struct CertSlot {
+    /// Where the files live.
+    pub source: CertificateSource,
+    /// What handshakes are answered with.
+    current: ArcSwap<CertifiedKey>,
+    /// Summary of the current chain (subject, serial, expiry).
+    report: ArcSwap<CertificateReport>,
+}
+
+impl CertSlot {
+    /// Summary of the chain being served now.
+    pub fn report(&self) -> Arc<CertificateReport> {
+        self.report.load_full()
+    }
+
+    /// Starts serving `loaded` for new handshakes.
+    pub fn replace(&self, loaded: LoadedCertificate) {
+        self.current.store(loaded.certified_key);
+        self.report.store(Arc::new(loaded.report));
+    }
+}
+
+/// All served certificates, chosen per handshake by SNI.
+#[derive(Debug)]
+pub struct CertStore {
+    slots: Vec<CertSlot>,
+    exact: HashMap<String, usize>,
+    wildcard: HashMap<String, usize>,
+}
+
+impl CertStore {
+    /// Loads and validates every configured certificate; the first error stops startup.
+    pub fn load(tls: &Tls, provider: &CryptoProvider, now: SystemTime) -> Result<Self, CertError> {
+        let mut slots = Vec::with_capacity(tls.certificates.len());
+        for source in &tls.certificates {
+            let loaded = certs::load(source, provider, now, tls.expiry_warning_days)?;
+            slots.push(CertSlot {
+                source: source.clone(),
+                current: ArcSwap::new(loaded.certified_key),
+                report: ArcSwap::from_pointee(loaded.report),
+            });
+        }
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (index, slot) in slots.iter().enumerate() {
+            let names = if slot.source.names.is_empty() {
+                slot.report().names.clone()
+            } else {
+                slot.source.names.clone()
+            };
+            for name in names {
+                let name = name.to_ascii_lowercase();
+                // The first entry naming a host wins, as in the config's order.
+                match name.strip_prefix("*.") {
+                    Some(parent) => wildcard.entry(parent.to_owned()).or_insert(index),
+                    None => exact.entry(name).or_insert(index),
+                };
+            }
+        }
+        Ok(CertStore {
+            slots,
+            exact,
+            wildcard,
+        })
+    }
+
+    /// Every slot, in config order; the first is the default.
+    pub fn slots(&self) -> &[CertSlot] {
+        &self.slots
+    }
+
+    fn slot_for(&self, server_name: Option<&str>) -> &CertSlot {
+        let index = server_name.and_then(|name| {
+            let lowered;
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                lowered = name.to_ascii_lowercase();
+                lowered.as_str()
+            } else {
+                name
+            };
+            self.exact.get(name).copied().or_else(|| {
+                let (_, parent) = name.split_once('.')?;
+                self.wildcard.get(parent).copied()
+            })
+        });
+        &self.slots[index.unwrap_or(0)]
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.slot_for(client_hello.server_name())
+                .current
+                .load_full(),
+        )
+    }
+}
+
+/// Builds the rustls server configuration: TLS 1.2/1.3, ALPN h2 then http/1.1, session
+/// resumption by tickets and by a session cache.
+pub fn server_config(
+    tls: &Tls,
+    store: Arc<CertStore>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = ServerSessionMemoryCache::new(20_000);
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    Ok(Arc::new(config))
+}

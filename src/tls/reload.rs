@@ -1,0 +1,1 @@
+//! Certificate hot reload (placeholder until the watcher lands).
