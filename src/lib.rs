@@ -77,7 +77,12 @@ impl Gateway {
             }
         }
         let server_config = tls::server_config(&config.tls, certificates.clone(), provider)?;
+        let mut config = config;
         let https = bind("listen.https", config.listen.https).await?;
+        if config.listen.public_https_port == 0 {
+            // Port 0 (tests): redirects point at the port actually bound.
+            config.listen.public_https_port = local_addr(&https).port();
+        }
         let http = match config.listen.http {
             Some(addr) => Some(bind("listen.http", addr).await?),
             None => None,
