@@ -2,7 +2,12 @@
 //! real upstream (hyper, with WebSocket echo and room-broadcast routes), the gateway run
 //! in-process on port 0, the real binary for what only it shows, and HTTPS clients that
 //! trust the test CA and never follow redirects.
-#![allow(dead_code, clippy::missing_panics_doc, clippy::must_use_candidate)]
+#![allow(
+    dead_code,
+    clippy::missing_panics_doc,
+    clippy::must_use_candidate,
+    clippy::unused_self
+)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -246,8 +251,8 @@ pub fn serial_hex(der: &[u8]) -> String {
 
 /// A rustls client config trusting `root_pem`, offering `alpn`.
 pub fn tls_client_config(root_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    init();
     use rustls::pki_types::pem::PemObject;
+    init();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -513,10 +518,8 @@ fn websocket_route(mut req: Request<Incoming>, route: String, rooms: Rooms) -> R
             let (mut sink, mut stream) = ws.split();
             while let Some(Ok(message)) = stream.next().await {
                 match message {
-                    Message::Text(_) | Message::Binary(_) => {
-                        if sink.send(message).await.is_err() {
-                            break;
-                        }
+                    Message::Text(_) | Message::Binary(_) if sink.send(message).await.is_err() => {
+                        break
                     }
                     Message::Close(_) => break,
                     _ => {}
