@@ -517,12 +517,11 @@ fn websocket_route(mut req: Request<Incoming>, route: String, rooms: Rooms) -> R
         if route == "echo" {
             let (mut sink, mut stream) = ws.split();
             while let Some(Ok(message)) = stream.next().await {
-                match message {
-                    Message::Text(_) | Message::Binary(_) if sink.send(message).await.is_err() => {
-                        break
-                    }
-                    Message::Close(_) => break,
-                    _ => {}
+                if message.is_close() {
+                    break;
+                }
+                if (message.is_text() || message.is_binary()) && sink.send(message).await.is_err() {
+                    break;
                 }
             }
         } else if route == "close" {
