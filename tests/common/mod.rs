@@ -237,12 +237,12 @@ impl Pki {
 pub fn serial_hex(der: &[u8]) -> String {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
-    cert.raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        .trim_start_matches("00")
-        .to_owned()
+    let hex = cert.raw_serial().iter().fold(String::new(), |mut out, b| {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+        out
+    });
+    hex.trim_start_matches("00").to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
