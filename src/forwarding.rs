@@ -36,17 +36,20 @@ pub struct Peer {
     pub ip_header: HeaderValue,
     /// Whether the peer is a trusted proxy whose `X-Forwarded-For` is believed.
     pub trusted: bool,
+    /// Negotiated TLS version, for the access log.
+    pub tls_version: &'static str,
 }
 
 impl Peer {
     /// Describes the peer at `addr`.
-    pub fn new(addr: SocketAddr, trusted_proxies: &[IpNet]) -> Peer {
+    pub fn new(addr: SocketAddr, trusted_proxies: &[IpNet], tls_version: &'static str) -> Peer {
         let ip = canonical_ip(addr.ip());
         Peer {
             addr,
             ip_header: HeaderValue::from_str(&ip.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0")),
             trusted: is_trusted(ip, trusted_proxies),
+            tls_version,
         }
     }
 }
@@ -177,7 +180,11 @@ mod tests {
     use super::*;
 
     fn peer(ip: &str, trusted: &[IpNet]) -> Peer {
-        Peer::new(SocketAddr::new(ip.parse().unwrap(), 5555), trusted)
+        Peer::new(
+            SocketAddr::new(ip.parse().unwrap(), 5555),
+            trusted,
+            "TLSv1.3",
+        )
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! rate-limit decision → static file, WebSocket tunnel, or [`forwarding`] + pooled
 //! client → response. Errors become responses in [`error`].
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod error;

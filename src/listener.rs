@@ -81,7 +81,12 @@ pub(crate) async fn serve_https(
                     return;
                 }
             };
-            let peer = Arc::new(Peer::new(addr, &task_ctx.trusted_proxies));
+            let tls_version = match tls.get_ref().1.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                _ => "unknown",
+            };
+            let peer = Arc::new(Peer::new(addr, &task_ctx.trusted_proxies, tls_version));
             let service = service_fn(move |req| proxy.clone().handle(peer.clone(), req));
             let conn = task_ctx
                 .builder

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{self, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tower_http::services::ServeDir;
 
+use crate::access_log::{self, AccessRecord};
 use crate::config::{Config, UpstreamTarget};
 use crate::error::{plain_response, Body, ProxyError};
 use crate::forwarding::{self, Peer};
@@ -64,6 +66,8 @@ pub struct Proxy {
 
 struct StaticRoute {
     prefix: String,
+    /// The directory, resolved once, to check that symlinks stay inside it.
+    root: std::path::PathBuf,
     files: ServeDir,
 }
 
@@ -90,6 +94,7 @@ impl Proxy {
             .iter()
             .map(|entry| StaticRoute {
                 prefix: entry.prefix.clone(),
+                root: std::fs::canonicalize(&entry.dir).unwrap_or_else(|_| entry.dir.clone()),
                 files: ServeDir::new(&entry.dir)
                     .precompressed_br()
                     .precompressed_gzip()
@@ -131,26 +136,28 @@ impl Proxy {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let client = forwarding::client_ip(&peer, req.headers(), &self.trusted_proxies);
-        let logged = self
-            .access_log
-            .then(|| (req.method().clone(), req.uri().clone(), req.version()));
+        let mut record = self.access_log.then(|| AccessRecord {
+            client,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            tls: peer.tls_version,
+            bytes_in: content_length(req.headers()),
+            started,
+            upstream: None,
+        });
 
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
             match limiter.check(client, req.method(), req.uri().path()).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
-                    let response = rejection.into_response();
-                    Self::log(logged, client, &response, started);
-                    return Ok(response);
+                    return Ok(finish(rejection.into_response(), record));
                 }
             }
         }
 
-        let result = match self.static_route(req.uri().path()) {
-            Some(route) => serve_static(route, req).await,
-            None => self.forward(&peer, client, req).await,
-        };
+        let result = self.route(&peer, client, req, record.as_mut()).await;
         let mut response = result.unwrap_or_else(ProxyError::into_response);
         if let Some(hsts) = &self.hsts {
             response
@@ -160,34 +167,26 @@ impl Proxy {
         if let Some(headers) = rate_headers {
             response.headers_mut().extend(headers);
         }
-        Self::log(logged, client, &response, started);
-        Ok(response)
+        Ok(finish(response, record))
     }
 
-    fn log(
-        logged: Option<(Method, Uri, Version)>,
+    /// Static file or upstream; records the upstream's time for the access log.
+    async fn route(
+        &self,
+        peer: &Peer,
         client: IpAddr,
-        response: &Response<Body>,
-        started: Instant,
-    ) {
-        let Some((method, uri, version)) = logged else {
-            return;
-        };
-        let bytes_out = response
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        tracing::info!(
-            target: "gatehouse::access",
-            client = %client,
-            method = %method,
-            path = uri.path(),
-            status = response.status().as_u16(),
-            version = ?version,
-            bytes_out,
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-        );
+        req: Request<Incoming>,
+        record: Option<&mut AccessRecord>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if let Some(route) = self.static_route(req.uri().path()) {
+            return serve_static(route, req).await;
+        }
+        let upstream_started = Instant::now();
+        let result = self.forward(peer, client, req).await;
+        if let Some(record) = record {
+            record.upstream = Some(upstream_started.elapsed());
+        }
+        result
     }
 
     fn static_route(&self, path: &str) -> Option<&StaticRoute> {
@@ -231,13 +230,34 @@ impl Proxy {
             &self.public_port,
             upgrade,
         );
-        let upstream = self.upstreams.pick();
-        parts.uri = upstream_uri(&upstream.target, &parts.uri);
         parts.version = Version::HTTP_11;
+        let retry = (self.upstreams.targets.len() > 1
+            && is_idempotent(&parts.method)
+            && body.is_end_stream())
+        .then(|| RetryTemplate::of(&parts));
+        let mut upstream = self.upstreams.pick();
+        parts.uri = upstream_uri(&upstream.target, &parts.uri);
         let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
-        let request = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
-
-        let mut response = self.send(upstream, request).await?;
+        let mut request = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
+        let mut attempts = 1;
+        let mut response = loop {
+            match self.send(upstream, request).await {
+                Err(err @ ProxyError::UpstreamConnect { .. }) => {
+                    // The request never left: safe to send an idempotent one elsewhere.
+                    let Some(template) = retry.as_ref() else {
+                        return Err(err);
+                    };
+                    if attempts >= self.upstreams.targets.len() {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err, "upstream refused; trying the next instance");
+                    attempts += 1;
+                    upstream = self.upstreams.pick();
+                    request = template.build(&upstream.target);
+                }
+                result => break result?,
+            }
+        };
         if let Some(downstream) = downstream_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 return Ok(self.tunnels.open(downstream, &mut response, client));
@@ -319,6 +339,45 @@ impl Proxy {
     }
 }
 
+/// What is needed to resend a body-less idempotent request to another instance.
+struct RetryTemplate {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl RetryTemplate {
+    fn of(parts: &http::request::Parts) -> RetryTemplate {
+        RetryTemplate {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn build(&self, target: &UpstreamTarget) -> Request<UpstreamBody> {
+        let mut request = Request::new(Either::Right(Empty::new()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = upstream_uri(target, &self.uri);
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn finish(response: Response<Body>, record: Option<AccessRecord>) -> Response<Body> {
+    match record {
+        Some(record) => access_log::wrap(response, record),
+        None => response,
+    }
+}
+
 fn is_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(err);
     while let Some(cause) = source {
@@ -375,6 +434,9 @@ async fn serve_static(
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let rest = &parts.uri.path()[route.prefix.len() - 1..];
+    if !stays_inside(&route.root, rest).await {
+        return Ok(plain_response(StatusCode::NOT_FOUND, "404 Not Found\n"));
+    }
     let rest = match parts.uri.query() {
         Some(query) => format!("{rest}?{query}"),
         None => rest.to_owned(),
@@ -389,6 +451,27 @@ async fn serve_static(
         .await
         .map_err(|err| ProxyError::Static(err.to_string()))?;
     Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+}
+
+/// Whether the URL path `rest` names a file inside `root`: no `..`, backslash or NUL
+/// after percent-decoding, and no symlink that leads out of the directory (nginx
+/// `alias` would follow it; a static folder must not expose the rest of the disk).
+async fn stays_inside(root: &std::path::Path, rest: &str) -> bool {
+    let Ok(decoded) = percent_encoding::percent_decode_str(rest).decode_utf8() else {
+        return false;
+    };
+    let safe = decoded
+        .split('/')
+        .all(|segment| segment != ".." && !segment.contains(['\\', '\0']));
+    if !safe {
+        return false;
+    }
+    let candidate = root.join(decoded.trim_start_matches('/'));
+    match tokio::fs::canonicalize(&candidate).await {
+        Ok(resolved) => resolved.starts_with(root),
+        // Missing files are ServeDir's to answer (404, or a precompressed sibling).
+        Err(_) => true,
+    }
 }
 
 /// Upstream instances, chosen round robin, skipping those that recently refused.

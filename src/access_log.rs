@@ -1,0 +1,119 @@
+//! The access log: one structured line per request (target `gatehouse::access`), written
+//! when the response body has been sent (or abandoned), so the line carries the real
+//! byte count and total time, as nginx's does. Text or JSON follows `log.format`; with
+//! `log.access_log = false` nothing here runs at all.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Response, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::error::{Body, BoxError};
+
+/// What is known about a request when its response starts.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// Client address (after trusted-proxy resolution).
+    pub client: IpAddr,
+    /// Request method.
+    pub method: Method,
+    /// Request target.
+    pub uri: Uri,
+    /// Downstream HTTP version.
+    pub version: Version,
+    /// Negotiated TLS version.
+    pub tls: &'static str,
+    /// Request body size from `Content-Length`, when given.
+    pub bytes_in: Option<u64>,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Time the upstream took to send response headers, when proxied.
+    pub upstream: Option<Duration>,
+}
+
+/// Wraps the response body so the log line is written when it ends.
+pub fn wrap(response: Response<Body>, record: AccessRecord) -> Response<Body> {
+    let status = response.status().as_u16();
+    response.map(|inner| {
+        LoggedBody {
+            inner,
+            bytes_out: 0,
+            status,
+            record: Some(record),
+        }
+        .boxed_unsync()
+    })
+}
+
+struct LoggedBody {
+    inner: Body,
+    bytes_out: u64,
+    status: u16,
+    record: Option<AccessRecord>,
+}
+
+impl LoggedBody {
+    fn finish(&mut self, completed: bool) {
+        let Some(record) = self.record.take() else {
+            return;
+        };
+        tracing::info!(
+            target: "gatehouse::access",
+            client = %record.client,
+            method = %record.method,
+            path = record.uri.path(),
+            status = self.status,
+            version = ?record.version,
+            tls = record.tls,
+            bytes_in = record.bytes_in,
+            bytes_out = self.bytes_out,
+            ms = record.started.elapsed().as_secs_f64() * 1000.0,
+            upstream_ms = record.upstream.map(|d| d.as_secs_f64() * 1000.0),
+            completed,
+        );
+    }
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Bodies that end without a final poll (HEAD, 204, client gone) still log.
+        let completed = self.inner.is_end_stream();
+        self.finish(completed);
+    }
+}
