@@ -64,9 +64,15 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     let _log_guard = init_logging(&config);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime skips work-stealing and cross-thread wake-ups,
+    // which is measurably faster when the gateway is pinned to one core.
+    let mut runtime = if config.server.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     runtime.enable_all();
-    if config.server.worker_threads > 0 {
+    if config.server.worker_threads > 1 {
         runtime.worker_threads(config.server.worker_threads);
     }
     let runtime = match runtime.build() {
