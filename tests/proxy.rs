@@ -613,3 +613,43 @@ mod statics {
         gateway.stop().await;
     }
 }
+
+#[tokio::test]
+async fn access_log_has_one_structured_line_per_request() {
+    let s = setup("proxy-access-log").await;
+    let config = base_config(&s.files, s.upstream.addr)
+        .replace("access_log = false", "access_log = true\nformat = \"json\"");
+    let path = s.pki.dir.join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let process = common::spawn_binary(&path);
+    let client = https_client(&s.pki.root_pem(), Http::Two, process.https);
+    let url = format!("https://localhost:{}/logged?secret=1", process.https.port());
+    let response = client.post(url).body("12345").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "seen POST /logged 5");
+    assert!(
+        process.wait_for_line("\"path\":\"/logged\"", Duration::from_secs(5)),
+        "{}",
+        process.output()
+    );
+    let line = process
+        .output()
+        .lines()
+        .find(|line| line.contains("\"path\":\"/logged\""))
+        .unwrap()
+        .to_owned();
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["target"], "gatehouse::access");
+    assert_eq!(entry["client"], "127.0.0.1");
+    assert_eq!(entry["method"], "POST");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["version"], "HTTP/2.0");
+    assert_eq!(entry["tls"], "TLSv1.3");
+    assert_eq!(entry["bytes_in"], 5);
+    assert_eq!(entry["bytes_out"], "seen POST /logged 5".len());
+    assert!(entry["upstream_ms"].as_f64().unwrap() <= entry["ms"].as_f64().unwrap());
+    assert!(
+        !line.contains("secret=1"),
+        "query strings may hold secrets: log the path only"
+    );
+}

@@ -767,11 +767,16 @@ pub fn spawn_binary(config: &Path) -> Process {
             .find(|line| line.contains("gatehouse listening"))
             .cloned();
         if let Some(line) = listening {
+            // Text lines say `https=ADDR`, JSON lines `"https":"ADDR"`.
             let field = |name: &str| -> Option<SocketAddr> {
-                let start = line.find(&format!("{name}="))? + name.len() + 1;
-                let rest = &line[start..];
+                let rest = if let Some(at) = line.find(&format!("\"{name}\":\"")) {
+                    &line[at + name.len() + 4..]
+                } else {
+                    let at = line.find(&format!("{name}="))?;
+                    &line[at + name.len() + 1..]
+                };
                 let rest = rest.strip_prefix("Some(").unwrap_or(rest);
-                let end = rest.find([' ', ')']).unwrap_or(rest.len());
+                let end = rest.find([' ', ')', '"']).unwrap_or(rest.len());
                 rest[..end].parse().ok()
             };
             return Process {
