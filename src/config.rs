@@ -553,6 +553,8 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> Listen {
 
 fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
     let mut certificates = Vec::new();
+    // A cert without key (or the reverse) is reported once, as the missing key.
+    let half_configured = raw.cert.is_some() != raw.key.is_some();
     match (raw.cert, raw.key) {
         (Some(cert), Some(key)) => certificates.push(CertificateSource {
             cert: p.path(&cert),
@@ -579,7 +581,7 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             key_path,
         });
     }
-    if certificates.is_empty() {
+    if certificates.is_empty() && !half_configured {
         p.add(
             "tls",
             "no certificate configured; set cert = \"...\" and key = \"...\" under [tls] (or add [[tls.certificates]] entries)",

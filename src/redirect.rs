@@ -52,11 +52,14 @@ impl Redirector {
                 return Ok(serve_challenge(acme, &token, req).await);
             }
         }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|value| value.to_str().ok())
-            .or_else(|| req.uri().authority().map(Authority::as_str));
+        // Exactly one Host header, or none and an authority in the target (h2c, HTTP/1.0
+        // absolute-form); two Host headers are a 400 (RFC 9112 section 3.2).
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (Some(value), None) => value.to_str().ok(),
+            (None, _) => req.uri().authority().map(Authority::as_str),
+            (Some(_), Some(_)) => None,
+        };
         let Some(host) = host.and_then(host_without_port) else {
             return Ok(plain_response(
                 StatusCode::BAD_REQUEST,
@@ -90,7 +93,12 @@ pub fn host_without_port(value: &str) -> Option<&str> {
     let authority: Authority = value.parse().ok()?;
     let host = authority.host();
     let host_len = host.len();
-    let host = &value[..host_len];
+    let (host, port) = value.split_at(host_len);
+    // `Authority` takes any port text; a Host with a port that is not digits is invalid.
+    let port_valid = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit()));
     let valid = if host.starts_with('[') {
         host.ends_with(']') && host[1..host_len - 1].parse::<std::net::Ipv6Addr>().is_ok()
     } else {
@@ -100,7 +108,7 @@ pub fn host_without_port(value: &str) -> Option<&str> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
     };
-    valid.then_some(host)
+    (valid && port_valid).then_some(host)
 }
 
 async fn serve_challenge(acme: &ServeDir, token: &str, req: Request<Incoming>) -> Response<Body> {
@@ -144,5 +152,7 @@ mod tests {
         assert_eq!(host_without_port("evil.com@good.com"), None);
         assert_eq!(host_without_port("a b"), None);
         assert_eq!(host_without_port("exa%mple.com"), None);
+        assert_eq!(host_without_port("example.com:port"), None);
+        assert_eq!(host_without_port("example.com:80:80"), None);
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::{PemObject, SectionKind};
+use rustls::pki_types::pem::{self, PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use x509_parser::certificate::X509Certificate;
@@ -451,7 +451,7 @@ pub fn load(
     }
 
     check_validity(&source.cert, &parsed_served, now)?;
-    verify_signatures(source, provider, &served, &bundle, top_is_root, now)?;
+    verify_signatures(source, provider, &served, &bundle, now)?;
     let leaf = &parsed_file[0];
     let names = leaf_names(leaf);
     check_names(source, &served[0], &names)?;
@@ -507,11 +507,16 @@ pub fn load(
 }
 
 fn read_pem(path: &Path, role: Role) -> Result<PemFile, CertError> {
-    let bytes = std::fs::read(path).map_err(|source| CertError::Unreadable {
+    let mut bytes = std::fs::read(path).map_err(|source| CertError::Unreadable {
         role,
         path: path.to_path_buf(),
         source,
     })?;
+    // Windows editors may start a file with a UTF-8 byte order mark, which hides the first
+    // BEGIN line from the PEM parser and so would silently drop the leaf.
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(CertError::Empty {
             role,
@@ -530,7 +535,13 @@ fn read_pem(path: &Path, role: Role) -> Result<PemFile, CertError> {
         .map_err(|err| CertError::BadPem {
             role,
             path: path.to_path_buf(),
-            reason: err.to_string(),
+            reason: match err {
+                pem::Error::MissingSectionEnd { end_marker } => format!(
+                    "no -----END {}----- line",
+                    String::from_utf8_lossy(&end_marker)
+                ),
+                other => other.to_string(),
+            },
         })?;
     if sections.is_empty() {
         if encrypted {
@@ -785,83 +796,92 @@ fn check_validity(
     Ok(())
 }
 
-/// Verifies every signature on the served chain with webpki. Without a bundle the top of
-/// the served chain stands in as trust anchor: that proves each certificate was signed by
-/// the next without claiming anything about the roots clients trust.
+/// Verifies every signature on the served chain with webpki, in two steps.
+///
+/// 1. The served chain on its own: certificate #k must be signed by #k+1, checked with
+///    #k+1 standing in as trust anchor. Clients get only this chain, so an intermediate in
+///    the bundle must not vouch for a wrong one served from the file (same name, other key).
+/// 2. With a bundle, the chain must lead to one of its CAs. The served chain is sound by
+///    then, so a failure here is the bundle's fault.
 fn verify_signatures(
     source: &CertificateSource,
     provider: &CryptoProvider,
     served: &[CertificateDer<'static>],
     bundle: &[CertificateDer<'static>],
-    top_is_root: bool,
     now: SystemTime,
 ) -> Result<(), CertError> {
-    let anchor_certs: Vec<&CertificateDer<'static>> = if bundle.is_empty() {
-        served.last().into_iter().collect()
-    } else {
-        bundle.iter().collect()
-    };
-    let anchors: Vec<_> = anchor_certs
-        .into_iter()
-        .filter_map(|der| webpki::anchor_from_trusted_cert(der).ok())
-        .collect();
     let leaf =
         webpki::EndEntityCert::try_from(&served[0]).map_err(|err| CertError::BadCertificate {
             path: source.cert.clone(),
             index: 1,
             reason: format!("{err:?}"),
         })?;
-    // A served chain of one self-signed certificate is its own anchor; there is nothing to
-    // walk, and webpki would reject the leaf-as-anchor shape.
-    if served.len() == 1 && top_is_root && bundle.is_empty() {
-        return Ok(());
-    }
-    let intermediates = &served[1..];
     let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
-    let result = leaf.verify_for_usage(
-        provider.signature_verification_algorithms.all,
-        &anchors,
-        intermediates,
-        time,
-        webpki::KeyUsage::server_auth(),
-        None,
-        None,
-    );
-    let Err(err) = result else { return Ok(()) };
-    let reason = format!("{err:?}");
-    Err(match err {
-        webpki::Error::UnknownIssuer if !bundle.is_empty() => CertError::NotUnderBundle {
+    let verify = |anchor_certs: &[CertificateDer<'static>],
+                  intermediates: &[CertificateDer<'static>]| {
+        let anchors: Vec<_> = anchor_certs
+            .iter()
+            .filter_map(|der| webpki::anchor_from_trusted_cert(der).ok())
+            .collect();
+        leaf.verify_for_usage(
+            provider.signature_verification_algorithms.all,
+            &anchors,
+            intermediates,
+            time,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+    };
+    let not_for_servers = |err: &webpki::Error| match err {
+        webpki::Error::RequiredEkuNotFoundContext(_) => Some(CertError::NotForServers {
             path: source.cert.clone(),
-            bundle: source.ca_bundle.clone().unwrap_or_default(),
-            reason: "no path from the leaf to a CA in the bundle".to_owned(),
-        },
-        webpki::Error::RequiredEkuNotFoundContext(_) => CertError::NotForServers {
-            path: source.cert.clone(),
-            reason,
-        },
-        webpki::Error::CaUsedAsEndEntity => CertError::NotForServers {
+            reason: format!("{err:?}"),
+        }),
+        webpki::Error::CaUsedAsEndEntity => Some(CertError::NotForServers {
             path: source.cert.clone(),
             reason: "the first certificate is a CA certificate, not a server certificate"
                 .to_owned(),
-        },
-        webpki::Error::InvalidSignatureForPublicKey | webpki::Error::UnknownIssuer => {
-            CertError::BadSignature {
-                path: source.cert.clone(),
-                index: 1,
-                reason,
-            }
+        }),
+        _ => None,
+    };
+
+    // A served chain of one certificate has nothing to walk here: a self-signed one is its
+    // own anchor (webpki would reject the leaf-as-anchor shape), any other was completed
+    // from the bundle or refused as incomplete before.
+    for k in 1..served.len() {
+        if let Err(err) = verify(&served[k..=k], &served[1..k]) {
+            return Err(
+                not_for_servers(&err).unwrap_or_else(|| CertError::BadSignature {
+                    path: source.cert.clone(),
+                    index: k,
+                    reason: format!("{err:?}"),
+                }),
+            );
         }
-        _ if !bundle.is_empty() => CertError::NotUnderBundle {
+    }
+    if bundle.is_empty() {
+        return Ok(());
+    }
+    let Err(err) = verify(bundle, &served[1..]) else {
+        return Ok(());
+    };
+    Err(
+        not_for_servers(&err).unwrap_or_else(|| CertError::NotUnderBundle {
             path: source.cert.clone(),
             bundle: source.ca_bundle.clone().unwrap_or_default(),
-            reason,
-        },
-        _ => CertError::BadSignature {
-            path: source.cert.clone(),
-            index: 1,
-            reason,
-        },
-    })
+            reason: match err {
+                webpki::Error::UnknownIssuer => {
+                    "no path from the leaf to a CA in the bundle".to_owned()
+                }
+                webpki::Error::InvalidSignatureForPublicKey => {
+                    "a CA in the bundle has the issuer's name but not its key".to_owned()
+                }
+                other => format!("{other:?}"),
+            },
+        }),
+    )
 }
 
 fn leaf_names(leaf: &X509Certificate<'_>) -> Vec<String> {
