@@ -148,6 +148,7 @@ fn check(config: &Config) -> ExitCode {
     println!("configuration {}: OK", config.source.display());
     let provider = tls::provider();
     let mut certificate_failed = false;
+    let mut served_names: Vec<String> = Vec::new();
     for source in &config.tls.certificates {
         println!();
         println!(
@@ -161,7 +162,17 @@ fn check(config: &Config) -> ExitCode {
             SystemTime::now(),
             config.tls.expiry_warning_days,
         ) {
-            Ok(loaded) => print_report(&loaded.report),
+            Ok(loaded) => {
+                print_report(&loaded.report);
+                served_names.extend(
+                    loaded
+                        .report
+                        .names
+                        .iter()
+                        .filter(|name| name.parse::<std::net::IpAddr>().is_err())
+                        .cloned(),
+                );
+            }
             Err(err) => {
                 certificate_failed = true;
                 println!("  verdict:   FAIL");
@@ -191,7 +202,7 @@ fn check(config: &Config) -> ExitCode {
         println!("\nwarning: {warning}");
     }
     println!();
-    print_django_hint(config);
+    print_django_hint(config, &served_names);
     if certificate_failed {
         println!("\nresult: FAIL (fix the files above; `gatehouse check` again before starting)");
         ExitCode::from(EXIT_CERTIFICATE)
@@ -222,17 +233,21 @@ fn print_report(report: &CertificateReport) {
     println!("  verdict:   {verdict}");
 }
 
-fn print_django_hint(config: &Config) {
-    let names: Vec<&str> = config
+/// `served_names`: DNS names of the certificates that loaded, used when the config names
+/// none.
+fn print_django_hint(config: &Config, served_names: &[String]) {
+    let configured: Vec<&str> = config
         .tls
         .certificates
         .iter()
         .flat_map(|source| source.names.iter().map(String::as_str))
         .collect();
-    let hosts = if names.is_empty() {
-        vec!["example.com"]
+    let hosts = if !configured.is_empty() {
+        configured
+    } else if !served_names.is_empty() {
+        served_names.iter().map(String::as_str).collect()
     } else {
-        names
+        vec!["example.com"]
     };
     let port = match config.listen.public_https_port {
         443 => String::new(),
