@@ -14,7 +14,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -70,10 +70,11 @@ pub(crate) async fn serve_https(
     while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
         ctx.connections.spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            let handshake = tls_handshake(stream, acceptor.config());
+            let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    tracing::debug!(peer = %addr, reason = %err, "TLS handshake failed");
+                Ok(Err((sni, err))) => {
+                    tracing::debug!(peer = %addr, sni = sni.as_deref(), reason = %err, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
@@ -95,6 +96,22 @@ pub(crate) async fn serve_https(
             drop(permit);
         });
     }
+}
+
+/// Runs the TLS handshake; on failure also returns the SNI the client asked for, so the
+/// log says which site a failing client wanted.
+async fn tls_handshake(
+    stream: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, (Option<String>, io::Error)> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+        .await
+        .map_err(|err| (None, err))?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    start
+        .into_stream(config.clone())
+        .await
+        .map_err(|err| (sni, err))
 }
 
 /// Accepts plain-HTTP connections (redirects and ACME challenges) until draining starts.
