@@ -1,0 +1,1304 @@
+//! Issue 4: WebSocket proxying, checked on the wire from both ends. A real WebSocket
+//! upstream (the harness's hyper + tungstenite app) and, where the exact bytes matter, a
+//! raw upstream that accepts the upgrade and then just echoes bytes; clients are
+//! tokio-tungstenite over tokio-rustls (HTTP/1.1) and the `h2` crate sending RFC 8441
+//! extended CONNECT (HTTP/2).
+
+mod common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use common::{
+    base_config, start_gateway, tls_client_config, CertFiles, Pki, TestGateway, Upstream,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+type Ws = WebSocketStream<Tls>;
+type H2Ws = WebSocketStream<H2Io>;
+
+/// Upper bound for anything that should be "prompt" on loopback.
+const PROMPT: Duration = Duration::from_secs(3);
+
+struct Setup {
+    pki: Pki,
+    files: CertFiles,
+    upstream: Upstream,
+}
+
+async fn setup(name: &str) -> Setup {
+    let pki = Pki::new(name);
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    Setup {
+        pki,
+        files,
+        upstream,
+    }
+}
+
+impl Setup {
+    /// A gateway in front of the harness upstream, with a short shutdown grace so a test
+    /// that ends with open sockets does not wait the default 8 s.
+    async fn gateway(&self, extra: &str) -> TestGateway {
+        self.gateway_to(self.upstream.addr, extra).await
+    }
+
+    async fn gateway_to(&self, upstream: SocketAddr, extra: &str) -> TestGateway {
+        let mut config = base_config(&self.files, upstream);
+        if !extra.contains("[server]") {
+            config.push_str("\n[server]\nshutdown_grace = \"1s\"\n");
+        }
+        config.push('\n');
+        config.push_str(extra);
+        start_gateway(&config, &self.pki.dir).await
+    }
+
+    fn root(&self) -> String {
+        self.pki.root_pem()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------
+
+async fn tls_connect(addr: SocketAddr, root_pem: &str, alpn: &[&[u8]]) -> Tls {
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(root_pem, alpn));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// A WebSocket over HTTP/1.1 + TLS through the gateway.
+async fn ws_connect(addr: SocketAddr, root_pem: &str, path: &str) -> Ws {
+    let tls = tls_connect(addr, root_pem, &[b"http/1.1"]).await;
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    let (ws, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// The next data message, failing on close or after `PROMPT`.
+async fn next_data<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(PROMPT, ws.next())
+            .await
+            .expect("no message within the deadline")
+            .expect("socket closed")
+            .expect("socket error");
+        if message.is_text() || message.is_binary() {
+            return message;
+        }
+        assert!(!message.is_close(), "unexpected close: {message:?}");
+    }
+}
+
+/// Waits until the socket is closed (close frame + end, end of stream or error) and
+/// returns when that happened; panics if it is still open after `limit`.
+async fn wait_closed<S>(ws: &mut WebSocketStream<S>, limit: Duration) -> Instant
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, ws.next()).await else {
+            panic!("socket still open after {limit:?}");
+        };
+        match next {
+            None | Some(Err(_)) => return Instant::now(),
+            Some(Ok(message)) => {
+                assert!(
+                    message.is_close() || message.is_ping() || message.is_pong(),
+                    "unexpected data while waiting for close: {message:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Whether nothing (no data, no close) arrives within `quiet`.
+async fn stays_open<S>(ws: &mut WebSocketStream<S>, quiet: Duration) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::time::timeout(quiet, ws.next()).await.is_err()
+}
+
+/// Reads an HTTP/1.1 response head (and a `Content-Length` body) from `stream`.
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> (String, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let read = tokio::time::timeout(PROMPT, stream.read(&mut chunk))
+            .await
+            .expect("response head within the deadline")
+            .unwrap();
+        assert!(read > 0, "connection closed before a response head");
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut rest = buffer[head_end..].to_vec();
+    let length = header_of(&head, "content-length").and_then(|v| v.parse::<usize>().ok());
+    if let Some(length) = length {
+        while rest.len() < length {
+            let read = tokio::time::timeout(PROMPT, stream.read(&mut chunk))
+                .await
+                .expect("response body within the deadline")
+                .unwrap();
+            assert!(read > 0, "connection closed inside the body");
+            rest.extend_from_slice(&chunk[..read]);
+        }
+    }
+    (head, rest)
+}
+
+/// The value of header `name` in a raw HTTP/1.1 head.
+fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_owned())
+    })
+}
+
+/// A hand-written HTTP/1.1 WebSocket handshake for `path`, with `extra` header lines.
+fn handshake_request(addr: SocketAddr, path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n",
+        port = addr.port()
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 8441 client: extended CONNECT over the `h2` crate
+// ---------------------------------------------------------------------------------------
+
+/// An HTTP/2 connection to the gateway that has seen `SETTINGS_ENABLE_CONNECT_PROTOCOL`.
+async fn h2_connect(addr: SocketAddr, root_pem: &str) -> h2::client::SendRequest<Bytes> {
+    let tls = tls_connect(addr, root_pem, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    // The server's SETTINGS arrive after the handshake; wait for them.
+    let deadline = Instant::now() + PROMPT;
+    let mut send = send;
+    loop {
+        send = send.ready().await.unwrap();
+        if send.is_extended_connect_protocol_enabled() {
+            return send;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends an extended CONNECT (`:protocol = websocket`) for `path`; returns the response
+/// head and the stream's two halves.
+async fn h2_extended_connect(
+    send: &mut h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (http::response::Parts, H2Io) {
+    let mut request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://localhost:{}{path}", addr.port()))
+        .header("sec-websocket-version", "13")
+        .extension(h2::ext::Protocol::from_static("websocket"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).unwrap();
+    // Wait for a free stream slot (the server's SETTINGS_MAX_CONCURRENT_STREAMS).
+    *send = send.clone().ready().await.unwrap();
+    let (response, send_stream) = send.send_request(request, false).unwrap();
+    let response = tokio::time::timeout(PROMPT, response)
+        .await
+        .expect("CONNECT answered within the deadline")
+        .unwrap();
+    let (parts, recv) = response.into_parts();
+    (
+        parts,
+        H2Io {
+            send: send_stream,
+            recv,
+            buffered: Bytes::new(),
+            shut: false,
+        },
+    )
+}
+
+/// A WebSocket over an RFC 8441 stream through the gateway.
+async fn h2_ws(send: &mut h2::client::SendRequest<Bytes>, addr: SocketAddr, path: &str) -> H2Ws {
+    let (parts, io) = h2_extended_connect(send, addr, path, &[]).await;
+    assert_eq!(parts.status, 200, "extended CONNECT refused: {parts:?}");
+    WebSocketStream::from_raw_socket(io, Role::Client, None).await
+}
+
+/// An HTTP/2 stream as a byte stream (`AsyncRead + AsyncWrite`), for tungstenite.
+struct H2Io {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    buffered: Bytes,
+    shut: bool,
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.buffered.is_empty() {
+                let n = self.buffered.len().min(buf.remaining());
+                buf.put_slice(&self.buffered[..n]);
+                self.buffered.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.buffered = data;
+                }
+                Some(Err(err)) => return Poll::Ready(Err(io::Error::other(err))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Some(Err(err)) => return Poll::Ready(Err(io::Error::other(err))),
+                Some(Ok(0)) => {}
+                Some(Ok(capacity)) => {
+                    let n = capacity.min(buf.len());
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(io::Error::other)?;
+                    return Poll::Ready(Ok(n));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            self.shut = true;
+            self.send
+                .send_data(Bytes::new(), true)
+                .map_err(io::Error::other)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw upstream: accepts the upgrade, then handles bytes, not frames
+// ---------------------------------------------------------------------------------------
+
+/// What a raw upstream connection does after answering `101`.
+#[derive(Clone, Copy)]
+enum RawMode {
+    /// Echo every byte; at end of stream send `upstream saw eof` and close.
+    EchoThenTail,
+    /// Send `server done`, shut down the write side, then read until end of stream.
+    ServerHalfCloseFirst,
+}
+
+#[derive(Debug)]
+enum RawEvent {
+    /// Bytes received after the handshake, reported at end of stream.
+    Received(Vec<u8>),
+    /// End of stream from the gateway.
+    Eof(Instant),
+}
+
+/// An upstream that answers an upgrade with extra `Sec-WebSocket-*` headers and then
+/// works on raw bytes, so tests see exactly what the gateway relays.
+struct RawUpstream {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    events: mpsc::UnboundedReceiver<RawEvent>,
+}
+
+impl RawUpstream {
+    async fn start(mode: RawMode) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (tx, events) = mpsc::unbounded_channel();
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (seen, tx) = (seen.clone(), tx.clone());
+                tokio::spawn(raw_connection(stream, mode, seen, tx));
+            }
+        });
+        RawUpstream {
+            addr,
+            heads,
+            events,
+        }
+    }
+
+    fn last_head(&self) -> String {
+        self.heads
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("no request")
+    }
+
+    async fn event(&mut self) -> RawEvent {
+        tokio::time::timeout(PROMPT, self.events.recv())
+            .await
+            .expect("upstream event within the deadline")
+            .expect("upstream alive")
+    }
+}
+
+async fn raw_connection(
+    mut stream: TcpStream,
+    mode: RawMode,
+    seen: Arc<Mutex<Vec<String>>>,
+    events: mpsc::UnboundedSender<RawEvent>,
+) {
+    let mut buffer = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    seen.lock().unwrap().push(head.clone());
+    let accept = header_of(&head, "sec-websocket-key")
+        .map(|key| derive_accept_key(key.as_bytes()))
+        .unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat.v2\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=10\r\n\r\n"
+    );
+    if stream.write_all(answer.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut received = buffer[head_end..].to_vec();
+    match mode {
+        RawMode::EchoThenTail => {
+            if !received.is_empty() && stream.write_all(&received).await.is_err() {
+                return;
+            }
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        received.extend_from_slice(&chunk[..n]);
+                        if stream.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            let _ = events.send(RawEvent::Eof(Instant::now()));
+            let _ = events.send(RawEvent::Received(received));
+            let _ = stream.write_all(b"upstream saw eof").await;
+            let _ = stream.shutdown().await;
+        }
+        RawMode::ServerHalfCloseFirst => {
+            let _ = stream.write_all(b"server done").await;
+            let _ = stream.shutdown().await;
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) => break,
+                    Ok(n) => received.extend_from_slice(&chunk[..n]),
+                    Err(_) => return,
+                }
+            }
+            let _ = events.send(RawEvent::Eof(Instant::now()));
+            let _ = events.send(RawEvent::Received(received));
+        }
+    }
+}
+
+/// Opens a raw HTTP/1.1 tunnel through the gateway to a raw upstream: returns the TLS
+/// stream after the `101` head, the head, and any bytes that followed it.
+async fn raw_tunnel(gateway: SocketAddr, root_pem: &str, extra: &str) -> (Tls, String, Vec<u8>) {
+    let mut tls = tls_connect(gateway, root_pem, &[b"http/1.1"]).await;
+    tls.write_all(handshake_request(gateway, "/raw", extra).as_bytes())
+        .await
+        .unwrap();
+    let (head, rest) = read_response(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (tls, head, rest)
+}
+
+async fn read_to_end_within<S: AsyncRead + Unpin>(stream: &mut S, mut out: Vec<u8>) -> Vec<u8> {
+    tokio::time::timeout(PROMPT, stream.read_to_end(&mut out))
+        .await
+        .expect("end of stream within the deadline")
+        .unwrap();
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn text_and_binary_echo_including_a_1mb_frame() {
+    let s = setup("ws-echo").await;
+    let gateway = s.gateway("").await;
+    let mut ws = ws_connect(gateway.https, &s.root(), "/ws/echo").await;
+
+    ws.send(Message::text("hello through the gateway"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_data(&mut ws).await,
+        Message::text("hello through the gateway")
+    );
+
+    let binary: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    ws.send(Message::binary(binary.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(binary));
+
+    let big: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(big));
+
+    let big_text = "é".repeat(512 * 1024); // 1 MiB of UTF-8
+    ws.send(Message::text(big_text.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text(big_text));
+
+    ws.close(None).await.unwrap();
+    wait_closed(&mut ws, PROMPT).await;
+
+    let seen = s.upstream.last();
+    assert_eq!(seen.uri.path(), "/ws/echo");
+    assert_eq!(seen.version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn room_broadcast_reaches_the_others_but_not_the_sender() {
+    let s = setup("ws-room").await;
+    let gateway = s.gateway("").await;
+    let root = s.root();
+    let path = "/ws/room/form_1_2_3";
+    let mut alice = ws_connect(gateway.https, &root, path).await;
+    let mut bob = ws_connect(gateway.https, &root, path).await;
+    let mut carol = ws_connect(gateway.https, &root, path).await;
+    let mut elsewhere = ws_connect(gateway.https, &root, "/ws/room/form_9_9_9").await;
+    // Both must have joined the room before the first broadcast.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let edit = r#"{"type":"update","field":"qty","value":"42"}"#;
+    alice.send(Message::text(edit)).await.unwrap();
+    assert_eq!(next_data(&mut bob).await, Message::text(edit));
+    assert_eq!(next_data(&mut carol).await, Message::text(edit));
+
+    let focus = r#"{"type":"focus","field":"qty"}"#;
+    bob.send(Message::text(focus)).await.unwrap();
+    assert_eq!(next_data(&mut alice).await, Message::text(focus));
+    assert_eq!(next_data(&mut carol).await, Message::text(focus));
+
+    // No echo to the sender, nothing to another room.
+    assert!(stays_open(&mut alice, Duration::from_millis(300)).await);
+    assert!(stays_open(&mut bob, Duration::from_millis(50)).await);
+    assert!(stays_open(&mut elsewhere, Duration::from_millis(50)).await);
+}
+
+#[tokio::test]
+async fn client_close_handshake_and_disconnect_propagate_promptly() {
+    let s = setup("ws-client-close").await;
+    let gateway = s.gateway("").await;
+
+    // Close handshake: the upstream answers our Close frame and the socket ends.
+    let mut ws = ws_connect(gateway.https, &s.root(), "/ws/echo").await;
+    ws.send(Message::text("x")).await.unwrap();
+    next_data(&mut ws).await;
+    let started = Instant::now();
+    ws.close(None).await.unwrap();
+    let closed = wait_closed(&mut ws, PROMPT).await;
+    assert!(closed - started < Duration::from_secs(1));
+
+    // Abrupt disconnect (no close frame): the upstream sees end of stream promptly.
+    let mut raw = RawUpstream::start(RawMode::EchoThenTail).await;
+    let gateway = s.gateway_to(raw.addr, "").await;
+    let (tls, _, _) = raw_tunnel(gateway.https, &s.root(), "").await;
+    let dropped = Instant::now();
+    drop(tls);
+    let RawEvent::Eof(at) = raw.event().await else {
+        panic!("expected end of stream first")
+    };
+    assert!(at - dropped < Duration::from_secs(1), "{:?}", at - dropped);
+}
+
+#[tokio::test]
+async fn server_close_propagates_to_the_client() {
+    let s = setup("ws-server-close").await;
+    let gateway = s.gateway("").await;
+    let mut ws = ws_connect(gateway.https, &s.root(), "/ws/close").await;
+    assert_eq!(next_data(&mut ws).await, Message::text("bye"));
+    let message = tokio::time::timeout(PROMPT, ws.next())
+        .await
+        .expect("close frame within the deadline")
+        .expect("a close frame before the end")
+        .unwrap();
+    assert!(message.is_close(), "{message:?}");
+    wait_closed(&mut ws, PROMPT).await;
+}
+
+#[tokio::test]
+async fn half_close_propagates_in_both_directions() {
+    let s = setup("ws-half-close").await;
+    let root = s.root();
+
+    // Client finishes sending first; the upstream can still answer afterwards.
+    let mut raw = RawUpstream::start(RawMode::EchoThenTail).await;
+    let gateway = s.gateway_to(raw.addr, "").await;
+    let (mut tls, _, rest) = raw_tunnel(gateway.https, &root, "").await;
+    assert!(rest.is_empty());
+    // Not WebSocket frames: the gateway must relay bytes without parsing them.
+    tls.write_all(b"\x00\xffnot a frame\r\n").await.unwrap();
+    let mut echo = [0u8; 15];
+    tokio::time::timeout(PROMPT, tls.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"\x00\xffnot a frame\r\n");
+    tls.shutdown().await.unwrap(); // close_notify + FIN: our write side only
+    let RawEvent::Eof(_) = raw.event().await else {
+        panic!("upstream should see end of stream")
+    };
+    let RawEvent::Received(received) = raw.event().await else {
+        panic!("expected the received bytes")
+    };
+    assert_eq!(received, b"\x00\xffnot a frame\r\n");
+    let tail = read_to_end_within(&mut tls, Vec::new()).await;
+    assert_eq!(tail, b"upstream saw eof");
+
+    // Upstream finishes sending first; the client can still send afterwards.
+    let mut raw = RawUpstream::start(RawMode::ServerHalfCloseFirst).await;
+    let gateway = s.gateway_to(raw.addr, "").await;
+    let (mut tls, _, rest) = raw_tunnel(gateway.https, &root, "").await;
+    let from_server = read_to_end_within(&mut tls, rest).await;
+    assert_eq!(from_server, b"server done");
+    tls.write_all(b"client still talking").await.unwrap();
+    tls.flush().await.unwrap();
+    tls.shutdown().await.unwrap();
+    let RawEvent::Eof(_) = raw.event().await else {
+        panic!("upstream should see end of stream")
+    };
+    let RawEvent::Received(received) = raw.event().await else {
+        panic!("expected the received bytes")
+    };
+    assert_eq!(received, b"client still talking");
+}
+
+#[tokio::test]
+async fn refused_handshake_reaches_the_client_unchanged() {
+    let s = setup("ws-refuse").await;
+    let gateway = s.gateway("").await;
+    let root = s.root();
+
+    let mut tls = tls_connect(gateway.https, &root, &[b"http/1.1"]).await;
+    tls.write_all(
+        handshake_request(
+            gateway.https,
+            "/ws/refuse",
+            "Origin: https://evil.example\r\n",
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(body, b"origin not allowed");
+    assert!(header_of(&head, "upgrade").is_none(), "{head}");
+
+    // tungstenite sees a plain HTTP error, not a broken socket.
+    let tls = tls_connect(gateway.https, &root, &[b"http/1.1"]).await;
+    let url = format!("wss://localhost:{}/ws/refuse", gateway.https.port());
+    match tokio_tungstenite::client_async(url, tls).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("expected HTTP 403, got {:?}", other.map(|(_, r)| r)),
+    }
+
+    // Over HTTP/2 the refusal is the CONNECT stream's response, body included.
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let (parts, mut io) = h2_extended_connect(&mut h2, gateway.https, "/ws/refuse", &[]).await;
+    assert_eq!(parts.status, 403);
+    let body = read_to_end_within(&mut io, Vec::new()).await;
+    assert_eq!(body, b"origin not allowed");
+}
+
+#[tokio::test]
+async fn upstream_down_is_502() {
+    let s = setup("ws-down").await;
+    // A port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let gateway = s.gateway_to(dead, "").await;
+    let root = s.root();
+
+    let mut tls = tls_connect(gateway.https, &root, &[b"http/1.1"]).await;
+    tls.write_all(handshake_request(gateway.https, "/ws/echo", "").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let (parts, _) = h2_extended_connect(&mut h2, gateway.https, "/ws/echo", &[]).await;
+    assert_eq!(parts.status, 502);
+}
+
+#[tokio::test]
+async fn subprotocol_and_extension_headers_pass_through_both_ways() {
+    let s = setup("ws-headers").await;
+    let raw = RawUpstream::start(RawMode::EchoThenTail).await;
+    let gateway = s.gateway_to(raw.addr, "").await;
+    let root = s.root();
+
+    let (_tls, head, _) = raw_tunnel(
+        gateway.https,
+        &root,
+        "Sec-WebSocket-Protocol: chat.v1, chat.v2\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
+         Origin: https://localhost\r\n",
+    )
+    .await;
+    // What the client got: the upstream's 101, selections included.
+    assert_eq!(
+        header_of(&head, "sec-websocket-protocol").unwrap(),
+        "chat.v2"
+    );
+    assert_eq!(
+        header_of(&head, "sec-websocket-extensions").unwrap(),
+        "permessage-deflate; client_max_window_bits=10"
+    );
+    assert_eq!(
+        header_of(&head, "sec-websocket-accept").unwrap(),
+        derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ==")
+    );
+    assert!(header_of(&head, "upgrade")
+        .unwrap()
+        .eq_ignore_ascii_case("websocket"));
+    assert!(header_of(&head, "connection")
+        .unwrap()
+        .eq_ignore_ascii_case("upgrade"));
+
+    // What the upstream got: every Sec-WebSocket-* header as sent.
+    let seen = raw.last_head();
+    assert!(seen.starts_with("GET /raw HTTP/1.1\r\n"), "{seen}");
+    assert_eq!(
+        header_of(&seen, "sec-websocket-key").unwrap(),
+        "dGhlIHNhbXBsZSBub25jZQ=="
+    );
+    assert_eq!(header_of(&seen, "sec-websocket-version").unwrap(), "13");
+    assert_eq!(
+        header_of(&seen, "sec-websocket-protocol").unwrap(),
+        "chat.v1, chat.v2"
+    );
+    assert_eq!(
+        header_of(&seen, "sec-websocket-extensions").unwrap(),
+        "permessage-deflate; client_max_window_bits"
+    );
+    assert_eq!(header_of(&seen, "origin").unwrap(), "https://localhost");
+    assert!(header_of(&seen, "upgrade")
+        .unwrap()
+        .eq_ignore_ascii_case("websocket"));
+    assert!(header_of(&seen, "connection")
+        .unwrap()
+        .eq_ignore_ascii_case("upgrade"));
+
+    // Over HTTP/2: offered protocols go up, the selection comes back on the 200.
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let (parts, _io) = h2_extended_connect(
+        &mut h2,
+        gateway.https,
+        "/raw",
+        &[
+            ("sec-websocket-protocol", "chat.v1, chat.v2"),
+            ("sec-websocket-extensions", "permessage-deflate"),
+            ("origin", "https://localhost"),
+        ],
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["sec-websocket-protocol"], "chat.v2");
+    assert_eq!(
+        parts.headers["sec-websocket-extensions"],
+        "permessage-deflate; client_max_window_bits=10"
+    );
+    // HTTP/2 has no Upgrade/Connection/Accept on the CONNECT response.
+    assert!(!parts.headers.contains_key("upgrade"));
+    assert!(!parts.headers.contains_key("sec-websocket-accept"));
+    let seen = raw.last_head();
+    assert!(seen.starts_with("GET /raw HTTP/1.1\r\n"), "{seen}");
+    assert_eq!(
+        header_of(&seen, "sec-websocket-protocol").unwrap(),
+        "chat.v1, chat.v2"
+    );
+    assert_eq!(
+        header_of(&seen, "sec-websocket-extensions").unwrap(),
+        "permessage-deflate"
+    );
+    assert_eq!(header_of(&seen, "sec-websocket-version").unwrap(), "13");
+    assert_eq!(header_of(&seen, "origin").unwrap(), "https://localhost");
+    let key = header_of(&seen, "sec-websocket-key").unwrap();
+    assert_eq!(
+        base64_len(&key),
+        16,
+        "the bridge must send a 16-byte base64 key, got {key}"
+    );
+}
+
+fn base64_len(text: &str) -> usize {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_or(0, |bytes| bytes.len())
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_on_the_upgrade_request() {
+    let s = setup("ws-forwarding").await;
+    let gateway = s.gateway("").await;
+    let root = s.root();
+    let port = gateway.https.port();
+
+    // A client trying to forge its address is not believed (no trusted proxies).
+    let tls = tls_connect(gateway.https, &root, &[b"http/1.1"]).await;
+    let request = http::Request::builder()
+        .uri(format!("wss://localhost:{port}/ws/echo"))
+        .header("host", format!("localhost:{port}"))
+        .header("origin", format!("https://localhost:{port}"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("x-forwarded-proto", "http")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    next_data(&mut ws).await;
+    let seen = s.upstream.last();
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-real-ip"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        format!("localhost:{port}")
+    );
+    assert_eq!(seen.headers["host"], format!("localhost:{port}"));
+    // Channels' AllowedHostsOriginValidator compares Origin with ALLOWED_HOSTS.
+    assert_eq!(seen.headers["origin"], format!("https://localhost:{port}"));
+
+    // The same for an RFC 8441 WebSocket: the bridge writes Host from :authority.
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let origin = format!("https://localhost:{port}");
+    let (parts, _io) = h2_extended_connect(
+        &mut h2,
+        gateway.https,
+        "/ws/echo",
+        &[("origin", origin.as_str()), ("x-forwarded-for", "6.6.6.6")],
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let seen = s.upstream.last();
+    assert_eq!(seen.method, http::Method::GET);
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-real-ip"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["host"], format!("localhost:{port}"));
+    assert_eq!(seen.headers["origin"], origin);
+    assert_eq!(seen.headers["upgrade"], "websocket");
+    assert_eq!(seen.headers["connection"], "upgrade");
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_silent_tunnels_only() {
+    let s = setup("ws-idle").await;
+    let gateway = s.gateway("[websocket]\nidle_timeout = \"400ms\"\n").await;
+    let root = s.root();
+    let mut silent = ws_connect(gateway.https, &root, "/ws/echo").await;
+    let mut chatty = ws_connect(gateway.https, &root, "/ws/echo").await;
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let mut silent_h2 = h2_ws(&mut h2, gateway.https, "/ws/echo").await;
+    let opened = Instant::now();
+
+    // One exchange each, then silence for two of them.
+    silent.send(Message::text("hi")).await.unwrap();
+    next_data(&mut silent).await;
+    silent_h2.send(Message::text("hi")).await.unwrap();
+    next_data(&mut silent_h2).await;
+    let last_silent = Instant::now();
+
+    // The chatty one talks every 150 ms for well past the timeout and stays open.
+    let chat = async {
+        for i in 0..8 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            chatty.send(Message::text(format!("m{i}"))).await.unwrap();
+            assert_eq!(next_data(&mut chatty).await, Message::text(format!("m{i}")));
+        }
+    };
+    let (closed, closed_h2, ()) = tokio::join!(
+        wait_closed(&mut silent, PROMPT),
+        wait_closed(&mut silent_h2, PROMPT),
+        chat
+    );
+    for at in [closed, closed_h2] {
+        let idle = at - last_silent;
+        assert!(
+            idle >= Duration::from_millis(350) && idle < Duration::from_millis(1500),
+            "closed after {idle:?} of silence"
+        );
+    }
+    assert!(opened.elapsed() >= Duration::from_millis(1200));
+    chatty.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_data(&mut chatty).await, Message::text("still here"));
+}
+
+#[tokio::test]
+async fn shutdown_gives_tunnels_the_grace_then_closes_them() {
+    let s = setup("ws-shutdown").await;
+    let gateway = s.gateway("[server]\nshutdown_grace = \"1s\"\n").await;
+    let root = s.root();
+    let mut ws = ws_connect(gateway.https, &root, "/ws/echo").await;
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let mut ws_h2 = h2_ws(&mut h2, gateway.https, "/ws/echo").await;
+
+    let started = Instant::now();
+    gateway.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Inside the grace both tunnels still work.
+    ws.send(Message::text("during grace")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("during grace"));
+    ws_h2.send(Message::text("during grace h2")).await.unwrap();
+    assert_eq!(
+        next_data(&mut ws_h2).await,
+        Message::text("during grace h2")
+    );
+    // New connections are no longer accepted.
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            TcpStream::connect(gateway.https)
+        )
+        .await
+        .map_or(true, |connected| connected.is_err()),
+        "the listener should be closed during shutdown"
+    );
+
+    let (closed, closed_h2) = tokio::join!(
+        wait_closed(&mut ws, PROMPT),
+        wait_closed(&mut ws_h2, PROMPT)
+    );
+    for at in [closed, closed_h2] {
+        let after = at - started;
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+            "closed {after:?} after shutdown started; grace is 1 s"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(3), gateway.task)
+        .await
+        .expect("gateway stopped soon after the grace")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_sockets_all_echo() {
+    const SOCKETS: usize = 1000;
+    let s = setup("ws-thousand").await;
+    let gateway = s.gateway("").await;
+    let root = s.root();
+    let started = Instant::now();
+    let mut sockets: Vec<Ws> = futures_util::stream::iter(0..SOCKETS)
+        .map(|_| ws_connect(gateway.https, &root, "/ws/echo"))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let opened = started.elapsed();
+    assert_eq!(sockets.len(), SOCKETS);
+
+    // Every socket is open at once and each gets its own answer back.
+    let exchange =
+        futures_util::future::join_all(sockets.iter_mut().enumerate().map(|(i, ws)| async move {
+            let message = Message::text(format!("socket {i}"));
+            ws.send(message.clone()).await.unwrap();
+            assert_eq!(next_data(ws).await, message);
+        }));
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("all sockets echoed");
+    let echoed = started.elapsed();
+    futures_util::future::join_all(sockets.iter_mut().map(|ws| ws.close(None))).await;
+    eprintln!("{SOCKETS} sockets: opened in {opened:?}, all echoed after {echoed:?}");
+}
+
+#[tokio::test]
+async fn rfc8441_websocket_over_h2_is_bridged_to_an_http1_upgrade() {
+    let s = setup("ws-h2").await;
+    let gateway = s.gateway("").await;
+    let root = s.root();
+    let mut h2 = h2_connect(gateway.https, &root).await;
+
+    let mut ws = h2_ws(&mut h2, gateway.https, "/ws/echo").await;
+    ws.send(Message::text("over h2")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("over h2"));
+    let seen = s.upstream.last();
+    assert_eq!(seen.uri.path(), "/ws/echo");
+    assert_eq!(seen.method, http::Method::GET);
+    assert_eq!(seen.headers["upgrade"], "websocket");
+    assert_eq!(seen.headers["sec-websocket-version"], "13");
+    assert!(seen.headers.contains_key("sec-websocket-key"));
+
+    // A 1 MiB frame crosses HTTP/2 flow control both ways.
+    let big: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 253) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(big));
+
+    // Several WebSockets share the one TLS connection, alongside an HTTP/1.1 client in
+    // the same room.
+    let mixed = "/ws/room/h2-mixed";
+    let mut first_h2 = h2_ws(&mut h2, gateway.https, mixed).await;
+    let mut second_h2 = h2_ws(&mut h2, gateway.https, mixed).await;
+    let mut over_h1 = ws_connect(gateway.https, &root, mixed).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first_h2
+        .send(Message::text("from the first h2 stream"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_data(&mut second_h2).await,
+        Message::text("from the first h2 stream")
+    );
+    assert_eq!(
+        next_data(&mut over_h1).await,
+        Message::text("from the first h2 stream")
+    );
+    over_h1.send(Message::text("from http/1.1")).await.unwrap();
+    assert_eq!(
+        next_data(&mut first_h2).await,
+        Message::text("from http/1.1")
+    );
+    assert_eq!(
+        next_data(&mut second_h2).await,
+        Message::text("from http/1.1")
+    );
+    assert!(stays_open(&mut first_h2, Duration::from_millis(200)).await);
+
+    // Closing one stream leaves the others and the connection working.
+    first_h2.close(None).await.unwrap();
+    wait_closed(&mut first_h2, PROMPT).await;
+    ws.send(Message::text("still fine")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("still fine"));
+
+    // Server-initiated close over h2.
+    let mut closing = h2_ws(&mut h2, gateway.https, "/ws/close").await;
+    assert_eq!(next_data(&mut closing).await, Message::text("bye"));
+    wait_closed(&mut closing, PROMPT).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary: memory per idle tunnel, SIGTERM with open tunnels
+// ---------------------------------------------------------------------------------------
+
+/// Resident set size of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+async fn open_idle(gateway: SocketAddr, root: &str, count: usize) -> Vec<Ws> {
+    futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let mut ws = ws_connect(gateway, root, "/ws/echo").await;
+            // One exchange, so whatever a used tunnel keeps is counted.
+            ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+            next_data(&mut ws).await;
+            ws
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
+}
+
+/// Opens `GATEHOUSE_WS_IDLE_TUNNELS` (default 1000) idle `WebSockets` through the real
+/// binary and reports the growth of its RSS per tunnel; then SIGTERM: tunnels keep
+/// working during the grace, are closed when it ends, and the process exits 0.
+#[tokio::test]
+async fn binary_idle_tunnel_memory_and_sigterm() {
+    let tunnels: usize = std::env::var("GATEHOUSE_WS_IDLE_TUNNELS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    let s = setup("ws-binary").await;
+    let config = format!(
+        "{}\n[server]\nshutdown_grace = \"1s\"\n",
+        base_config(&s.files, s.upstream.addr)
+    );
+    let path = s.pki.dir.join("binary.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut process = common::spawn_binary(&path);
+    let pid = process.child.id();
+    let root = s.root();
+
+    // Warm up (allocator arenas, runtime, TLS session state) before the baseline.
+    let mut warm = open_idle(process.https, &root, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(pid);
+    let mut idle = open_idle(process.https, &root, tunnels).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(pid);
+    let per_tunnel = after.saturating_sub(before) / tunnels as u64;
+    eprintln!(
+        "idle WebSocket tunnels: {tunnels}; gateway RSS {} KiB -> {} KiB; {per_tunnel} bytes \
+         (~{} KiB) per idle tunnel (client TLS + upstream TCP + relay)",
+        before / 1024,
+        after / 1024,
+        (per_tunnel + 512) / 1024
+    );
+    // Guard against regressions; 10,000 idle tunnels must fit in well under 1 GiB.
+    assert!(per_tunnel < 48 * 1024, "{per_tunnel} bytes per idle tunnel");
+
+    // They are still usable after idling.
+    for ws in idle.iter_mut().step_by(100) {
+        ws.send(Message::text("after idle")).await.unwrap();
+        assert_eq!(next_data(ws).await, Message::text("after idle"));
+    }
+
+    // RFC 8441 tunnels: many streams share a few TLS connections (250 per connection,
+    // under the default 256 concurrent streams).
+    let h2_tunnels = tunnels.min(1000);
+    let before_h2 = rss_bytes(pid);
+    let mut idle_h2 = Vec::new();
+    for chunk in 0..h2_tunnels.div_ceil(250) {
+        let count = (h2_tunnels - chunk * 250).min(250);
+        let send = h2_connect(process.https, &root).await;
+        let opened: Vec<H2Ws> = futures_util::stream::iter(0..count)
+            .map(|i| {
+                let mut send = send.clone();
+                async move {
+                    let mut ws = h2_ws(&mut send, process.https, "/ws/echo").await;
+                    ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+                    next_data(&mut ws).await;
+                    ws
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        idle_h2.extend(opened);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_h2 = rss_bytes(pid);
+    let per_h2 = after_h2.saturating_sub(before_h2) / h2_tunnels as u64;
+    eprintln!(
+        "idle RFC 8441 tunnels: {h2_tunnels} on {} connections; {per_h2} bytes (~{} KiB) per \
+         idle tunnel",
+        h2_tunnels.div_ceil(250),
+        (per_h2 + 512) / 1024
+    );
+    assert!(per_h2 < 48 * 1024, "{per_h2} bytes per idle h2 tunnel");
+
+    let started = Instant::now();
+    process.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sample = &mut warm[0];
+    sample.send(Message::text("during grace")).await.unwrap();
+    assert_eq!(next_data(sample).await, Message::text("during grace"));
+    let closed_h2 = futures_util::future::join_all(
+        idle_h2
+            .iter_mut()
+            .map(|ws| wait_closed(ws, Duration::from_secs(5))),
+    );
+    let closed_h1 = futures_util::future::join_all(
+        idle.iter_mut()
+            .chain(warm.iter_mut())
+            .map(|ws| wait_closed(ws, Duration::from_secs(5))),
+    );
+    let (closed_h1, closed_h2) = tokio::join!(closed_h1, closed_h2);
+    let closed: Vec<Instant> = closed_h1.into_iter().chain(closed_h2).collect();
+    let first = closed.iter().min().copied().unwrap() - started;
+    let last = closed.iter().max().copied().unwrap() - started;
+    assert!(
+        first >= Duration::from_millis(900),
+        "a tunnel closed {first:?} after SIGTERM, before the 1 s grace"
+    );
+    let exit = process.wait_exit(Duration::from_secs(10));
+    eprintln!(
+        "SIGTERM with {} open tunnels (grace 1 s): first closed after {first:?}, last after \
+         {last:?}, process exited after {:?}",
+        closed.len(),
+        started.elapsed()
+    );
+    // Closing is quick but not free: allow for the client side (this debug test) too.
+    let allowance = Duration::from_secs(3) + Duration::from_micros(300 * closed.len() as u64);
+    assert!(last < allowance, "last tunnel closed after {last:?}");
+    assert_eq!(exit, Some(0), "{}", process.output());
+}
+
+/// For comparison with the gateway's figure above: the same idle tunnels through nginx
+/// (TLS, `proxy_pass` with the usual `Upgrade`/`Connection` lines, one worker), measured
+/// the same way on the worker's RSS. Needs `nginx` on PATH, so it is ignored by default:
+/// `cargo test --test websocket nginx -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "needs nginx installed; a measurement, not a check"]
+async fn nginx_idle_tunnel_memory_for_comparison() {
+    let tunnels: usize = std::env::var("GATEHOUSE_WS_IDLE_TUNNELS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    let s = setup("ws-nginx").await;
+    let dir = s.pki.dir.join("nginx");
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let config = format!(
+        r#"daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        cert = s.files.cert.display(),
+        key = s.files.key.display(),
+        upstream = s.upstream.addr,
+    );
+    let config_path = dir.join("nginx.conf");
+    std::fs::write(&config_path, config).unwrap();
+    let mut master = std::process::Command::new("nginx")
+        .arg("-c")
+        .arg(&config_path)
+        .arg("-p")
+        .arg(&dir)
+        .spawn()
+        .expect("nginx on PATH");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", master.id())).unwrap();
+    let worker: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let root = s.root();
+    let _warm = open_idle(addr, &root, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(worker);
+    let _idle = open_idle(addr, &root, tunnels).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(worker);
+    let per_tunnel = after.saturating_sub(before) / tunnels as u64;
+    eprintln!(
+        "nginx idle WebSocket tunnels: {tunnels}; worker RSS {} KiB -> {} KiB; {per_tunnel} \
+         bytes (~{} KiB) per idle tunnel",
+        before / 1024,
+        after / 1024,
+        (per_tunnel + 512) / 1024
+    );
+    let _ = master.kill();
+    let _ = master.wait();
+    let _ = std::process::Command::new("kill")
+        .arg(worker.to_string())
+        .status();
+}
