@@ -1,24 +1,101 @@
-//! Admin listener: liveness and readiness probes (metrics to follow). Keep it on loopback
-//! or a private network; it is plain HTTP.
+//! Admin listener: liveness (`/healthz`), readiness (`/readyz`) and, once metrics land,
+//! Prometheus metrics (`/metrics`). Plain HTTP/1.1: keep it on loopback or a private
+//! network.
+//!
+//! Readiness lifecycle: every probe reads the listeners' state (serving until draining
+//! starts) and the certificates' expiry directly; the upstream check opens one TCP
+//! connection per upstream target with a short timeout, and its result is cached for
+//! [`UPSTREAM_CACHE`] so a tight probe loop never hammers the app. Concurrent probes
+//! share one check (they queue on the cache lock while it runs).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{Request, Response, StatusCode};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
-use crate::error::{plain_response, Body};
+use crate::config::UpstreamTarget;
+use crate::error::{full, plain_response, Body};
 use crate::listener::{accept, Context};
+use crate::tls::CertStore;
+
+/// How long an upstream check result is reused.
+pub const UPSTREAM_CACHE: Duration = Duration::from_secs(1);
+
+/// Longest wait for one upstream TCP connect during a readiness check.
+const UPSTREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the admin endpoints read: handed over by [`crate::Gateway::run`].
+pub(crate) struct AdminState {
+    /// Bound HTTPS listener address.
+    pub https: SocketAddr,
+    /// Bound plain-HTTP listener address, if enabled.
+    pub http: Option<SocketAddr>,
+    /// Cancelled when shutdown starts: listeners stop accepting, so not ready.
+    pub draining: CancellationToken,
+    /// The served certificates (their current reports carry expiry and serial).
+    pub certificates: Arc<CertStore>,
+    /// Upstream targets checked by TCP connect.
+    pub upstreams: Vec<UpstreamTarget>,
+    /// `upstream.connect_timeout`, capped at [`UPSTREAM_PROBE_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// Last upstream check: when it ran and its per-target results.
+    pub upstream_cache: Mutex<Option<(Instant, Arc<UpstreamCheck>)>>,
+}
+
+impl AdminState {
+    /// State with an empty upstream cache.
+    pub(crate) fn new(
+        https: SocketAddr,
+        http: Option<SocketAddr>,
+        draining: CancellationToken,
+        certificates: Arc<CertStore>,
+        upstream: &crate::config::Upstream,
+    ) -> AdminState {
+        AdminState {
+            https,
+            http,
+            draining,
+            certificates,
+            upstreams: upstream.targets.clone(),
+            connect_timeout: upstream.connect_timeout.min(UPSTREAM_PROBE_TIMEOUT),
+            upstream_cache: Mutex::new(None),
+        }
+    }
+}
+
+/// Result of one TCP connect per upstream target.
+#[derive(Debug)]
+pub(crate) struct UpstreamCheck {
+    /// `(target, Ok(connect time) or Err(reason))`, in config order.
+    targets: Vec<(String, Result<Duration, String>)>,
+}
+
+impl UpstreamCheck {
+    /// Ready when at least one target accepts connections (the proxy fails over).
+    fn ok(&self) -> bool {
+        self.targets.iter().any(|(_, result)| result.is_ok())
+    }
+}
 
 /// Serves the admin endpoints until draining starts.
-pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>) {
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<AdminState>) {
     while let Some((stream, _addr, permit)) = accept(&listener, &ctx).await {
-        let task_ctx = ctx.clone();
+        let (task_ctx, state) = (ctx.clone(), state.clone());
         ctx.connections.spawn(async move {
-            let service = service_fn(|req| async move { Ok::<_, Infallible>(handle(&req)) });
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&req, &state).await) }
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -30,10 +107,176 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>) {
     }
 }
 
-fn handle(req: &Request<Incoming>) -> Response<Body> {
+async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
+    }
     match req.uri().path() {
         "/healthz" => plain_response(StatusCode::OK, "ok\n"),
-        "/readyz" => plain_response(StatusCode::OK, "{\"ready\":true}\n"),
-        _ => plain_response(StatusCode::NOT_FOUND, "404 Not Found\n"),
+        "/readyz" => {
+            let (ready, body) = readiness(state).await;
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_response(status, &body)
+        }
+        _ => plain_response(
+            StatusCode::NOT_FOUND,
+            "404 Not Found (admin endpoints: /healthz, /readyz, /metrics)\n",
+        ),
     }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Runs every check; returns whether the gateway is ready and the JSON report:
+/// `{"ready":bool,"failing":[names],"checks":{"listeners":{..},"certificates":{..},
+/// "upstream":{..}}}`.
+async fn readiness(state: &AdminState) -> (bool, Value) {
+    let mut checks = Map::new();
+    let mut failing = Vec::new();
+
+    let draining = state.draining.is_cancelled();
+    checks.insert(
+        "listeners".into(),
+        json!({
+            "ok": !draining,
+            "https": state.https.to_string(),
+            "http": state.http.map(|addr| addr.to_string()),
+            "state": if draining { "draining" } else { "serving" },
+        }),
+    );
+    if draining {
+        failing.push("listeners");
+    }
+
+    let (certs_ok, certs) = certificates(&state.certificates);
+    checks.insert(
+        "certificates".into(),
+        json!({ "ok": certs_ok, "served": certs }),
+    );
+    if !certs_ok {
+        failing.push("certificates");
+    }
+
+    let upstream = upstream_check(state).await;
+    let targets: Map<String, Value> = upstream
+        .targets
+        .iter()
+        .map(|(target, result)| {
+            let value = match result {
+                Ok(took) => json!({ "ok": true, "connect_ms": millis(*took) }),
+                Err(reason) => json!({ "ok": false, "error": reason }),
+            };
+            (target.clone(), value)
+        })
+        .collect();
+    checks.insert(
+        "upstream".into(),
+        json!({ "ok": upstream.ok(), "targets": targets }),
+    );
+    if !upstream.ok() {
+        failing.push("upstream");
+    }
+
+    let ready = failing.is_empty();
+    (
+        ready,
+        json!({ "ready": ready, "failing": failing, "checks": checks }),
+    )
+}
+
+/// Every served certificate with names, serial and expiry; not ok once one has expired.
+fn certificates(store: &CertStore) -> (bool, Vec<Value>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut all_ok = true;
+    let served = store
+        .slots()
+        .iter()
+        .map(|slot| {
+            let report = slot.report();
+            let ok = report.not_after_unix > now;
+            all_ok &= ok;
+            json!({
+                "ok": ok,
+                "cert": report.cert_path.display().to_string(),
+                "names": report.names,
+                "serial": report.serial,
+                "not_after": report.not_after,
+                "days_left": report.days_left,
+            })
+        })
+        .collect();
+    (all_ok, served)
+}
+
+/// The cached upstream check, refreshed when older than [`UPSTREAM_CACHE`].
+async fn upstream_check(state: &AdminState) -> Arc<UpstreamCheck> {
+    let mut cache = state.upstream_cache.lock().await;
+    if let Some((at, check)) = cache.as_ref() {
+        if at.elapsed() < UPSTREAM_CACHE {
+            return check.clone();
+        }
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for (index, target) in state.upstreams.iter().enumerate() {
+        let authority = target.authority.to_string();
+        let timeout = state.connect_timeout;
+        probes.spawn(async move {
+            let started = Instant::now();
+            let result =
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&authority))
+                    .await
+                {
+                    Ok(Ok(_stream)) => Ok(started.elapsed()),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(_) => Err(format!(
+                        "no TCP connection within {}ms",
+                        timeout.as_millis()
+                    )),
+                };
+            (index, result)
+        });
+    }
+    let mut results: Vec<Option<Result<Duration, String>>> = vec![None; state.upstreams.len()];
+    while let Some(joined) = probes.join_next().await {
+        if let Ok((index, result)) = joined {
+            results[index] = Some(result);
+        }
+    }
+    let targets = state
+        .upstreams
+        .iter()
+        .zip(results)
+        .map(|(target, result)| {
+            (
+                target.to_string(),
+                result.unwrap_or_else(|| Err("check failed".to_owned())),
+            )
+        })
+        .collect();
+    let check = Arc::new(UpstreamCheck { targets });
+    *cache = Some((Instant::now(), check.clone()));
+    check
+}
+
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
 }

@@ -143,6 +143,8 @@ impl Gateway {
             hard_stop: hard_stop.clone(),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
         });
+        let https_bound = local_addr(&self.https);
+        let plain_bound = self.http.as_ref().map(local_addr);
         let listeners = TaskTracker::new();
         tracing::info!(
             https = %local_addr(&self.https),
@@ -166,7 +168,14 @@ impl Gateway {
             listeners.spawn(listener::serve_http(http, redirector, ctx.clone()));
         }
         if let Some(admin) = self.admin {
-            listeners.spawn(admin::serve(admin, ctx.clone()));
+            let state = Arc::new(admin::AdminState::new(
+                https_bound,
+                plain_bound,
+                shutdown.clone(),
+                self.certificates.clone(),
+                &config.upstream,
+            ));
+            listeners.spawn(admin::serve(admin, ctx.clone(), state));
         }
         listeners.close();
 

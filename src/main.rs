@@ -277,7 +277,10 @@ fn print_django_hint(config: &Config, served_names: &[String]) {
 
 fn health(config: &Config) -> ExitCode {
     match probe_ready(config) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(summary) => {
+            println!("gatehouse health: {summary}");
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("gatehouse health: {err:#}");
             ExitCode::FAILURE
@@ -285,23 +288,89 @@ fn health(config: &Config) -> ExitCode {
     }
 }
 
-fn probe_ready(config: &Config) -> anyhow::Result<()> {
+/// Asks the admin listener's `/readyz` (plain HTTP over a std socket: the distroless
+/// image has no curl) and returns a one-line summary when ready.
+fn probe_ready(config: &Config) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let admin = config.admin.as_ref().context(
         "no [admin] listen address in the config; add [admin] listen = \"127.0.0.1:9090\"",
     )?;
     let mut addr = admin.listen;
     if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     let timeout = std::time::Duration::from_secs(3);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("cannot connect to the admin listener at {addr}"))?;
+        .with_context(|| format!("not ready: cannot connect to the admin listener at {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    stream.set_write_timeout(Some(timeout))?;
+    // HTTP/1.0: the reply is never chunked and ends when the connection closes.
+    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    let status_line = reply.lines().next().unwrap_or_default();
-    anyhow::ensure!(status_line.contains(" 200 "), "not ready: {status_line}");
-    Ok(())
+    stream
+        .read_to_string(&mut reply)
+        .with_context(|| format!("not ready: no answer from the admin listener at {addr}"))?;
+    let status_line = reply.lines().next().unwrap_or_default().to_owned();
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let report: Option<serde_json::Value> = serde_json::from_str(body.trim()).ok();
+    let ready = report
+        .as_ref()
+        .and_then(|r| r.get("ready"))
+        .and_then(serde_json::Value::as_bool);
+    match (status_line.contains(" 200 "), ready, report) {
+        (true, Some(true), _) => Ok(format!("ready ({addr})")),
+        (_, _, Some(report)) => anyhow::bail!("not ready: {}", readiness_failures(&report)),
+        _ => anyhow::bail!("not ready: {addr} answered {status_line:?}"),
+    }
+}
+
+/// `upstream (http://web:8000: Connection refused (os error 111))`, one entry per failing
+/// check.
+fn readiness_failures(report: &serde_json::Value) -> String {
+    let checks = report.get("checks");
+    let failing: Vec<String> = report
+        .get("failing")
+        .and_then(serde_json::Value::as_array)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .map(|name| {
+                    let check = checks.and_then(|c| c.get(name));
+                    let detail = match name {
+                        "upstream" => check
+                            .and_then(|c| c.get("targets"))
+                            .and_then(serde_json::Value::as_object)
+                            .map(|targets| {
+                                targets
+                                    .iter()
+                                    .filter_map(|(target, t)| {
+                                        let error = t.get("error")?.as_str()?;
+                                        Some(format!("{target}: {error}"))
+                                    })
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            }),
+                        _ => check
+                            .and_then(|c| c.get("error").or_else(|| c.get("state")))
+                            .and_then(serde_json::Value::as_str)
+                            .map(str::to_owned),
+                    };
+                    match detail {
+                        Some(detail) if !detail.is_empty() => format!("{name} ({detail})"),
+                        _ => name.to_owned(),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if failing.is_empty() {
+        "the readiness report names no failing check".to_owned()
+    } else {
+        failing.join(", ")
+    }
 }
