@@ -1,19 +1,21 @@
-//! The access log: one structured line per request (target `gatehouse::access`), written
-//! when the response body has been sent (or abandoned), so the line carries the real
-//! byte count and total time, as nginx's does. Text or JSON follows `log.format`; with
-//! `log.access_log = false` nothing here runs at all.
+//! The end of a request: when the response body has been sent (or abandoned), the
+//! request is counted in [`Metrics`] and, when `log.access_log` is on, one structured
+//! line is written (target `gatehouse::access`) with the real byte count and total time,
+//! as nginx's does. Text or JSON follows `log.format`.
 
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Response, Uri, Version};
+use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::error::{Body, BoxError};
+use crate::metrics::Metrics;
 
 /// What is known about a request when its response starts.
 #[derive(Debug)]
@@ -36,29 +38,52 @@ pub struct AccessRecord {
     pub upstream: Option<Duration>,
 }
 
-/// Wraps the response body so the log line is written when it ends.
-pub fn wrap(response: Response<Body>, record: AccessRecord) -> Response<Body> {
-    let status = response.status().as_u16();
+/// Wraps the response body so the request is counted (and logged) when it ends.
+pub fn wrap(
+    response: Response<Body>,
+    metrics: Arc<Metrics>,
+    version: Version,
+    started: Instant,
+    record: Option<AccessRecord>,
+) -> Response<Body> {
+    let status = response.status();
     response.map(|inner| {
-        LoggedBody {
+        FinishingBody {
             inner,
             bytes_out: 0,
             status,
-            record: Some(record),
+            version,
+            started,
+            metrics,
+            done: false,
+            record,
         }
         .boxed_unsync()
     })
 }
 
-struct LoggedBody {
+struct FinishingBody {
     inner: Body,
     bytes_out: u64,
-    status: u16,
+    status: StatusCode,
+    version: Version,
+    started: Instant,
+    metrics: Arc<Metrics>,
+    done: bool,
     record: Option<AccessRecord>,
 }
 
-impl LoggedBody {
+impl FinishingBody {
     fn finish(&mut self, completed: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.metrics.request_done(
+            self.version,
+            self.status,
+            self.started.elapsed(),
+            self.bytes_out,
+        );
         let Some(record) = self.record.take() else {
             return;
         };
@@ -67,7 +92,7 @@ impl LoggedBody {
             client = %record.client,
             method = %record.method,
             path = record.uri.path(),
-            status = self.status,
+            status = self.status.as_u16(),
             version = ?record.version,
             tls = record.tls,
             bytes_in = record.bytes_in,
@@ -79,7 +104,7 @@ impl LoggedBody {
     }
 }
 
-impl HttpBody for LoggedBody {
+impl HttpBody for FinishingBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -110,7 +135,7 @@ impl HttpBody for LoggedBody {
     }
 }
 
-impl Drop for LoggedBody {
+impl Drop for FinishingBody {
     fn drop(&mut self) {
         // Bodies that end without a final poll (HEAD, 204, client gone) still log.
         let completed = self.inner.is_end_stream();

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod forwarding;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redirect;
@@ -64,6 +65,7 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     certificates: Arc<CertStore>,
     acceptor: TlsAcceptor,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Gateway {
@@ -99,6 +101,7 @@ impl Gateway {
             admin,
             certificates,
             acceptor: TlsAcceptor::from(server_config),
+            metrics: Arc::new(metrics::Metrics::default()),
         })
     }
 
@@ -122,6 +125,11 @@ impl Gateway {
         self.certificates.clone()
     }
 
+    /// The gateway's counters (also served on the admin listener's `/metrics`).
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
+    }
+
     /// Serves until `shutdown` is cancelled, then drains for `server.shutdown_grace`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let config = self.config;
@@ -134,7 +142,12 @@ impl Gateway {
             ),
             None => None,
         };
-        let proxy = Arc::new(proxy::Proxy::new(&config, limiter, hard_stop.clone()));
+        let proxy = Arc::new(proxy::Proxy::new(
+            &config,
+            limiter,
+            self.metrics.clone(),
+            hard_stop.clone(),
+        ));
         let ctx = Arc::new(listener::Context {
             builder: listener::http_builder(&config),
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
@@ -142,6 +155,7 @@ impl Gateway {
             draining: shutdown.clone(),
             hard_stop: hard_stop.clone(),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
+            metrics: self.metrics.clone(),
         });
         let https_bound = local_addr(&self.https);
         let plain_bound = self.http.as_ref().map(local_addr);

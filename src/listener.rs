@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::forwarding::Peer;
+use crate::metrics::{HandshakeFailure, Metrics};
 use crate::proxy::Proxy;
 use crate::redirect::Redirector;
 
@@ -37,6 +38,8 @@ pub(crate) struct Context {
     pub hard_stop: CancellationToken,
     /// Trusted proxy networks, for [`Peer`].
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Connection and handshake counters.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The HTTP settings shared by both listeners.
@@ -70,18 +73,22 @@ pub(crate) async fn serve_https(
     while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
         ctx.connections.spawn(async move {
+            let _open = task_ctx.metrics.connection_opened();
             let handshake = tls_handshake(stream, acceptor.config());
             let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err((sni, err))) => {
+                    task_ctx.metrics.handshake_failed(handshake_failure(&err));
                     tracing::debug!(peer = %addr, sni = sni.as_deref(), reason = %err, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    task_ctx.metrics.handshake_failed(HandshakeFailure::Timeout);
                     tracing::debug!(peer = %addr, reason = "timeout", "TLS handshake failed");
                     return;
                 }
             };
+            task_ctx.metrics.handshake_ok();
             let tls_version = match tls.get_ref().1.protocol_version() {
                 Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -114,6 +121,18 @@ async fn tls_handshake(
         .map_err(|err| (sni, err))
 }
 
+/// Sorts a handshake error for the failure counter.
+fn handshake_failure(err: &io::Error) -> HandshakeFailure {
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::AlertReceived(_)) => HandshakeFailure::ClientAlert,
+        Some(_) => HandshakeFailure::Protocol,
+        None => HandshakeFailure::Io,
+    }
+}
+
 /// Accepts plain-HTTP connections (redirects and ACME challenges) until draining starts.
 pub(crate) async fn serve_http(
     listener: TcpListener,
@@ -123,6 +142,7 @@ pub(crate) async fn serve_http(
     while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
         let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
         ctx.connections.spawn(async move {
+            let _open = task_ctx.metrics.connection_opened();
             let service = service_fn(move |req| redirector.clone().handle(req));
             let conn = task_ctx
                 .builder

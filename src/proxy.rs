@@ -28,6 +28,7 @@ use crate::access_log::{self, AccessRecord};
 use crate::config::{Config, UpstreamTarget};
 use crate::error::{plain_response, Body, ProxyError};
 use crate::forwarding::{self, Peer};
+use crate::metrics::{Metrics, UpstreamFailure};
 use crate::ratelimit::RateLimiter;
 use crate::websocket;
 
@@ -62,6 +63,8 @@ pub struct Proxy {
     access_log: bool,
     /// WebSocket tunnel settings and shutdown tracking.
     pub(crate) tunnels: websocket::Tunnels,
+    /// Request counters, shared with the admin listener.
+    metrics: Arc<Metrics>,
 }
 
 struct StaticRoute {
@@ -76,6 +79,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         limiter: Option<RateLimiter>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
@@ -125,6 +129,7 @@ impl Proxy {
                 TaskTracker::new(),
                 shutdown,
             ),
+            metrics,
         }
     }
 
@@ -135,14 +140,19 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
+        let version = req.version();
         let client = forwarding::client_ip(&peer, req.headers(), &self.trusted_proxies);
+        let bytes_in = content_length(req.headers());
+        if let Some(declared) = bytes_in {
+            self.metrics.request_body(declared);
+        }
         let mut record = self.access_log.then(|| AccessRecord {
             client,
             method: req.method().clone(),
             uri: req.uri().clone(),
-            version: req.version(),
+            version,
             tls: peer.tls_version,
-            bytes_in: content_length(req.headers()),
+            bytes_in,
             started,
             upstream: None,
         });
@@ -152,13 +162,18 @@ impl Proxy {
             match limiter.check(client, req.method(), req.uri().path()).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
-                    return Ok(finish(rejection.into_response(), record));
+                    return Ok(self.finish(rejection.into_response(), version, started, record));
                 }
             }
         }
 
         let result = self.route(&peer, client, req, record.as_mut()).await;
-        let mut response = result.unwrap_or_else(ProxyError::into_response);
+        let mut response = result.unwrap_or_else(|err| {
+            if let Some(kind) = upstream_failure(&err) {
+                self.metrics.upstream_error(kind);
+            }
+            err.into_response()
+        });
         if let Some(hsts) = &self.hsts {
             response
                 .headers_mut()
@@ -167,7 +182,18 @@ impl Proxy {
         if let Some(headers) = rate_headers {
             response.headers_mut().extend(headers);
         }
-        Ok(finish(response, record))
+        Ok(self.finish(response, version, started, record))
+    }
+
+    /// Counts the request (and writes its access log line) when the body ends.
+    fn finish(
+        &self,
+        response: Response<Body>,
+        version: Version,
+        started: Instant,
+        record: Option<AccessRecord>,
+    ) -> Response<Body> {
+        access_log::wrap(response, self.metrics.clone(), version, started, record)
     }
 
     /// Static file or upstream; records the upstream's time for the access log.
@@ -183,8 +209,12 @@ impl Proxy {
         }
         let upstream_started = Instant::now();
         let result = self.forward(peer, client, req).await;
+        let upstream_time = upstream_started.elapsed();
+        if result.is_ok() {
+            self.metrics.upstream_answered(upstream_time);
+        }
         if let Some(record) = record {
-            record.upstream = Some(upstream_started.elapsed());
+            record.upstream = Some(upstream_time);
         }
         result
     }
@@ -371,10 +401,13 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-fn finish(response: Response<Body>, record: Option<AccessRecord>) -> Response<Body> {
-    match record {
-        Some(record) => access_log::wrap(response, record),
-        None => response,
+fn upstream_failure(err: &ProxyError) -> Option<UpstreamFailure> {
+    match err {
+        ProxyError::UpstreamConnect { .. } => Some(UpstreamFailure::Connect),
+        ProxyError::UpstreamTimeout { .. } => Some(UpstreamFailure::Timeout),
+        ProxyError::UpstreamBroken { .. } => Some(UpstreamFailure::Broken),
+        ProxyError::NoUpstream => Some(UpstreamFailure::NoneAvailable),
+        _ => None,
     }
 }
 

@@ -1,0 +1,503 @@
+//! Process metrics and their Prometheus text exposition (served on the admin listener).
+//!
+//! Every metric is a fixed set of atomics allocated at startup: the request path only
+//! does relaxed `fetch_add`s, never takes a lock and never allocates. Label sets are
+//! small closed enums (status class, HTTP version, reason), so there is no label map to
+//! look up. prometheus-client was considered: its `Family` resolves labels through a
+//! `RwLock`-guarded map and its `Histogram` locks per observation, which is what the
+//! request path must not do; the text format itself is simple enough to write here.
+//! Values read at scrape time (certificate expiry, open tunnels, Redis state) come from
+//! their owners when [`Metrics::render`] is called.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{StatusCode, Version};
+
+use crate::tls::CertStore;
+
+/// Which limiter made a rate-limit decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitBackend {
+    /// The shared limit in Redis.
+    Redis,
+    /// The in-process limiter, because no Redis is configured.
+    Local,
+    /// The in-process limiter (or `on_redis_error`), because Redis failed or is skipped.
+    Fallback,
+}
+
+/// What a rate-limit decision was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitOutcome {
+    /// Under the limit.
+    Allowed,
+    /// Over the limit: answered 429.
+    Rejected,
+    /// Over the limit in shadow mode: counted, let through.
+    ShadowRejected,
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The client did not finish within `tls.handshake_timeout`.
+    Timeout,
+    /// The client sent an alert, e.g. it does not trust the chain (`unknown_ca`).
+    ClientAlert,
+    /// The client spoke something rustls refused (not TLS, no shared cipher/version).
+    Protocol,
+    /// The connection broke (reset, EOF) mid-handshake.
+    Io,
+}
+
+/// How a request to the upstream failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Connection refused or unreachable.
+    Connect,
+    /// No response within `upstream.response_timeout`.
+    Timeout,
+    /// A broken or early-closed response.
+    Broken,
+    /// Every instance was marked down.
+    NoneAvailable,
+}
+
+const VERSIONS: [&str; 3] = ["HTTP/1.0", "HTTP/1.1", "HTTP/2"];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const BACKENDS: [&str; 3] = ["redis", "local", "fallback"];
+const OUTCOMES: [&str; 3] = ["allowed", "rejected", "shadow_rejected"];
+const HANDSHAKE_REASONS: [&str; 4] = ["timeout", "client_alert", "protocol", "io"];
+const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "broken", "none_available"];
+
+/// Histogram bucket upper bounds, in microseconds (exposed in seconds).
+const BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A latency histogram: per-bucket counts (cumulated at render time), sum and count.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// One slot per bucket plus one for `+Inf`.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let slot = BUCKETS_US.partition_point(|&bound| bound < micros);
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "histogram");
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS_US.iter().zip(&self.buckets) {
+            cumulative += count.load(Ordering::Relaxed);
+            let seconds = seconds_label(*bound);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{seconds}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS_US.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        #[allow(clippy::cast_precision_loss)]
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Every counter and gauge of one gateway.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests answered, by HTTP version and status class.
+    requests: [[AtomicU64; 5]; 3],
+    /// Time from request head to the end of the response body.
+    request_duration: Histogram,
+    /// Time the upstream took to send response headers.
+    upstream_duration: Histogram,
+    /// Request body bytes, as declared by `Content-Length`.
+    request_bytes: AtomicU64,
+    /// Response body bytes actually sent.
+    response_bytes: AtomicU64,
+    /// Client connections (TLS and plain) open now.
+    connections_open: AtomicI64,
+    /// Client connections accepted.
+    connections_total: AtomicU64,
+    /// TLS handshakes completed.
+    handshakes: AtomicU64,
+    /// TLS handshake failures, by reason.
+    handshake_failures: [AtomicU64; 4],
+    /// Upstream failures, by kind.
+    upstream_errors: [AtomicU64; 4],
+    /// Rate-limit decisions, by backend and outcome.
+    rate_limit: [[AtomicU64; 3]; 3],
+    /// Redis commands that failed or timed out.
+    redis_errors: AtomicU64,
+    /// 1 while the Redis breaker is open (Redis skipped), else 0.
+    redis_breaker_open: AtomicI64,
+    /// Certificate reloads that were swapped in.
+    reloads_ok: AtomicU64,
+    /// Certificate reloads refused (the last good chain kept serving).
+    reloads_failed: AtomicU64,
+}
+
+/// Decrements the open-connections gauge when the connection ends.
+#[derive(Debug)]
+pub struct ConnectionGuard<'a>(&'a Metrics);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Counts one answered request; called when its response body ends.
+    pub fn request_done(
+        &self,
+        version: Version,
+        status: StatusCode,
+        elapsed: Duration,
+        body_bytes: u64,
+    ) {
+        let version = match version {
+            Version::HTTP_2 => 2,
+            Version::HTTP_10 | Version::HTTP_09 => 0,
+            _ => 1,
+        };
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[version][class].fetch_add(1, Ordering::Relaxed);
+        self.request_duration.observe(elapsed);
+        self.response_bytes.fetch_add(body_bytes, Ordering::Relaxed);
+    }
+
+    /// Counts a request body's declared size.
+    pub fn request_body(&self, declared: u64) {
+        self.request_bytes.fetch_add(declared, Ordering::Relaxed);
+    }
+
+    /// Records how long the upstream took to answer.
+    pub fn upstream_answered(&self, elapsed: Duration) {
+        self.upstream_duration.observe(elapsed);
+    }
+
+    /// Counts a failed upstream request.
+    pub fn upstream_error(&self, kind: UpstreamFailure) {
+        self.upstream_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an accepted connection; the guard keeps it in the open gauge.
+    pub fn connection_opened(&self) -> ConnectionGuard<'_> {
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self)
+    }
+
+    /// Counts a completed TLS handshake.
+    pub fn handshake_ok(&self) {
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed TLS handshake.
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a rate-limit decision.
+    pub fn rate_limit_decision(&self, backend: RateLimitBackend, outcome: RateLimitOutcome) {
+        self.rate_limit[backend as usize][outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed or timed-out Redis command.
+    pub fn redis_error(&self) {
+        self.redis_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records whether the Redis breaker is open.
+    pub fn set_redis_breaker_open(&self, open: bool) {
+        self.redis_breaker_open
+            .store(i64::from(open), Ordering::Relaxed);
+    }
+
+    /// Counts a certificate reload attempt.
+    pub fn certificate_reload(&self, ok: bool) {
+        let counter = if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Open client connections now.
+    pub fn connections_open(&self) -> i64 {
+        self.connections_open.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition of every metric. `open_tunnels` and
+    /// `certificates` are read now, from their owners.
+    pub fn render(&self, certificates: &CertStore, open_tunnels: usize) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        header(
+            &mut out,
+            "gatehouse_requests_total",
+            "HTTPS requests answered, by HTTP version and status class.",
+            "counter",
+        );
+        for (version, row) in VERSIONS.iter().zip(&self.requests) {
+            for (class, count) in STATUS_CLASSES.iter().zip(row) {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_requests_total{{version=\"{version}\",status=\"{class}\"}} {}",
+                    count.load(Ordering::Relaxed)
+                );
+            }
+        }
+        self.request_duration.render(
+            &mut out,
+            "gatehouse_request_duration_seconds",
+            "Time from request head to the end of the response body.",
+        );
+        self.upstream_duration.render(
+            &mut out,
+            "gatehouse_upstream_duration_seconds",
+            "Time the upstream took to send response headers.",
+        );
+        counter(
+            &mut out,
+            "gatehouse_request_body_bytes_total",
+            "Request body bytes, as declared by Content-Length.",
+            &self.request_bytes,
+        );
+        counter(
+            &mut out,
+            "gatehouse_response_body_bytes_total",
+            "Response body bytes sent to clients.",
+            &self.response_bytes,
+        );
+        header(
+            &mut out,
+            "gatehouse_connections_open",
+            "Client connections open now (HTTPS and plain HTTP).",
+            "gauge",
+        );
+        let _ = writeln!(
+            out,
+            "gatehouse_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        counter(
+            &mut out,
+            "gatehouse_connections_total",
+            "Client connections accepted.",
+            &self.connections_total,
+        );
+        header(
+            &mut out,
+            "gatehouse_websockets_open",
+            "WebSocket tunnels open now.",
+            "gauge",
+        );
+        let _ = writeln!(out, "gatehouse_websockets_open {open_tunnels}");
+        counter(
+            &mut out,
+            "gatehouse_tls_handshakes_total",
+            "TLS handshakes completed.",
+            &self.handshakes,
+        );
+        labelled(
+            &mut out,
+            "gatehouse_tls_handshake_failures_total",
+            "TLS handshakes that failed, by reason.",
+            "reason",
+            &HANDSHAKE_REASONS,
+            &self.handshake_failures,
+        );
+        labelled(
+            &mut out,
+            "gatehouse_upstream_errors_total",
+            "Requests the upstream failed, by kind.",
+            "kind",
+            &UPSTREAM_KINDS,
+            &self.upstream_errors,
+        );
+        header(
+            &mut out,
+            "gatehouse_rate_limit_decisions_total",
+            "Rate-limit decisions, by backend and outcome.",
+            "counter",
+        );
+        for (backend, row) in BACKENDS.iter().zip(&self.rate_limit) {
+            for (outcome, count) in OUTCOMES.iter().zip(row) {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_rate_limit_decisions_total{{backend=\"{backend}\",outcome=\"{outcome}\"}} {}",
+                    count.load(Ordering::Relaxed)
+                );
+            }
+        }
+        counter(
+            &mut out,
+            "gatehouse_redis_errors_total",
+            "Redis commands that failed or timed out.",
+            &self.redis_errors,
+        );
+        header(
+            &mut out,
+            "gatehouse_redis_breaker_open",
+            "1 while Redis is skipped after repeated failures (local fallback), else 0.",
+            "gauge",
+        );
+        let _ = writeln!(
+            out,
+            "gatehouse_redis_breaker_open {}",
+            self.redis_breaker_open.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "gatehouse_certificate_reloads_total",
+            "Certificate reloads, by outcome (failed: the last good chain kept serving).",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "gatehouse_certificate_reloads_total{{outcome=\"success\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "gatehouse_certificate_reloads_total{{outcome=\"failure\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
+        render_certificates(&mut out, certificates);
+        out
+    }
+}
+
+fn render_certificates(out: &mut String, certificates: &CertStore) {
+    let now = SystemTime::now();
+    header(
+        out,
+        "gatehouse_certificate_expiry_seconds",
+        "Seconds until the served certificate expires (negative: expired).",
+        "gauge",
+    );
+    let mut not_after_lines = String::new();
+    for slot in certificates.slots() {
+        let report = slot.report();
+        let name = report.names.first().map_or("", String::as_str);
+        let cert = report.cert_path.display();
+        let not_after = report.not_after_unix;
+        let left = not_after - unix_seconds(now);
+        let labels = format!(
+            "name=\"{}\",cert=\"{}\",serial=\"{}\"",
+            escape(name),
+            escape(&cert.to_string()),
+            escape(&report.serial)
+        );
+        let _ = writeln!(
+            out,
+            "gatehouse_certificate_expiry_seconds{{{labels}}} {left}"
+        );
+        let _ = writeln!(
+            not_after_lines,
+            "gatehouse_certificate_not_after_timestamp_seconds{{{labels}}} {not_after}"
+        );
+    }
+    header(
+        out,
+        "gatehouse_certificate_not_after_timestamp_seconds",
+        "Unix time at which the served certificate expires.",
+        "gauge",
+    );
+    out.push_str(&not_after_lines);
+}
+
+fn unix_seconds(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |after| {
+        i64::try_from(after.as_secs()).unwrap_or(i64::MAX)
+    })
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+}
+
+fn labelled(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+    counts: &[AtomicU64],
+) {
+    header(out, name, help, "counter");
+    for (value, count) in values.iter().zip(counts) {
+        let _ = writeln!(
+            out,
+            "{name}{{{label}=\"{value}\"}} {}",
+            count.load(Ordering::Relaxed)
+        );
+    }
+}
+
+fn seconds_label(micros: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let seconds = micros as f64 / 1e6;
+    format!("{seconds}")
+}
+
+/// Escapes a Prometheus label value.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_sum_in_seconds() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(300));
+        histogram.observe(Duration::from_millis(3));
+        histogram.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        histogram.render(&mut out, "h", "test");
+        assert!(out.contains("h_bucket{le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("h_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("h_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("h_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("h_count 3\n"), "{out}");
+        assert!(out.contains("h_sum 60.0033\n"), "{out}");
+    }
+
+    #[test]
+    fn status_classes_and_versions_land_in_their_cells() {
+        let metrics = Metrics::default();
+        metrics.request_done(Version::HTTP_2, StatusCode::NOT_FOUND, Duration::ZERO, 5);
+        metrics.request_done(Version::HTTP_11, StatusCode::OK, Duration::ZERO, 7);
+        assert_eq!(metrics.requests[2][3].load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.requests[1][1].load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.response_bytes.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
