@@ -136,7 +136,7 @@ impl Gateway {
         let hard_stop = CancellationToken::new();
         let limiter = match &config.rate_limit {
             Some(settings) => Some(
-                ratelimit::RateLimiter::new(settings)
+                ratelimit::RateLimiter::new(settings, &config.statics, self.metrics.clone())
                     .await
                     .map_err(|e| StartError::RateLimit(e.to_string()))?,
             ),
