@@ -87,8 +87,11 @@ pub struct Tls {
     pub hsts_include_subdomains: bool,
     /// Days before expiry below which `check` and reloads warn.
     pub expiry_warning_days: u32,
-    /// Interval at which certificate files are re-read even without file-system events.
+    /// Interval at which certificate files are re-read even without file-system events;
+    /// zero turns the poll off.
     pub reload_poll_interval: Duration,
+    /// Whether certificate directories are watched for file-system events (inotify).
+    pub reload_watch: bool,
 }
 
 /// Lowest accepted TLS protocol version.
@@ -344,6 +347,7 @@ struct RawTls {
     hsts_include_subdomains: bool,
     expiry_warning_days: Option<u32>,
     reload_poll_interval: Option<String>,
+    reload_watch: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -603,6 +607,17 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
         .as_deref()
         .map(|text| p.duration("tls.hsts_max_age", Some(text), Duration::ZERO))
         .filter(|age| !age.is_zero());
+    let reload_poll_interval = p.duration(
+        "tls.reload_poll_interval",
+        raw.reload_poll_interval.as_deref(),
+        Duration::from_secs(30),
+    );
+    if !reload_poll_interval.is_zero() && reload_poll_interval < Duration::from_millis(100) {
+        p.add(
+            "tls.reload_poll_interval",
+            "re-reading the certificate files this often wastes CPU; write e.g. \"30s\" (the default), or \"0s\" to poll never (file-system events and SIGHUP still reload)",
+        );
+    }
     Tls {
         certificates,
         handshake_timeout: p.duration(
@@ -614,11 +629,8 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
         hsts_max_age,
         hsts_include_subdomains: raw.hsts_include_subdomains,
         expiry_warning_days: raw.expiry_warning_days.unwrap_or(14),
-        reload_poll_interval: p.duration(
-            "tls.reload_poll_interval",
-            raw.reload_poll_interval.as_deref(),
-            Duration::from_secs(30),
-        ),
+        reload_poll_interval,
+        reload_watch: raw.reload_watch.unwrap_or(true),
     }
 }
 

@@ -64,6 +64,7 @@ pub struct Gateway {
     http: Option<TcpListener>,
     admin: Option<TcpListener>,
     certificates: Arc<CertStore>,
+    reloader: tls::reload::Reloader,
     acceptor: TlsAcceptor,
     metrics: Arc<metrics::Metrics>,
 }
@@ -79,6 +80,8 @@ impl Gateway {
                 tracing::warn!(cert = %report.cert_path.display(), "{warning}");
             }
         }
+        let reloader =
+            tls::reload::Reloader::new(certificates.clone(), provider.clone(), &config.tls);
         let server_config = tls::server_config(&config.tls, certificates.clone(), provider)?;
         let mut config = config;
         let https = bind("listen.https", config.listen.https).await?;
@@ -100,6 +103,7 @@ impl Gateway {
             http,
             admin,
             certificates,
+            reloader,
             acceptor: TlsAcceptor::from(server_config),
             metrics: Arc::new(metrics::Metrics::default()),
         })
@@ -123,6 +127,11 @@ impl Gateway {
     /// The served certificates.
     pub fn certificates(&self) -> Arc<CertStore> {
         self.certificates.clone()
+    }
+
+    /// A handle that makes the running gateway re-read every certificate (SIGHUP).
+    pub fn reload_handle(&self) -> tls::reload::ReloadHandle {
+        self.reloader.handle()
     }
 
     /// The gateway's counters (also served on the admin listener's `/metrics`).
@@ -191,6 +200,7 @@ impl Gateway {
             ));
             listeners.spawn(admin::serve(admin, ctx.clone(), state));
         }
+        listeners.spawn(self.reloader.run(self.metrics.clone(), shutdown.clone()));
         listeners.close();
 
         shutdown.cancelled().await;

@@ -100,6 +100,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let gateway = Gateway::bind(config).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
+    // Installed before serving: SIGHUP's default action would end the process.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => {
+            tokio::spawn(reload_on_hangup(hangup, gateway.reload_handle()));
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot install the SIGHUP handler; certificates still reload on file changes"),
+    }
     gateway.run(shutdown).await?;
     Ok(())
 }
@@ -119,6 +126,17 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     };
     tracing::info!(signal = name, "shutdown requested");
     shutdown.cancel();
+}
+
+/// Each SIGHUP re-reads and re-validates every certificate.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    reload: gatehouse::tls::reload::ReloadHandle,
+) {
+    while hangup.recv().await.is_some() {
+        tracing::info!(signal = "SIGHUP", "certificate reload requested");
+        reload.reload();
+    }
 }
 
 fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {

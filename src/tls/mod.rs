@@ -44,6 +44,11 @@ impl CertSlot {
         self.report.load_full()
     }
 
+    /// The chain and key served to new handshakes now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+
     /// Starts serving `loaded` for new handshakes.
     pub fn replace(&self, loaded: LoadedCertificate) {
         self.current.store(loaded.certified_key);

@@ -1,1 +1,585 @@
-//! Certificate hot reload (placeholder until the watcher lands).
+//! Certificate hot reload: rotated PEM files are picked up without a restart, validated
+//! with the same checks as at startup ([`certs::load`]) and swapped into their
+//! [`CertSlot`] only when the whole set is sound. A bad file never takes the site down.
+//!
+//! Lifecycle of each slot (one per configured certificate), driven by one task:
+//!
+//! - **Serving last good.** The slot serves the chain validated last, at startup or by a
+//!   reload. The reloader remembers a fingerprint of the slot's files (cert, key, CA
+//!   bundle) as they were when it last looked.
+//! - **Candidate seen.** Something suggests the files changed: a file-system event in a
+//!   directory holding one of them (directories are watched, not files, so atomic
+//!   renames and Kubernetes `..data` symlink swaps are seen), debounced until the
+//!   directory has been quiet for [`DEBOUNCE`]; the poll (every
+//!   `tls.reload_poll_interval`, for file systems without inotify); or a reload request
+//!   (SIGHUP). Event and poll candidates whose files hash the same as last time are
+//!   dropped silently (a `touch`, our own reads, unrelated files in the directory).
+//! - **Validated → swapped.** [`certs::load`] accepts the set: the slot serves it to new
+//!   handshakes (established connections keep theirs); logged with subject, serial,
+//!   not-after and names, counted as a successful reload. Back to *serving last good*.
+//! - **Refused.** The set fails validation (empty, garbage, key mismatch, expired,
+//!   incomplete chain...): the slot keeps serving its last good chain, the error (which
+//!   names the file and the fix) is counted and logged, but only when it differs from the
+//!   slot's previous error, so a half-finished rotation (new cert, old key) is reported
+//!   once. The next change of the files makes a new candidate; a requested reload always
+//!   retries and always logs.
+//!
+//! Independently, once a day the served certificates are checked against
+//! `tls.expiry_warning_days` (startup already warned through the load report).
+
+use std::collections::BTreeSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use rustls::crypto::CryptoProvider;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::{certs, CertSlot, CertStore};
+use crate::config::{CertificateSource, Tls};
+use crate::metrics::Metrics;
+
+/// Quiet time after the last file-system event before the files are read: writers such
+/// as `cp`, `scp` or certbot produce bursts of events for one rotation.
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Longest a continuous stream of events can postpone a reload.
+const MAX_DEFER: Duration = Duration::from_secs(2);
+
+/// Interval of the expiry check.
+const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Why the file watcher could not be set up. The poll still reloads.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The OS refused a watcher (e.g. the inotify instance limit).
+    #[error("cannot watch the certificate files for changes ({0}); raise fs.inotify.max_user_instances or rely on tls.reload_poll_interval")]
+    Create(#[source] notify::Error),
+    /// One directory could not be watched.
+    #[error("cannot watch directory {dir} for certificate changes ({source}); rotations there are seen by the poll (tls.reload_poll_interval) or SIGHUP only")]
+    Directory {
+        /// The directory.
+        dir: PathBuf,
+        /// What notify said.
+        source: notify::Error,
+    },
+}
+
+/// Asks the reloader to re-read and re-validate every certificate now (SIGHUP). Cheap to
+/// clone; requests made while a reload runs are merged into one more reload.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadHandle {
+    requested: Arc<Notify>,
+}
+
+impl ReloadHandle {
+    /// Requests a reload of every certificate.
+    pub fn reload(&self) {
+        self.requested.notify_one();
+    }
+}
+
+/// What started a reload, for the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// File-system events in a watched directory.
+    Event,
+    /// The poll found different file contents.
+    Poll,
+    /// A [`ReloadHandle::reload`] request (SIGHUP).
+    Request,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Event => "file change",
+            Cause::Poll => "poll",
+            Cause::Request => "reload request",
+        }
+    }
+}
+
+/// What happened to one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The files are as they were: nothing to do.
+    Unchanged,
+    /// A new set was validated and is served now.
+    Reloaded,
+    /// The new set was refused; the last good one is still served.
+    Refused,
+}
+
+/// What the reloader remembers about one slot.
+#[derive(Debug)]
+struct SlotState {
+    /// Hash of the slot's files as last read.
+    fingerprint: u64,
+    /// The last refusal, to log each distinct error once.
+    last_error: Option<String>,
+}
+
+/// The part of the reloader the blocking reload work needs.
+struct Shared {
+    store: Arc<CertStore>,
+    provider: Arc<CryptoProvider>,
+    expiry_warning_days: u32,
+    metrics: Arc<Metrics>,
+    states: Mutex<Vec<SlotState>>,
+}
+
+/// A directory being watched and the slots with a file in it.
+#[derive(Debug)]
+struct WatchedDir {
+    dir: PathBuf,
+    slots: Vec<usize>,
+}
+
+/// The reload task of one gateway, set up by [`crate::Gateway::bind`] (so no rotation
+/// between startup and serving is missed) and run by [`crate::Gateway::run`].
+pub struct Reloader {
+    store: Arc<CertStore>,
+    provider: Arc<CryptoProvider>,
+    expiry_warning_days: u32,
+    states: Vec<SlotState>,
+    handle: ReloadHandle,
+    poll_interval: Duration,
+    /// Kept alive while the task runs; `None` when watching is off or failed.
+    watcher: Option<RecommendedWatcher>,
+    events: mpsc::UnboundedReceiver<notify::Result<Event>>,
+    dirs: Vec<WatchedDir>,
+}
+
+impl Reloader {
+    /// Fingerprints the files of every slot in `store` and starts watching their
+    /// directories (unless `tls.reload_watch` is off). Watch failures are logged: the
+    /// poll and reload requests still work.
+    pub fn new(store: Arc<CertStore>, provider: Arc<CryptoProvider>, tls: &Tls) -> Reloader {
+        let states = store
+            .slots()
+            .iter()
+            .map(|slot| SlotState {
+                fingerprint: fingerprint(&slot.source),
+                last_error: None,
+            })
+            .collect();
+        let dirs = watched_dirs(store.slots());
+        let (sender, events) = mpsc::unbounded_channel();
+        let watcher = if tls.reload_watch {
+            match watch(&dirs, sender) {
+                Ok(watcher) => Some(watcher),
+                Err(err) => {
+                    tracing::warn!("{err}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if watcher.is_none() && tls.reload_poll_interval.is_zero() {
+            tracing::warn!("certificate files are neither watched nor polled (tls.reload_watch = false or unavailable, tls.reload_poll_interval = \"0s\"): rotated certificates are only picked up on SIGHUP");
+        }
+        Reloader {
+            store,
+            provider,
+            expiry_warning_days: tls.expiry_warning_days,
+            states,
+            handle: ReloadHandle::default(),
+            poll_interval: tls.reload_poll_interval,
+            watcher,
+            events,
+            dirs,
+        }
+    }
+
+    /// A handle that triggers a reload of every certificate (for SIGHUP).
+    pub fn handle(&self) -> ReloadHandle {
+        self.handle.clone()
+    }
+
+    /// Reloads on events, polls and requests until `shutdown` is cancelled; counts
+    /// reloads in `metrics`.
+    pub async fn run(self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        let Reloader {
+            store,
+            provider,
+            expiry_warning_days,
+            states,
+            handle,
+            poll_interval,
+            watcher,
+            mut events,
+            dirs,
+        } = self;
+        let task = Task {
+            shared: Arc::new(Shared {
+                store,
+                provider,
+                expiry_warning_days,
+                metrics,
+                states: Mutex::new(states),
+            }),
+            dirs,
+        };
+        task.run(handle, poll_interval, watcher, &mut events, shutdown)
+            .await;
+    }
+}
+
+/// The running reloader.
+struct Task {
+    shared: Arc<Shared>,
+    dirs: Vec<WatchedDir>,
+}
+
+impl Task {
+    async fn run(
+        &self,
+        handle: ReloadHandle,
+        poll_interval: Duration,
+        watcher: Option<RecommendedWatcher>,
+        events: &mut mpsc::UnboundedReceiver<notify::Result<Event>>,
+        shutdown: CancellationToken,
+    ) {
+        let watching = watcher.is_some();
+        tracing::debug!(
+            watching,
+            directories = self.dirs.len(),
+            poll_ms = poll_interval.as_millis(),
+            "certificate reloader running"
+        );
+        let mut poll = (!poll_interval.is_zero()).then(|| {
+            let mut poll = tokio::time::interval_at(Instant::now() + poll_interval, poll_interval);
+            poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            poll
+        });
+        let mut expiry = tokio::time::interval_at(Instant::now() + EXPIRY_CHECK, EXPIRY_CHECK);
+        expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let requested = handle.requested.clone();
+        // Slots with pending events, the end of the quiet period and the latest reload.
+        let mut dirty = BTreeSet::new();
+        let mut quiet_until = Instant::now();
+        let mut first_event = Instant::now();
+        let mut events_open = watching;
+
+        loop {
+            let deadline = quiet_until.min(first_event + MAX_DEFER);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = events.recv(), if events_open => match event {
+                    Some(event) => {
+                        let slots = self.affected_slots(&event);
+                        if !slots.is_empty() {
+                            if dirty.is_empty() {
+                                first_event = Instant::now();
+                            }
+                            dirty.extend(slots);
+                            quiet_until = Instant::now() + DEBOUNCE;
+                        }
+                    }
+                    None => events_open = false,
+                },
+                () = tokio::time::sleep_until(deadline), if !dirty.is_empty() => {
+                    let slots: Vec<usize> = std::mem::take(&mut dirty).into_iter().collect();
+                    self.reload(slots, Cause::Event).await;
+                }
+                () = requested.notified() => {
+                    let all = (0..self.shared.store.slots().len()).collect();
+                    self.reload(all, Cause::Request).await;
+                }
+                () = tick(poll.as_mut()) => {
+                    let all = (0..self.shared.store.slots().len()).collect();
+                    self.reload(all, Cause::Poll).await;
+                }
+                _ = expiry.tick() => self.shared.warn_expiring(SystemTime::now()),
+            }
+        }
+        drop(watcher);
+        tracing::debug!("certificate reloader stopped");
+    }
+
+    /// The slots whose files may have changed, given one watcher event.
+    fn affected_slots(&self, event: &notify::Result<Event>) -> Vec<usize> {
+        let event = match event {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::warn!(error = %err, "certificate watcher error; re-reading every certificate");
+                return (0..self.shared.store.slots().len()).collect();
+            }
+        };
+        if !is_change(event.kind) {
+            return Vec::new();
+        }
+        if event.need_rescan() {
+            return (0..self.shared.store.slots().len()).collect();
+        }
+        let mut slots = Vec::new();
+        for path in &event.paths {
+            for watched in &self.dirs {
+                if path.parent() == Some(watched.dir.as_path()) || *path == watched.dir {
+                    slots.extend(&watched.slots);
+                }
+            }
+        }
+        slots
+    }
+
+    /// Runs the reload of `slots` off the async threads (file reads and signature checks)
+    /// and logs the summary of a requested reload.
+    async fn reload(&self, slots: Vec<usize>, cause: Cause) {
+        let shared = self.shared.clone();
+        let outcomes =
+            tokio::task::spawn_blocking(move || shared.reload(&slots, cause, SystemTime::now()))
+                .await;
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                tracing::error!(error = %err, "certificate reload task failed; still serving the previous certificates");
+                return;
+            }
+        };
+        if cause == Cause::Request {
+            let count = |wanted| outcomes.iter().filter(|o| **o == wanted).count();
+            let refused = count(Outcome::Refused);
+            let reloaded = count(Outcome::Reloaded);
+            if refused == 0 {
+                tracing::info!(
+                    reloaded,
+                    "certificate reload requested: every certificate is valid and served"
+                );
+            } else {
+                tracing::error!(reloaded, refused, "certificate reload requested: {refused} certificate(s) refused, still serving their previous chain (errors above)");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Re-reads and validates `slots`; returns one outcome per slot.
+    fn reload(&self, slots: &[usize], cause: Cause, now: SystemTime) -> Vec<Outcome> {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        let store_slots = self.store.slots();
+        slots
+            .iter()
+            .filter_map(|&index| {
+                let slot = store_slots.get(index)?;
+                let state = states.get_mut(index)?;
+                Some(self.reload_slot(slot, state, cause, now))
+            })
+            .collect()
+    }
+
+    fn reload_slot(
+        &self,
+        slot: &CertSlot,
+        state: &mut SlotState,
+        cause: Cause,
+        now: SystemTime,
+    ) -> Outcome {
+        let forced = cause == Cause::Request;
+        let fingerprint = fingerprint(&slot.source);
+        if fingerprint == state.fingerprint && !forced {
+            return Outcome::Unchanged;
+        }
+        state.fingerprint = fingerprint;
+        let source = &slot.source;
+        match certs::load(source, &self.provider, now, self.expiry_warning_days) {
+            Ok(loaded) => {
+                let same_chain = loaded.certified_key.cert == slot.current().cert;
+                let recovered = state.last_error.take().is_some();
+                if same_chain && !forced && !recovered {
+                    // Rewritten with the same certificate: nothing to swap or report.
+                    return Outcome::Unchanged;
+                }
+                let report = &loaded.report;
+                tracing::info!(
+                    certificate = %source.key_path,
+                    cert = %source.cert.display(),
+                    subject = %report.subject,
+                    serial = %report.serial,
+                    not_after = %report.not_after,
+                    names = %report.names.join(","),
+                    days_left = report.days_left,
+                    cause = cause.as_str(),
+                    "certificate reloaded: new TLS handshakes get it"
+                );
+                for warning in &report.warnings {
+                    tracing::warn!(certificate = %source.key_path, cert = %source.cert.display(), "{warning}");
+                }
+                slot.replace(loaded);
+                self.metrics.certificate_reload(true);
+                Outcome::Reloaded
+            }
+            Err(err) => {
+                let message = err.to_string();
+                self.metrics.certificate_reload(false);
+                let repeated = state.last_error.as_deref() == Some(message.as_str());
+                let serving = slot.report();
+                if repeated && !forced {
+                    tracing::debug!(certificate = %source.key_path, file = %err.path().display(), reason = err.kind(), "certificate still refused: {message}");
+                } else {
+                    tracing::error!(
+                        certificate = %source.key_path,
+                        file = %err.path().display(),
+                        reason = err.kind(),
+                        serving_serial = %serving.serial,
+                        cause = cause.as_str(),
+                        "certificate reload refused, still serving the previous certificate: {message}"
+                    );
+                }
+                state.last_error = Some(message);
+                Outcome::Refused
+            }
+        }
+    }
+
+    /// Warns about every served certificate with fewer than `expiry_warning_days` left.
+    fn warn_expiring(&self, now: SystemTime) {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        for slot in self.store.slots() {
+            let report = slot.report();
+            let days_left = (report.not_after_unix - now).div_euclid(86_400);
+            if days_left >= i64::from(self.expiry_warning_days) {
+                continue;
+            }
+            if days_left < 0 {
+                tracing::error!(
+                    certificate = %slot.source.key_path,
+                    cert = %report.cert_path.display(),
+                    subject = %report.subject,
+                    serial = %report.serial,
+                    not_after = %report.not_after,
+                    "the served certificate has EXPIRED: clients refuse the site; replace the files with a renewed certificate (no restart needed)"
+                );
+            } else {
+                tracing::warn!(
+                    certificate = %slot.source.key_path,
+                    cert = %report.cert_path.display(),
+                    subject = %report.subject,
+                    serial = %report.serial,
+                    not_after = %report.not_after,
+                    days_left,
+                    "the served certificate expires in {days_left} days: renew it (e.g. `certbot renew`) and replace the files; Gatehouse picks them up without a restart"
+                );
+            }
+        }
+    }
+}
+
+/// Waits for the next poll tick, or forever when polling is off.
+async fn tick(poll: Option<&mut tokio::time::Interval>) {
+    match poll {
+        Some(poll) => {
+            poll.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether an event kind can mean new file contents. Opens and reads (including the
+/// reloader's own) are not.
+fn is_change(kind: EventKind) -> bool {
+    match kind {
+        EventKind::Access(access) => access == AccessKind::Close(AccessMode::Write),
+        EventKind::Any
+        | EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Remove(_)
+        | EventKind::Other => true,
+    }
+}
+
+/// The files of one configured certificate.
+fn files(source: &CertificateSource) -> impl Iterator<Item = &Path> {
+    [
+        Some(source.cert.as_path()),
+        Some(source.key.as_path()),
+        source.ca_bundle.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// A hash of the contents of a slot's files (or of why one cannot be read).
+fn fingerprint(source: &CertificateSource) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for path in files(source) {
+        match std::fs::read(path) {
+            Ok(bytes) => bytes.hash(&mut hasher),
+            Err(err) => err.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
+/// Every directory to watch: the one holding each configured file, and the one holding
+/// its symlink target when that lies elsewhere (e.g. certbot's `archive/`). Kubernetes
+/// targets (`..data/tls.crt` under the mount) are inside the mount, which is watched.
+fn watched_dirs(slots: &[CertSlot]) -> Vec<WatchedDir> {
+    let mut dirs: Vec<WatchedDir> = Vec::new();
+    let mut add = |dir: PathBuf, slot: usize| match dirs.iter_mut().find(|w| w.dir == dir) {
+        Some(watched) => {
+            if !watched.slots.contains(&slot) {
+                watched.slots.push(slot);
+            }
+        }
+        None => dirs.push(WatchedDir {
+            dir,
+            slots: vec![slot],
+        }),
+    };
+    for (index, slot) in slots.iter().enumerate() {
+        for path in files(&slot.source) {
+            let dir = parent(path);
+            if let Ok(target) = std::fs::canonicalize(path) {
+                let target_dir = parent(&target);
+                let inside = std::fs::canonicalize(&dir)
+                    .is_ok_and(|canonical| target_dir.starts_with(canonical));
+                if !inside {
+                    add(target_dir, index);
+                }
+            }
+            add(dir, index);
+        }
+    }
+    dirs
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Starts a watcher on every directory in `dirs`, forwarding its events to `sender`.
+fn watch(
+    dirs: &[WatchedDir],
+    sender: mpsc::UnboundedSender<notify::Result<Event>>,
+) -> Result<RecommendedWatcher, WatchError> {
+    let mut watcher = notify::recommended_watcher(move |event| {
+        // The receiver is gone only once the reloader has stopped.
+        let _ = sender.send(event);
+    })
+    .map_err(WatchError::Create)?;
+    for watched in dirs {
+        if let Err(source) = watcher.watch(&watched.dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(
+                "{}",
+                WatchError::Directory {
+                    dir: watched.dir.clone(),
+                    source,
+                }
+            );
+        }
+    }
+    Ok(watcher)
+}
