@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -28,7 +29,7 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// Who is on the other end of a downstream connection, computed once per connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
     /// Socket address of the peer.
     pub addr: SocketAddr,
@@ -38,6 +39,9 @@ pub struct Peer {
     pub trusted: bool,
     /// Negotiated TLS version, for the access log.
     pub tls_version: &'static str,
+    /// The connection's place under `server.max_connections`. WebSocket tunnels keep the
+    /// `Peer` (and so the place) after the HTTP connection has handed them its socket.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Peer {
@@ -50,7 +54,15 @@ impl Peer {
                 .unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0")),
             trusted: is_trusted(ip, trusted_proxies),
             tls_version,
+            slot: None,
         }
+    }
+
+    /// Holds `permit` for as long as this peer (its connection or a tunnel) lives.
+    #[must_use]
+    pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Peer {
+        self.slot = Some(permit);
+        self
     }
 }
 

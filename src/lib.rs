@@ -160,6 +160,7 @@ impl Gateway {
         let ctx = Arc::new(listener::Context {
             builder: listener::http_builder(&config),
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            max_connections: config.server.max_connections,
             connections: TaskTracker::new(),
             draining: shutdown.clone(),
             hard_stop: hard_stop.clone(),

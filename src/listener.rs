@@ -28,8 +28,10 @@ use crate::redirect::Redirector;
 pub(crate) struct Context {
     /// HTTP/1.1 + HTTP/2 connection settings.
     pub builder: auto::Builder<TokioExecutor>,
-    /// Connections allowed at once, across listeners.
+    /// Connections allowed at once, across listeners (WebSocket tunnels included).
     pub permits: Arc<Semaphore>,
+    /// `server.max_connections`, for the log line when it is reached.
+    pub max_connections: usize,
     /// Every connection task, so shutdown can wait for them.
     pub connections: TaskTracker,
     /// Cancelled when shutdown starts: stop accepting, drain connections.
@@ -94,13 +96,13 @@ pub(crate) async fn serve_https(
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
                 _ => "unknown",
             };
-            let peer = Arc::new(Peer::new(addr, &task_ctx.trusted_proxies, tls_version));
+            let peer =
+                Arc::new(Peer::new(addr, &task_ctx.trusted_proxies, tls_version).holding(permit));
             let service = service_fn(move |req| proxy.clone().handle(peer.clone(), req));
             let conn = task_ctx
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service);
             drive(conn, &task_ctx, addr).await;
-            drop(permit);
         });
     }
 }
@@ -153,15 +155,13 @@ pub(crate) async fn serve_http(
     }
 }
 
-/// Waits for a connection slot and a connection; `None` once draining starts.
+/// Waits for a connection, then for a slot under `server.max_connections` (while the
+/// gateway is full, new clients wait in the kernel's backlog); `None` once draining
+/// starts. Taking the slot after `accept` keeps idle listeners from holding slots.
 pub(crate) async fn accept(
     listener: &TcpListener,
     ctx: &Context,
 ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    let permit = tokio::select! {
-        () = ctx.draining.cancelled() => return None,
-        permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
-    };
     loop {
         let accepted = tokio::select! {
             () = ctx.draining.cancelled() => return None,
@@ -169,6 +169,18 @@ pub(crate) async fn accept(
         };
         match accepted {
             Ok((stream, addr)) => {
+                let permit = if let Ok(permit) = ctx.permits.clone().try_acquire_owned() {
+                    permit
+                } else {
+                    tracing::warn!(
+                        max = ctx.max_connections,
+                        "server.max_connections reached; new connections wait"
+                    );
+                    tokio::select! {
+                        () = ctx.draining.cancelled() => return None,
+                        permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
+                    }
+                };
                 // Small responses must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
                 return Some((stream, addr, permit));

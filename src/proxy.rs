@@ -75,6 +75,11 @@ struct StaticRoute {
 }
 
 impl Proxy {
+    /// The rate limiter, when configured (the admin listener reads its Redis state).
+    pub(crate) fn limiter(&self) -> Option<&RateLimiter> {
+        self.limiter.as_ref()
+    }
+
     /// Builds the request path from a validated config.
     pub fn new(
         config: &Config,
@@ -199,7 +204,7 @@ impl Proxy {
     /// Static file or upstream; records the upstream's time for the access log.
     async fn route(
         &self,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         client: IpAddr,
         req: Request<Incoming>,
         record: Option<&mut AccessRecord>,
@@ -227,7 +232,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         client: IpAddr,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
@@ -290,7 +295,9 @@ impl Proxy {
         };
         if let Some(downstream) = downstream_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return Ok(self.tunnels.open(downstream, &mut response, client));
+                return Ok(self
+                    .tunnels
+                    .open(downstream, &mut response, peer.clone(), client));
             }
         }
         let (mut parts, body) = response.into_parts();
@@ -305,7 +312,7 @@ impl Proxy {
     /// HTTP/1.1 upgrade on the upstream.
     async fn forward_h2_websocket(
         &self,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         client: IpAddr,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
@@ -326,7 +333,9 @@ impl Proxy {
         let request = Request::from_parts(parts, Either::Right(Empty::new()));
         let mut response = self.send(upstream, request).await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(self.tunnels.open_h2(downstream, &mut response, client));
+            return Ok(self
+                .tunnels
+                .open_h2(downstream, &mut response, peer.clone(), client));
         }
         let (mut parts, body) = response.into_parts();
         forwarding::strip_hop_by_hop(&mut parts.headers, false);

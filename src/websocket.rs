@@ -23,6 +23,7 @@ use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{full, Body};
+use crate::forwarding::Peer;
 
 /// Read buffer kept inline in each pump: big enough for the typical message of a
 /// collaborative app (a JSON edit), small enough that idle tunnels stay cheap.
@@ -91,10 +93,11 @@ impl Tunnels {
         &self,
         downstream: OnUpgrade,
         upstream_response: &mut Response<Incoming>,
+        peer: Arc<Peer>,
         client: IpAddr,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut *upstream_response);
-        self.spawn(downstream, upstream, client);
+        self.spawn(downstream, upstream, peer, client);
         let mut response = Response::new(full(""));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *response.headers_mut() = std::mem::take(upstream_response.headers_mut());
@@ -107,10 +110,11 @@ impl Tunnels {
         &self,
         downstream: OnUpgrade,
         upstream_response: &mut Response<Incoming>,
+        peer: Arc<Peer>,
         client: IpAddr,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut *upstream_response);
-        self.spawn(downstream, upstream, client);
+        self.spawn(downstream, upstream, peer, client);
         let mut response = Response::new(full(""));
         for name in [
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -123,10 +127,13 @@ impl Tunnels {
         response
     }
 
-    fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, client: IpAddr) {
+    /// Relays in a task of its own; the task holds `peer`, and with it the client
+    /// connection's place under `server.max_connections`.
+    fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, peer: Arc<Peer>, client: IpAddr) {
         let shutdown = self.shutdown.clone();
         let idle_timeout = self.idle_timeout;
         self.tracker.spawn(async move {
+            let _peer = peer;
             let both = async { tokio::try_join!(downstream, upstream) };
             let (downstream, upstream) = tokio::select! {
                 both = both => match both {

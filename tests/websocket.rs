@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use common::{
-    base_config, start_gateway, tls_client_config, CertFiles, Pki, TestGateway, Upstream,
+    base_config, https_client, start_gateway, tls_client_config, CertFiles, Http, Pki, TestGateway,
+    Upstream,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -1301,4 +1302,43 @@ http {{
     let _ = std::process::Command::new("kill")
         .arg(worker.to_string())
         .status();
+}
+
+#[tokio::test]
+async fn open_tunnels_count_against_max_connections() {
+    let s = setup("ws-max-connections").await;
+    let gateway = s
+        .gateway("[server]\nmax_connections = 2\nshutdown_grace = \"1s\"\n")
+        .await;
+    let root = s.root();
+    let mut first = ws_connect(gateway.https, &root, "/ws/echo").await;
+    let mut second = ws_connect(gateway.https, &root, "/ws/echo").await;
+
+    // Both places are taken by tunnels whose HTTP connections have ended: a third client
+    // waits in the backlog instead of being served.
+    let client = https_client(&root, Http::One, gateway.https);
+    let third = tokio::spawn(async move {
+        client
+            .get(format!("https://localhost:{}/after", gateway.https.port()))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served past max_connections = 2"
+    );
+
+    // Closing one tunnel frees its place.
+    first.close(None).await.unwrap();
+    drop(first);
+    let response = tokio::time::timeout(PROMPT, third)
+        .await
+        .expect("third client served once a tunnel closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let message = Message::text("still here");
+    second.send(message.clone()).await.unwrap();
+    assert_eq!(next_data(&mut second).await, message);
 }
