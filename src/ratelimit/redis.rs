@@ -262,7 +262,7 @@ fn degraded(
         redis = %settings.redacted(),
         reason,
         on_redis_error = on_redis_error.as_str(),
-        "Redis unavailable at startup: starting degraded (per-instance decisions) and reconnecting in the background; check the address, the password (password_file) and the ACL user"
+        "Redis unavailable at startup: starting degraded (decisions follow on_redis_error) and reconnecting in the background; check the address, the password (password_file) and the ACL user"
     );
     Ok(())
 }

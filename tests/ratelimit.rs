@@ -1,0 +1,815 @@
+//! Issue 5: rate limiting, checked with real redis-server processes (started per test on
+//! free ports, killed on drop): one limit shared by two gateways, Redis killed, restarted
+//! and made slow, an ACL-restricted user, a wrong password, a three-master Cluster, local
+//! mode, shadow mode, headers, rules, exemptions, the allow-list and X-Forwarded-For.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener as StdListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{base_config, https_client, scratch_dir, CertFiles, Http, Pki, TestGateway, Upstream};
+use gatehouse::metrics::Metrics;
+use gatehouse::tls::CertStore;
+use gatehouse::{Config, Gateway};
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------------------
+// Redis processes
+// ---------------------------------------------------------------------------------------
+
+/// A redis-server on a free port, in its own scratch directory; killed on drop.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    fn start(name: &str, args: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: scratch_dir(name),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts (again) on the same port.
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "local"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let reply = self.cli(&["PING"]);
+                if reply.contains("PONG") || reply.contains("NOAUTH") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis-cli -p PORT ARGS`, stdout trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gateways
+// ---------------------------------------------------------------------------------------
+
+struct Setup {
+    pki: Pki,
+    files: CertFiles,
+    upstream: Upstream,
+}
+
+async fn setup(name: &str) -> Setup {
+    let pki = Pki::new(name);
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    Setup {
+        pki,
+        files,
+        upstream,
+    }
+}
+
+/// An in-process gateway with its metrics.
+struct Running {
+    gateway: TestGateway,
+    metrics: Arc<Metrics>,
+    certificates: Arc<CertStore>,
+}
+
+impl Running {
+    /// `gatehouse_rate_limit_decisions_total{backend,outcome}`.
+    fn decisions(&self, backend: &str, outcome: &str) -> u64 {
+        let text = self.metrics.render(&self.certificates, 0);
+        let needle = format!(
+            "gatehouse_rate_limit_decisions_total{{backend=\"{backend}\",outcome=\"{outcome}\"}} "
+        );
+        text.lines()
+            .find_map(|line| line.strip_prefix(&needle))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Setup {
+    fn config(&self, extra: &str) -> String {
+        format!("{}\n{extra}", base_config(&self.files, self.upstream.addr))
+    }
+
+    async fn try_gateway(&self, extra: &str) -> Result<Running, String> {
+        common::init();
+        let dir = scratch_dir("rl-gw");
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, self.config(extra)).unwrap();
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let gateway = Gateway::bind(config).await.map_err(|e| e.to_string())?;
+        let metrics = gateway.metrics();
+        let certificates = gateway.certificates();
+        let (https, http, admin) = (
+            gateway.https_addr(),
+            gateway.http_addr(),
+            gateway.admin_addr(),
+        );
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(err) = gateway.run(token).await {
+                panic!("gateway stopped: {err}");
+            }
+        });
+        Ok(Running {
+            gateway: TestGateway {
+                https,
+                http,
+                admin,
+                shutdown,
+                task,
+            },
+            metrics,
+            certificates,
+        })
+    }
+
+    async fn gateway(&self, extra: &str) -> Running {
+        self.try_gateway(extra).await.unwrap()
+    }
+
+    fn client(&self, running: &Running) -> reqwest::Client {
+        https_client(&self.pki.root_pem(), Http::One, running.gateway.https)
+    }
+}
+
+/// Sends `GET path` (optionally with `X-Forwarded-For`) and returns the status.
+async fn get(client: &reqwest::Client, running: &Running, path: &str, xff: Option<&str>) -> u16 {
+    let mut request = client.get(running.gateway.url(path));
+    if let Some(xff) = xff {
+        request = request.header("x-forwarded-for", xff);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// `workers` loops per gateway sending GETs until `duration` has passed; returns the
+/// statuses seen per gateway.
+async fn hammer(
+    setup: &Setup,
+    gateways: &[&Running],
+    workers: usize,
+    duration: Duration,
+) -> Vec<BTreeMap<u16, u64>> {
+    let deadline = Instant::now() + duration;
+    let mut handles = Vec::new();
+    for (index, running) in gateways.iter().enumerate() {
+        for _ in 0..workers {
+            let client = setup.client(running);
+            let url = running.gateway.url("/hammer");
+            handles.push(tokio::spawn(async move {
+                let mut seen: BTreeMap<u16, u64> = BTreeMap::new();
+                while Instant::now() < deadline {
+                    let status = match client.get(&url).send().await {
+                        Ok(response) => response.status().as_u16(),
+                        Err(_) => 0,
+                    };
+                    *seen.entry(status).or_default() += 1;
+                }
+                (index, seen)
+            }));
+        }
+    }
+    let mut totals = vec![BTreeMap::new(); gateways.len()];
+    for handle in handles {
+        let (index, seen) = handle.await.unwrap();
+        for (status, count) in seen {
+            *totals[index].entry(status).or_default() += count;
+        }
+    }
+    totals
+}
+
+fn count(seen: &BTreeMap<u16, u64>, status: u16) -> u64 {
+    seen.get(&status).copied().unwrap_or(0)
+}
+
+fn only_200_and_429(seen: &BTreeMap<u16, u64>) {
+    assert!(
+        seen.keys().all(|status| *status == 200 || *status == 429),
+        "unexpected statuses: {seen:?}"
+    );
+}
+
+fn limit(extra: &str) -> String {
+    format!("[rate_limit]\n{extra}\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared limit vs local limit
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_enforce_one_limit() {
+    let redis = RedisServer::start("rl-shared-redis", &[]);
+    let setup = setup("rl-shared").await;
+    let section = limit(&format!(
+        "requests_per_second = 10\nburst = 5\nredis_url = \"{}\"\ndecision_timeout = \"500ms\"\nkey_prefix = \"shared:\"",
+        redis.url()
+    ));
+    let a = setup.gateway(&section).await;
+    let b = setup.gateway(&section).await;
+    let seen = hammer(&setup, &[&a, &b], 3, Duration::from_secs(5)).await;
+    let allowed = count(&seen[0], 200) + count(&seen[1], 200);
+    println!(
+        "shared: a {:?} b {:?} -> {allowed} allowed",
+        seen[0], seen[1]
+    );
+    only_200_and_429(&seen[0]);
+    only_200_and_429(&seen[1]);
+    assert!(
+        (53..=57).contains(&allowed),
+        "10 r/s burst 5 for 5 s through two gateways allowed {allowed}, expected 55±2"
+    );
+    assert!(count(&seen[0], 200) > 0 && count(&seen[1], 200) > 0);
+    // Every decision came from Redis, none from a fallback.
+    assert_eq!(
+        a.decisions("fallback", "allowed") + b.decisions("fallback", "allowed"),
+        0
+    );
+    assert_eq!(
+        a.decisions("redis", "allowed") + b.decisions("redis", "allowed"),
+        allowed
+    );
+    assert!(redis
+        .cli(&["KEYS", "shared:*"])
+        .contains("shared:default:127.0.0.1"));
+    a.gateway.stop().await;
+    b.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_enforces_the_same_numbers_per_instance() {
+    let setup = setup("rl-local").await;
+    let section = limit("requests_per_second = 10\nburst = 5");
+    let a = setup.gateway(&section).await;
+    let b = setup.gateway(&section).await;
+    let seen = hammer(&setup, &[&a, &b], 3, Duration::from_secs(5)).await;
+    let (in_a, in_b) = (count(&seen[0], 200), count(&seen[1], 200));
+    println!("local: a {:?} b {:?}", seen[0], seen[1]);
+    only_200_and_429(&seen[0]);
+    only_200_and_429(&seen[1]);
+    for allowed in [in_a, in_b] {
+        assert!(
+            (53..=57).contains(&allowed),
+            "each instance should allow 55±2, got {in_a} and {in_b}"
+        );
+    }
+    assert_eq!(a.decisions("local", "allowed"), in_a);
+    a.gateway.stop().await;
+    b.gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis failures
+// ---------------------------------------------------------------------------------------
+
+/// Sends requests one by one for `duration`; returns the statuses and the slowest.
+async fn paced(
+    client: &reqwest::Client,
+    running: &Running,
+    duration: Duration,
+    xff: &str,
+) -> (BTreeMap<u16, u64>, Duration) {
+    let deadline = Instant::now() + duration;
+    let mut seen = BTreeMap::new();
+    let mut slowest = Duration::ZERO;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let status = get(client, running, "/", Some(xff)).await;
+        slowest = slowest.max(started.elapsed());
+        *seen.entry(status).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (seen, slowest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_falls_back_and_restarted_goes_global_again() {
+    let mut redis = RedisServer::start("rl-kill-redis", &[]);
+    let setup = setup("rl-kill").await;
+    let section = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        limit(&format!(
+            "requests_per_second = 1\nburst = 5\nredis_url = \"{}\"\ndecision_timeout = \"50ms\"\nkey_prefix = \"kill:\"",
+            redis.url()
+        ))
+    );
+    let a = setup.gateway(&section).await;
+    let b = setup.gateway(&section).await;
+    let (client_a, client_b) = (setup.client(&a), setup.client(&b));
+    // Warm the connections so latencies below are the limiter's.
+    assert_eq!(get(&client_a, &a, "/", Some("192.0.2.200")).await, 200);
+    assert_eq!(get(&client_b, &b, "/", Some("192.0.2.200")).await, 200);
+
+    redis.kill();
+    let (seen_a, slowest_a) = paced(&client_a, &a, Duration::from_secs(1), "192.0.2.1").await;
+    let (seen_b, slowest_b) = paced(&client_b, &b, Duration::from_secs(1), "192.0.2.1").await;
+    println!("Redis down: a {seen_a:?} slowest {slowest_a:?}; b {seen_b:?} slowest {slowest_b:?}");
+    only_200_and_429(&seen_a);
+    only_200_and_429(&seen_b);
+    // Each instance falls back to its own limit: the burst of 5 once per instance.
+    assert!((5..=7).contains(&count(&seen_a, 200)), "{seen_a:?}");
+    assert!((5..=7).contains(&count(&seen_b, 200)), "{seen_b:?}");
+    assert!(slowest_a < Duration::from_millis(200) && slowest_b < Duration::from_millis(200));
+    assert!(a.decisions("fallback", "rejected") > 0);
+
+    let restarted = Instant::now();
+    redis.spawn();
+    // Each gateway goes back to Redis by itself (breaker probe): its keys reappear.
+    for (index, (client, running)) in [(&client_a, &a), (&client_b, &b)].into_iter().enumerate() {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let ip = format!("198.51.100.{}", index * 100 + attempt);
+            let _ = get(client, running, "/", Some(&ip)).await;
+            if redis.cli(&["EXISTS", &format!("kill:default:{ip}")]) == "1" {
+                break;
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(10),
+                "gateway {index} did not use Redis again within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!("global again {:?} after the restart", restarted.elapsed());
+    // Global again: a burst spent through a is spent for b too.
+    for _ in 0..5 {
+        assert_eq!(get(&client_a, &a, "/", Some("203.0.113.9")).await, 200);
+    }
+    assert_eq!(get(&client_b, &b, "/", Some("203.0.113.9")).await, 429);
+    a.gateway.stop().await;
+    b.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_costs_at_most_the_decision_timeout() {
+    let redis = RedisServer::start("rl-slow-redis", &[]);
+    let setup = setup("rl-slow").await;
+    let section = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        limit(&format!(
+            "requests_per_second = 1000\nburst = 1000\nredis_url = \"{}\"\ndecision_timeout = \"20ms\"\nkey_prefix = \"slow:\"",
+            redis.url()
+        ))
+    );
+    let a = setup.gateway(&section).await;
+    let client = setup.client(&a);
+    assert_eq!(get(&client, &a, "/", Some("192.0.2.7")).await, 200);
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli")
+            .args(["-p", &port, "DEBUG", "SLEEP", "2"])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (seen, slowest) = paced(&client, &a, Duration::from_millis(1500), "192.0.2.7").await;
+    println!("Redis asleep: {seen:?}, slowest request {slowest:?}");
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), [200], "{seen:?}");
+    assert!(slowest < Duration::from_millis(200), "slowest {slowest:?}");
+    assert!(a.decisions("fallback", "allowed") > 0);
+    sleeper.join().unwrap();
+    a.gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Credentials
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn acl_user_limited_to_the_script_commands_and_prefix_works() {
+    let redis = RedisServer::start("rl-acl-redis", &[]);
+    // The exact line docs/rate-limiting.md recommends.
+    let reply = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "gatehouse",
+        "on",
+        ">acl-Secret-42",
+        "resetkeys",
+        "~acl:*",
+        "resetchannels",
+        "-@all",
+        "+evalsha",
+        "+script|load",
+        "+time",
+        "+get",
+        "+set",
+    ]);
+    assert_eq!(reply, "OK");
+    let setup = setup("rl-acl").await;
+    let secret = setup.pki.dir.join("redis_password");
+    std::fs::write(&secret, "acl-Secret-42\n").unwrap();
+    let section = limit(&format!(
+        "requests_per_second = 0.5\nburst = 2\nredis_url = \"redis://gatehouse@127.0.0.1:{}\"\npassword_file = \"{}\"\non_redis_error = \"deny\"\nkey_prefix = \"acl:\"\ndecision_timeout = \"500ms\"",
+        redis.port,
+        secret.display()
+    ));
+    let a = setup.gateway(&section).await;
+    let client = setup.client(&a);
+    let statuses = [
+        get(&client, &a, "/", None).await,
+        get(&client, &a, "/", None).await,
+        get(&client, &a, "/", None).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(a.decisions("redis", "rejected"), 1);
+    assert_eq!(redis.cli(&["EXISTS", "acl:default:127.0.0.1"]), "1");
+    assert_eq!(redis.cli(&["ACL", "LOG"]), "", "no ACL denial expected");
+    a.gateway.stop().await;
+}
+
+fn write_config(setup: &Setup, name: &str, extra: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, setup.config(extra)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn wrong_password_fails_clearly_without_printing_it() {
+    let redis = RedisServer::start("rl-pass-redis", &["--requirepass", "right-Pass-1"]);
+    let setup = setup("rl-pass").await;
+    let wrong = "Wr0ng-Secret-xyz";
+    let url = format!("redis://:{wrong}@127.0.0.1:{}", redis.port);
+
+    // Strict: the binary refuses to start and names the key, not the password.
+    let strict = write_config(
+        &setup,
+        "rl-pass-deny",
+        &limit(&format!("redis_url = \"{url}\"\non_redis_error = \"deny\"")),
+    );
+    let output = common::run_binary(&["--config", strict.to_str().unwrap()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{text}");
+    assert!(!output.status.success());
+    assert!(text.contains("rate_limit.redis_url"), "{text}");
+    assert!(text.contains("redis://:***@127.0.0.1"), "{text}");
+    assert!(
+        text.to_lowercase().contains("authentication failed"),
+        "{text}"
+    );
+    assert!(!text.contains(wrong), "password printed:\n{text}");
+
+    // Default (local): starts degraded with a clear warning, serves, never prints it.
+    let degraded = write_config(
+        &setup,
+        "rl-pass-local",
+        &limit(&format!("redis_url = \"{url}\"")),
+    );
+    let process = common::spawn_binary(&degraded);
+    assert!(process.wait_for_line("starting degraded", Duration::from_secs(5)));
+    let client = https_client(&setup.pki.root_pem(), Http::One, process.https);
+    let status = client
+        .get(format!("https://localhost:{}/", process.https.port()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    let text = process.output();
+    println!("{text}");
+    assert!(text.contains("rate_limit.redis_url"), "{text}");
+    assert!(!text.contains(wrong), "password printed:\n{text}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Cluster
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_of_three_masters_enforces_the_limit() {
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|i| {
+            let mut node = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: scratch_dir(&format!("rl-cluster-{i}")),
+                args: vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    "nodes.conf".into(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                ],
+            };
+            node.spawn();
+            node
+        })
+        .collect();
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let create = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !nodes
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(Instant::now() < deadline, "cluster never became ok");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let setup = setup("rl-cluster").await;
+    let list = nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.url()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let section = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        limit(&format!(
+            "requests_per_second = 0.5\nburst = 2\nredis_cluster_nodes = [{list}]\non_redis_error = \"deny\"\ndecision_timeout = \"500ms\"\nkey_prefix = \"cl:\""
+        ))
+    );
+    let a = setup.gateway(&section).await;
+    let b = setup.gateway(&section).await;
+    let (client_a, client_b) = (setup.client(&a), setup.client(&b));
+    // Ten clients, keys spread over the masters; each gets its burst of 2 across both
+    // gateways, then 429.
+    for i in 1..=10 {
+        let ip = format!("192.0.2.{i}");
+        assert_eq!(get(&client_a, &a, "/", Some(&ip)).await, 200, "{ip}");
+        assert_eq!(get(&client_b, &b, "/", Some(&ip)).await, 200, "{ip}");
+        assert_eq!(get(&client_a, &a, "/", Some(&ip)).await, 429, "{ip}");
+    }
+    let per_node: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).parse().unwrap_or(0))
+        .collect();
+    println!("keys per master: {per_node:?}");
+    assert_eq!(per_node.iter().sum::<u64>(), 10);
+    assert!(
+        per_node.iter().filter(|&&n| n > 0).count() >= 2,
+        "{per_node:?}"
+    );
+    assert_eq!(
+        a.decisions("fallback", "allowed") + a.decisions("fallback", "rejected"),
+        0
+    );
+    a.gateway.stop().await;
+    b.gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Policy: shadow mode, headers, rules, exemptions, allow-list, X-Forwarded-For
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn shadow_mode_rejects_nothing_and_counts_what_it_would() {
+    let setup = setup("rl-shadow").await;
+    let a = setup
+        .gateway(&limit(
+            "requests_per_second = 0.5\nburst = 2\nmode = \"shadow\"",
+        ))
+        .await;
+    let client = setup.client(&a);
+    for _ in 0..6 {
+        let response = client.get(a.gateway.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().get("ratelimit").is_none());
+    }
+    assert_eq!(a.decisions("local", "allowed"), 2);
+    assert_eq!(a.decisions("local", "shadow_rejected"), 4);
+    assert_eq!(a.decisions("local", "rejected"), 0);
+    a.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn rejections_carry_retry_after_and_ratelimit_headers() {
+    let setup = setup("rl-headers").await;
+    let a = setup
+        .gateway(&limit("requests_per_second = 1\nburst = 3"))
+        .await;
+    let client = setup.client(&a);
+    let first = client.get(a.gateway.url("/")).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["ratelimit-policy"], "\"default\";q=3;w=3");
+    assert_eq!(first.headers()["ratelimit"], "\"default\";r=2;t=1");
+    for _ in 0..2 {
+        assert_eq!(
+            client
+                .get(a.gateway.url("/"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let rejected = client.get(a.gateway.url("/")).send().await.unwrap();
+    assert_eq!(rejected.status(), 429);
+    let headers = rejected.headers().clone();
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["ratelimit-policy"], "\"default\";q=3;w=3");
+    assert_eq!(headers["ratelimit"], "\"default\";r=0;t=3");
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let body = rejected.text().await.unwrap();
+    assert!(
+        body.starts_with("429 Too Many Requests") && body.len() < 200,
+        "{body}"
+    );
+    a.gateway.stop().await;
+
+    let quiet = setup
+        .gateway(&limit(
+            "requests_per_second = 1\nburst = 1\nheaders_on_allowed = false",
+        ))
+        .await;
+    let client = setup.client(&quiet);
+    let allowed = client.get(quiet.gateway.url("/")).send().await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert!(allowed.headers().get("ratelimit").is_none());
+    let rejected = client.get(quiet.gateway.url("/")).send().await.unwrap();
+    assert_eq!(rejected.status(), 429);
+    assert!(rejected.headers().get("ratelimit").is_some());
+    quiet.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn rules_exemptions_static_files_and_allow_list() {
+    let setup = setup("rl-rules").await;
+    let static_dir = setup.pki.dir.join("static");
+    std::fs::create_dir_all(&static_dir).unwrap();
+    std::fs::write(static_dir.join("app.css"), "body{}").unwrap();
+    let section = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n\n[[static]]\nprefix = \"/static/\"\ndir = \"{}\"\n\n{}",
+        static_dir.display(),
+        limit(
+            r#"requests_per_second = 0.1
+burst = 1
+allow = ["10.1.0.0/16"]
+[[rate_limit.rules]]
+name = "login"
+prefix = "/accounts/login/"
+methods = ["POST"]
+requests_per_minute = 1
+burst = 2
+[[rate_limit.rules]]
+prefix = "/health/"
+exempt = true"#
+        )
+    );
+    let a = setup.gateway(&section).await;
+    let client = setup.client(&a);
+    let xff = Some("192.0.2.50");
+    // Default policy: burst 1.
+    assert_eq!(get(&client, &a, "/", xff).await, 200);
+    assert_eq!(get(&client, &a, "/", xff).await, 429);
+    // Exempt rule and static files are never limited.
+    for _ in 0..3 {
+        assert_eq!(get(&client, &a, "/health/live", xff).await, 200);
+        assert_eq!(get(&client, &a, "/static/app.css", xff).await, 200);
+    }
+    // The login rule counts POSTs on its own budget; a GET there is default policy.
+    let post = |ip: &'static str| {
+        client
+            .post(a.gateway.url("/accounts/login/"))
+            .header("x-forwarded-for", ip)
+            .body("user=a&password=b")
+            .send()
+    };
+    let statuses = [
+        post("192.0.2.50").await.unwrap().status().as_u16(),
+        post("192.0.2.50").await.unwrap().status().as_u16(),
+        post("192.0.2.50").await.unwrap().status().as_u16(),
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    let rejected = post("192.0.2.50").await.unwrap();
+    assert_eq!(
+        rejected.headers()["ratelimit-policy"],
+        "\"login\";q=2;w=120"
+    );
+    assert_eq!(get(&client, &a, "/accounts/login/", xff).await, 429);
+    // Allow-listed clients (load generators) are never limited.
+    for _ in 0..5 {
+        assert_eq!(get(&client, &a, "/", Some("10.1.2.3")).await, 200);
+    }
+    a.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_is_the_key_only_behind_trusted_proxies() {
+    let setup = setup("rl-xff").await;
+    let untrusted = setup
+        .gateway(&limit("requests_per_second = 0.1\nburst = 1"))
+        .await;
+    let client = setup.client(&untrusted);
+    assert_eq!(get(&client, &untrusted, "/", Some("192.0.2.1")).await, 200);
+    // A forged X-Forwarded-For does not buy a new budget.
+    assert_eq!(get(&client, &untrusted, "/", Some("192.0.2.2")).await, 429);
+    untrusted.gateway.stop().await;
+
+    let trusted = setup
+        .gateway(&format!(
+            "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+            limit("requests_per_second = 0.1\nburst = 1\nipv6_prefix = 64")
+        ))
+        .await;
+    let client = setup.client(&trusted);
+    assert_eq!(get(&client, &trusted, "/", Some("192.0.2.1")).await, 200);
+    assert_eq!(get(&client, &trusted, "/", Some("192.0.2.2")).await, 200);
+    assert_eq!(get(&client, &trusted, "/", Some("192.0.2.1")).await, 429);
+    // IPv6 clients in one /64 share a budget.
+    assert_eq!(
+        get(&client, &trusted, "/", Some("2001:db8:1:2::a")).await,
+        200
+    );
+    assert_eq!(
+        get(&client, &trusted, "/", Some("2001:db8:1:2::b")).await,
+        429
+    );
+    assert_eq!(
+        get(&client, &trusted, "/", Some("2001:db8:1:3::a")).await,
+        200
+    );
+    trusted.gateway.stop().await;
+}
