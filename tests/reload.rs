@@ -165,7 +165,19 @@ async fn write_then_rename_is_served_within_a_second() {
     let pki = Pki::new("reload-rename");
     let (old, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    // Relative paths all the way, as with the default `--config gateway.toml` and
+    // `cert = "certs/site.crt"`: the binary runs in the package directory.
+    let relative = pki.dir.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let name = |path: &Path| path.file_name().unwrap().to_str().unwrap().to_owned();
+    let config = format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\n[upstream]\nurl = \"http://{}\"\n",
+        name(&files.cert),
+        name(&files.key),
+        name(&files.bundle),
+        upstream.addr
+    );
+    std::fs::write(pki.dir.join("gateway.toml"), config).unwrap();
+    let process = spawn_binary(&relative.join("gateway.toml"));
     let root = pki.root_pem();
     assert_eq!(serial(process.https, &root).await, old.serial_hex);
 
@@ -331,6 +343,9 @@ async fn poll_picks_up_changes_without_file_system_events() {
     assert_eq!(count_lines(&process, "certificate reloaded"), 1);
 }
 
+/// Puts a broken file in place.
+type BreakFiles<'a> = Box<dyn Fn() + 'a>;
+
 #[tokio::test]
 async fn broken_files_keep_the_last_good_chain_until_fixed() {
     let pki = Pki::new("reload-broken");
@@ -354,7 +369,7 @@ async fn broken_files_keep_the_last_good_chain_until_fixed() {
     );
     let stranger = pki.leaf(NAMES);
 
-    let cases: Vec<(&str, Box<dyn Fn() + '_>, String)> = vec![
+    let cases: Vec<(&str, BreakFiles<'_>, String)> = vec![
         (
             "empty certificate",
             Box::new(|| std::fs::write(&files.cert, "").unwrap()),
@@ -730,4 +745,30 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
         "an unexpected certificate was served"
     );
     assert_eq!(count_lines(&process, "certificate reloaded"), ROTATIONS);
+}
+
+#[test]
+fn reload_settings_are_validated() {
+    let pki = Pki::new("reload-config");
+    let (_, files) = pki.localhost("site");
+    let upstream: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+    let path = pki.dir.join("gateway.toml");
+    let parse = |lines: &str| {
+        gatehouse::Config::parse(&with_tls(&base_config(&files, upstream), lines), &path)
+    };
+
+    let config = parse("").unwrap();
+    assert_eq!(config.tls.reload_poll_interval, Duration::from_secs(30));
+    assert!(config.tls.reload_watch);
+    let config = parse("reload_watch = false\nreload_poll_interval = \"0s\"").unwrap();
+    assert!(config.tls.reload_poll_interval.is_zero());
+    assert!(!config.tls.reload_watch);
+
+    let err = parse("reload_poll_interval = \"10ms\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tls.reload_poll_interval"), "{err}");
+    assert!(err.contains("\"0s\" to poll never"), "{err}");
+    let err = parse("reload_watch = \"no\"").unwrap_err().to_string();
+    assert!(err.contains("reload_watch"), "{err}");
 }

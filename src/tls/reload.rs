@@ -169,7 +169,7 @@ impl Reloader {
                 last_error: None,
             })
             .collect();
-        let dirs = watched_dirs(store.slots());
+        let dirs = watched_dirs(store.slots().iter().map(|slot| &slot.source));
         let (sender, events) = mpsc::unbounded_channel();
         let watcher = if tls.reload_watch {
             match watch(&dirs, sender) {
@@ -262,7 +262,7 @@ impl Task {
         let mut expiry = tokio::time::interval_at(Instant::now() + EXPIRY_CHECK, EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let requested = handle.requested.clone();
-        // Slots with pending events, the end of the quiet period and the latest reload.
+        // Slots with pending events, the end of the quiet period, the start of the burst.
         let mut dirty = BTreeSet::new();
         let mut quiet_until = Instant::now();
         let mut first_event = Instant::now();
@@ -523,7 +523,7 @@ fn fingerprint(source: &CertificateSource) -> u64 {
 /// Every directory to watch: the one holding each configured file, and the one holding
 /// its symlink target when that lies elsewhere (e.g. certbot's `archive/`). Kubernetes
 /// targets (`..data/tls.crt` under the mount) are inside the mount, which is watched.
-fn watched_dirs(slots: &[CertSlot]) -> Vec<WatchedDir> {
+fn watched_dirs<'a>(sources: impl Iterator<Item = &'a CertificateSource>) -> Vec<WatchedDir> {
     let mut dirs: Vec<WatchedDir> = Vec::new();
     let mut add = |dir: PathBuf, slot: usize| match dirs.iter_mut().find(|w| w.dir == dir) {
         Some(watched) => {
@@ -536,8 +536,8 @@ fn watched_dirs(slots: &[CertSlot]) -> Vec<WatchedDir> {
             slots: vec![slot],
         }),
     };
-    for (index, slot) in slots.iter().enumerate() {
-        for path in files(&slot.source) {
+    for (index, source) in sources.enumerate() {
+        for path in files(source) {
             let dir = parent(path);
             if let Ok(target) = std::fs::canonicalize(path) {
                 let target_dir = parent(&target);
@@ -553,11 +553,18 @@ fn watched_dirs(slots: &[CertSlot]) -> Vec<WatchedDir> {
     dirs
 }
 
+/// The directory holding `path`, made absolute the way notify does (against the current
+/// directory), because events carry absolute paths: a relative `cert = "certs/site.crt"`
+/// with a relative `--config gateway.toml` must still match.
 fn parent(path: &Path) -> PathBuf {
-    match path.parent() {
+    let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
+    };
+    if dir.is_absolute() {
+        return dir;
     }
+    std::env::current_dir().map_or(dir.clone(), |cwd| cwd.join(&dir))
 }
 
 /// Starts a watcher on every directory in `dirs`, forwarding its events to `sender`.
@@ -582,4 +589,109 @@ fn watch(
         }
     }
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind};
+
+    fn source(dir: &Path, cert: &str, key: &str) -> CertificateSource {
+        CertificateSource {
+            cert: dir.join(cert),
+            key: dir.join(key),
+            ca_bundle: None,
+            names: Vec::new(),
+            key_path: "tls".to_owned(),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("gatehouse-reload-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn reads_and_opens_are_not_changes() {
+        assert!(!is_change(EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_change(EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_change(EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(is_change(EventKind::Modify(ModifyKind::Any)));
+        assert!(is_change(EventKind::Create(CreateKind::File)));
+    }
+
+    #[test]
+    fn symlink_targets_elsewhere_are_watched_too_but_kubernetes_data_is_not() {
+        let root = scratch("dirs");
+        // certbot: live/site/fullchain.pem -> ../../archive/site/fullchain1.pem
+        let (live, archive) = (root.join("live/site"), root.join("archive/site"));
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::create_dir_all(&archive).unwrap();
+        for (link, target) in [
+            ("fullchain.pem", "fullchain1.pem"),
+            ("privkey.pem", "privkey1.pem"),
+        ] {
+            std::fs::write(archive.join(target), "x").unwrap();
+            std::os::unix::fs::symlink(format!("../../archive/site/{target}"), live.join(link))
+                .unwrap();
+        }
+        // Kubernetes: tls.crt -> ..data/tls.crt, ..data -> ..2026_01_01
+        let mount = root.join("secret");
+        std::fs::create_dir_all(mount.join("..2026_01_01")).unwrap();
+        std::fs::write(mount.join("..2026_01_01/tls.crt"), "x").unwrap();
+        std::fs::write(mount.join("..2026_01_01/tls.key"), "x").unwrap();
+        std::os::unix::fs::symlink("..2026_01_01", mount.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/tls.crt", mount.join("tls.crt")).unwrap();
+        std::os::unix::fs::symlink("..data/tls.key", mount.join("tls.key")).unwrap();
+
+        let sources = [
+            source(&live, "fullchain.pem", "privkey.pem"),
+            source(&mount, "tls.crt", "tls.key"),
+        ];
+        let dirs = watched_dirs(sources.iter());
+        let summary: Vec<(PathBuf, Vec<usize>)> =
+            dirs.into_iter().map(|w| (w.dir, w.slots)).collect();
+        let archive = std::fs::canonicalize(&archive).unwrap();
+        assert_eq!(
+            summary,
+            [(archive, vec![0]), (live, vec![0]), (mount, vec![1])]
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn relative_paths_are_watched_as_absolute_directories() {
+        let cwd = std::env::current_dir().unwrap();
+        let sources = [source(Path::new("certs"), "site.crt", "site.key")];
+        let dirs = watched_dirs(sources.iter());
+        assert_eq!(dirs.len(), 1);
+        assert_eq!(dirs[0].dir, cwd.join("certs"));
+        let bare = [source(Path::new(""), "site.crt", "site.key")];
+        assert_eq!(watched_dirs(bare.iter())[0].dir, cwd);
+    }
+
+    #[test]
+    fn fingerprint_follows_contents_not_writes() {
+        let dir = scratch("fingerprint");
+        let source = source(&dir, "a.crt", "a.key");
+        std::fs::write(&source.cert, "cert").unwrap();
+        std::fs::write(&source.key, "key").unwrap();
+        let before = fingerprint(&source);
+        std::fs::write(&source.cert, "cert").unwrap();
+        assert_eq!(fingerprint(&source), before, "same bytes rewritten");
+        std::fs::write(&source.key, "other key").unwrap();
+        assert_ne!(fingerprint(&source), before);
+        std::fs::remove_file(&source.key).unwrap();
+        assert_ne!(fingerprint(&source), before, "a missing file is a change");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
