@@ -281,6 +281,8 @@ async fn get(io: &mut Box<dyn Io>, args: &Args, close: bool) -> Result<(), BoxEr
         if close { "Connection: close\r\n" } else { "" }
     );
     io.write_all(request.as_bytes()).await?;
+    // tokio-rustls may keep TLS records buffered until flushed; reading does not flush.
+    io.flush().await?;
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     loop {
