@@ -52,8 +52,10 @@ impl RedisServer {
 
     /// Starts (again) on the same port.
     fn spawn(&mut self) {
+        let tls = self.args.iter().any(|a| a == "--tls-port");
+        let plain_port = if tls { 0 } else { self.port };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &plain_port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "local"])
             .arg("--dir")
@@ -67,6 +69,9 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                if tls {
+                    return;
+                }
                 let reply = self.cli(&["PING"]);
                 if reply.contains("PONG") || reply.contains("NOAUTH") {
                     return;
@@ -812,4 +817,89 @@ async fn forwarded_for_is_the_key_only_behind_trusted_proxies() {
         200
     );
     trusted.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let setup = setup("rl-tls").await;
+    let (_, files) = setup.pki.localhost("redis");
+    let port = free_port();
+    let mut redis = RedisServer {
+        child: None,
+        port,
+        dir: scratch_dir("rl-tls-redis"),
+        args: [
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            files.cert.to_str().unwrap(),
+            "--tls-key-file",
+            files.key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            files.root.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect(),
+    };
+    redis.spawn();
+    let section = limit(&format!(
+        "requests_per_second = 0.5\nburst = 2\nredis_url = \"rediss://localhost:{port}\"\nredis_ca_file = \"{}\"\non_redis_error = \"deny\"\ndecision_timeout = \"500ms\"",
+        files.root.display()
+    ));
+    let a = setup.gateway(&section).await;
+    let client = setup.client(&a);
+    let statuses = [
+        get(&client, &a, "/", None).await,
+        get(&client, &a, "/", None).await,
+        get(&client, &a, "/", None).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(a.decisions("redis", "allowed"), 2);
+    a.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_websocket_counts_as_one_request_and_its_frames_never() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let setup = setup("rl-ws").await;
+    let a = setup
+        .gateway(&limit("requests_per_second = 0.1\nburst = 2"))
+        .await;
+    let connector = tokio_rustls::TlsConnector::from(common::tls_client_config(
+        &setup.pki.root_pem(),
+        &[b"http/1.1"],
+    ));
+    let tcp = tokio::net::TcpStream::connect(a.gateway.https)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{}/ws/echo", a.gateway.https.port());
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["ratelimit"], "\"default\";r=1;t=10");
+    for i in 0..50 {
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, Message::text(format!("m{i}")));
+    }
+    let client = setup.client(&a);
+    assert_eq!(get(&client, &a, "/", None).await, 200);
+    assert_eq!(get(&client, &a, "/", None).await, 429);
+    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    drop(ws);
+    a.gateway.stop().await;
 }

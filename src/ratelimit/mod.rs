@@ -52,6 +52,7 @@ pub struct RawRateLimit {
     burst: Option<u32>,
     redis_url: Option<String>,
     password_file: Option<String>,
+    redis_ca_file: Option<String>,
     #[serde(default)]
     redis_cluster_nodes: Vec<String>,
     on_redis_error: Option<String>,
@@ -191,6 +192,9 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// Password from `password_file`; overrides any password in the URLs.
     pub password: Option<String>,
+    /// PEM CA certificates trusted for `rediss://` (`redis_ca_file`); system roots when
+    /// `None`.
+    pub ca: Option<Vec<u8>>,
     /// The config key the URLs came from, for messages.
     pub key: &'static str,
 }
@@ -228,6 +232,7 @@ impl fmt::Debug for RedisSettings {
             .field("urls", &self.redacted())
             .field("cluster", &self.cluster)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca", &self.ca.is_some())
             .field("key", &self.key)
             .finish()
     }
@@ -279,6 +284,7 @@ pub fn validate_config(raw: RawRateLimit, problems: &mut Problems) -> Option<Rat
         raw.redis_url,
         raw.redis_cluster_nodes,
         raw.password_file.as_deref(),
+        raw.redis_ca_file.as_deref(),
         p,
     );
     let on_redis_error = match raw.on_redis_error.as_deref() {
@@ -518,8 +524,29 @@ fn validate_redis(
     url: Option<String>,
     cluster_nodes: Vec<String>,
     password_file: Option<&str>,
+    ca_file: Option<&str>,
     p: &mut Problems,
 ) -> Option<RedisSettings> {
+    let ca = ca_file.and_then(|file| {
+        let path = p.path(file);
+        match std::fs::read(&path) {
+            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => {
+                p.add(
+                    "rate_limit.redis_ca_file",
+                    format!("{} holds no PEM certificate; point it at the CA that signed the Redis server certificate", path.display()),
+                );
+                None
+            }
+            Err(err) => {
+                p.add(
+                    "rate_limit.redis_ca_file",
+                    format!("cannot read {}: {err}; point it at the CA (PEM) that signed the Redis server certificate", path.display()),
+                );
+                None
+            }
+        }
+    });
     let password = password_file.and_then(|file| {
         let path = p.path(file);
         match std::fs::read_to_string(&path) {
@@ -555,16 +582,23 @@ fn validate_redis(
         (Some(url), true) => (vec![url], false, "rate_limit.redis_url"),
         (None, false) => (cluster_nodes, true, "rate_limit.redis_cluster_nodes"),
         (None, true) => {
-            if password.is_some() {
+            if password.is_some() || ca.is_some() {
                 p.add(
-                    "rate_limit.password_file",
-                    "is set without redis_url or redis_cluster_nodes; add redis_url = \"redis://user@redis:6379\"",
+                    "rate_limit.redis_url",
+                    "password_file or redis_ca_file is set without redis_url or redis_cluster_nodes; add redis_url = \"redis://user@redis:6379\"",
                 );
             }
             return None;
         }
     };
     let mut ok = true;
+    if ca.is_some() && !urls.iter().all(|url| url.starts_with("rediss://")) {
+        p.add(
+            "rate_limit.redis_ca_file",
+            "is only used for TLS; write the URL with rediss:// (Redis with tls-port) or remove redis_ca_file",
+        );
+        ok = false;
+    }
     for url in &urls {
         let shown = redact_url(url);
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -580,6 +614,7 @@ fn validate_redis(
                 urls: vec![url.clone()],
                 cluster,
                 password: password.clone(),
+                ca: None,
                 key,
             };
             p.add(
@@ -593,6 +628,7 @@ fn validate_redis(
         urls,
         cluster,
         password,
+        ca,
         key,
     })
 }
@@ -1060,6 +1096,7 @@ mod tests {
             urls: vec!["redis://gh:s3cret@redis:6379".to_owned()],
             cluster: false,
             password: Some("filesecret".to_owned()),
+            ca: None,
             key: "rate_limit.redis_url",
         };
         let debug = format!("{settings:?}");

@@ -38,7 +38,9 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation};
+use redis::{
+    IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation, TlsCertificates,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -286,6 +288,9 @@ async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn>
         if let Some(password) = &settings.password {
             builder = builder.password(password);
         }
+        if let Some(ca) = &settings.ca {
+            builder = builder.certs(certificates(ca));
+        }
         let mut conn = builder.build()?.get_async_connection().await?;
         script.load_async(&mut conn).await?;
         Ok(Conn::Cluster(conn))
@@ -293,7 +298,10 @@ async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn>
         let info = nodes.pop().ok_or_else(|| {
             RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
         })?;
-        let client = redis::Client::open(info)?;
+        let client = match &settings.ca {
+            Some(ca) => redis::Client::build_with_tls(info, certificates(ca))?,
+            None => redis::Client::open(info)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(PROBE_TIMEOUT))
             .set_response_timeout(Some(PROBE_TIMEOUT))
@@ -302,6 +310,13 @@ async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn>
         let mut manager = ConnectionManager::new_with_config(client, config).await?;
         script.load_async(&mut manager).await?;
         Ok(Conn::Single(manager))
+    }
+}
+
+fn certificates(ca: &[u8]) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.to_vec()),
     }
 }
 
