@@ -1,12 +1,16 @@
-//! Admin listener: liveness (`/healthz`), readiness (`/readyz`) and, once metrics land,
-//! Prometheus metrics (`/metrics`). Plain HTTP/1.1: keep it on loopback or a private
-//! network.
+//! Admin listener: liveness (`/healthz`), readiness (`/readyz`) and Prometheus metrics
+//! (`/metrics`). Plain HTTP/1.1: keep it on loopback or a private network.
 //!
 //! Readiness lifecycle: every probe reads the listeners' state (serving until draining
-//! starts) and the certificates' expiry directly; the upstream check opens one TCP
-//! connection per upstream target with a short timeout, and its result is cached for
-//! [`UPSTREAM_CACHE`] so a tight probe loop never hammers the app. Concurrent probes
-//! share one check (they queue on the cache lock while it runs).
+//! starts), the certificates' expiry and the rate limiter's Redis state directly; the
+//! upstream check opens one TCP connection per upstream target with a short timeout, and
+//! its result is cached for [`UPSTREAM_CACHE`] so a tight probe loop never hammers the
+//! app. Concurrent probes share one check (they queue on the cache lock while it runs).
+//!
+//! Redis down is *degraded*, not unready, unless `on_redis_error = "deny"`: with the
+//! default fallback every request is still served (with per-instance limits), and taking
+//! every replica out of rotation because the shared limiter's store failed would turn a
+//! Redis outage into a site outage.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,9 +27,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::UpstreamTarget;
+use crate::config::{Config, UpstreamTarget};
 use crate::error::{full, plain_response, Body};
 use crate::listener::{accept, Context};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::ratelimit::OnRedisError;
 use crate::tls::CertStore;
 
 /// How long an upstream check result is reused.
@@ -50,25 +57,35 @@ pub(crate) struct AdminState {
     pub connect_timeout: Duration,
     /// Last upstream check: when it ran and its per-target results.
     pub upstream_cache: Mutex<Option<(Instant, Arc<UpstreamCheck>)>>,
+    /// The request path: its rate limiter (Redis state) and WebSocket tunnels.
+    pub proxy: Arc<Proxy>,
+    /// `rate_limit.on_redis_error`, when rate limiting is configured.
+    pub on_redis_error: Option<OnRedisError>,
+    /// Counters rendered by `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AdminState {
     /// State with an empty upstream cache.
     pub(crate) fn new(
-        https: SocketAddr,
-        http: Option<SocketAddr>,
+        config: &Config,
+        listeners: (SocketAddr, Option<SocketAddr>),
         draining: CancellationToken,
         certificates: Arc<CertStore>,
-        upstream: &crate::config::Upstream,
+        proxy: Arc<Proxy>,
+        metrics: Arc<Metrics>,
     ) -> AdminState {
         AdminState {
-            https,
-            http,
+            https: listeners.0,
+            http: listeners.1,
             draining,
             certificates,
-            upstreams: upstream.targets.clone(),
-            connect_timeout: upstream.connect_timeout.min(UPSTREAM_PROBE_TIMEOUT),
+            upstreams: config.upstream.targets.clone(),
+            connect_timeout: config.upstream.connect_timeout.min(UPSTREAM_PROBE_TIMEOUT),
             upstream_cache: Mutex::new(None),
+            proxy,
+            on_redis_error: config.rate_limit.as_ref().map(|r| r.on_redis_error),
+            metrics,
         }
     }
 }
@@ -122,6 +139,17 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
             };
             json_response(status, &body)
         }
+        "/metrics" => {
+            let text = state
+                .metrics
+                .render(&state.certificates, state.proxy.tunnels.open_count());
+            let mut response = Response::new(full(text));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         _ => plain_response(
             StatusCode::NOT_FOUND,
             "404 Not Found (admin endpoints: /healthz, /readyz, /metrics)\n",
@@ -145,11 +173,13 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
 }
 
 /// Runs every check; returns whether the gateway is ready and the JSON report:
-/// `{"ready":bool,"failing":[names],"checks":{"listeners":{..},"certificates":{..},
-/// "upstream":{..}}}`.
+/// `{"ready":bool,"failing":[names],"degraded":[names],"checks":{"listeners":{..},
+/// "certificates":{..},"upstream":{..},"redis":{..}}}` (`redis` only when the rate
+/// limiter uses Redis).
 async fn readiness(state: &AdminState) -> (bool, Value) {
     let mut checks = Map::new();
     let mut failing = Vec::new();
+    let mut degraded = Vec::new();
 
     let draining = state.draining.is_cancelled();
     checks.insert(
@@ -194,10 +224,34 @@ async fn readiness(state: &AdminState) -> (bool, Value) {
         failing.push("upstream");
     }
 
+    let redis_ready = state
+        .proxy
+        .limiter()
+        .and_then(crate::ratelimit::RateLimiter::redis_ready);
+    if let (Some(ok), Some(policy)) = (redis_ready, state.on_redis_error) {
+        let (policy, fails_readiness) = match policy {
+            OnRedisError::Local => ("local", false),
+            OnRedisError::Allow => ("allow", false),
+            OnRedisError::Deny => ("deny", true),
+        };
+        let mut check = json!({ "ok": ok, "on_redis_error": policy });
+        if !ok {
+            check["state"] = json!(format!(
+                "unreachable or failing: decisions use on_redis_error = \"{policy}\" until it answers again"
+            ));
+            if fails_readiness {
+                failing.push("redis");
+            } else {
+                degraded.push("redis");
+            }
+        }
+        checks.insert("redis".into(), check);
+    }
+
     let ready = failing.is_empty();
     (
         ready,
-        json!({ "ready": ready, "failing": failing, "checks": checks }),
+        json!({ "ready": ready, "failing": failing, "degraded": degraded, "checks": checks }),
     )
 }
 

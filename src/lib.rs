@@ -193,11 +193,12 @@ impl Gateway {
         }
         if let Some(admin) = self.admin {
             let state = Arc::new(admin::AdminState::new(
-                https_bound,
-                plain_bound,
+                &config,
+                (https_bound, plain_bound),
                 shutdown.clone(),
                 self.certificates.clone(),
-                &config.upstream,
+                proxy.clone(),
+                self.metrics.clone(),
             ));
             listeners.spawn(admin::serve(admin, ctx.clone(), state));
         }

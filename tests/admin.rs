@@ -1,6 +1,9 @@
-//! The admin listener: `/healthz`, `/readyz` flipping when the upstream goes away and comes
-//! back, and `gatehouse health` through the real binary (exit codes and its one-line
-//! reason).
+//! The admin listener: `/healthz`; `/readyz` flipping when the upstream goes away and
+//! comes back, and when Redis (a real redis-server) dies and returns; `/metrics` after
+//! real traffic; and `gatehouse health` through the real binary (exit codes and its
+//! one-line reason).
+// Counter samples are integers parsed from text: exact comparison is what is meant.
+#![allow(clippy::float_cmp)]
 
 mod common;
 
@@ -8,7 +11,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{base_config, plain_client, run_binary, spawn_binary, start_gateway, Pki, Upstream};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+
+use common::{
+    base_config, https_client, plain_client, run_binary, spawn_binary, start_gateway, Http, Pki,
+    Upstream,
+};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -267,4 +276,354 @@ async fn gatehouse_health_exits_0_when_ready_and_1_when_the_upstream_is_down() {
     assert!(stderr.contains("refused"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     drop(process);
+}
+
+// ---------------------------------------------------------------------------------------
+// /metrics after real traffic
+// ---------------------------------------------------------------------------------------
+
+/// `/metrics` as `series -> value` (`name{labels}` exactly as exposed), checking the text
+/// format on the way: every sample's metric has `# HELP` and `# TYPE` lines before it.
+async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
+    let response = plain_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap().to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "no # TYPE before {line}");
+        samples.insert(series.to_owned(), value.parse::<f64>().unwrap());
+    }
+    samples
+}
+
+fn sample(samples: &HashMap<String, f64>, series: &str) -> f64 {
+    *samples
+        .get(series)
+        .unwrap_or_else(|| panic!("no series {series} in /metrics"))
+}
+
+#[tokio::test]
+async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_connections() {
+    let pki = Pki::new("admin-metrics");
+    let (leaf, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(&base_config(&files, upstream.addr), &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+
+    let h1 = https_client(&pki.root_pem(), Http::One, gateway.https);
+    let h2 = https_client(&pki.root_pem(), Http::Two, gateway.https);
+    for path in ["/a", "/b", "/sleep/30", "/status/404"] {
+        let response = h1.get(gateway.url(path)).send().await.unwrap();
+        response.bytes().await.unwrap();
+    }
+    for path in ["/c", "/bytes/100000", "/status/503"] {
+        let response = h2.get(gateway.url(path)).send().await.unwrap();
+        response.bytes().await.unwrap();
+    }
+    // A client that does not trust the chain aborts the handshake with an alert.
+    let stranger = Pki::new("admin-metrics-stranger");
+    let untrusting = https_client(&stranger.root_pem(), Http::One, gateway.https);
+    assert!(untrusting.get(gateway.url("/")).send().await.is_err());
+
+    // The access record (and its counters) is written when the body ends, just after the
+    // client has read it: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = scrape(admin).await;
+        if sample(&metrics, "gatehouse_request_duration_seconds_count") >= 7.0
+            || Instant::now() > deadline
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let requests = |version: &str, class: &str| {
+        sample(
+            &metrics,
+            &format!("gatehouse_requests_total{{version=\"{version}\",status=\"{class}\"}}"),
+        )
+    };
+    assert_eq!(requests("HTTP/1.1", "2xx"), 3.0);
+    assert_eq!(requests("HTTP/1.1", "4xx"), 1.0);
+    assert_eq!(requests("HTTP/2", "2xx"), 2.0);
+    assert_eq!(requests("HTTP/2", "5xx"), 1.0);
+    assert_eq!(requests("HTTP/1.1", "5xx"), 0.0);
+
+    // Latency histogram: cumulative buckets, +Inf = count = requests, the 30 ms request
+    // above the 25 ms bucket.
+    let histogram = "gatehouse_request_duration_seconds";
+    assert_eq!(sample(&metrics, &format!("{histogram}_count")), 7.0);
+    assert_eq!(
+        sample(&metrics, &format!("{histogram}_bucket{{le=\"+Inf\"}}")),
+        7.0
+    );
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter_map(|(series, value)| {
+            let le = series
+                .strip_prefix(&format!("{histogram}_bucket{{le=\""))?
+                .strip_suffix("\"}")?;
+            Some((le.parse().ok()?, *value))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(buckets.len() >= 10, "{buckets:?}");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "buckets must be cumulative: {buckets:?}"
+    );
+    let below = |bound: f64| buckets.iter().find(|(le, _)| *le >= bound).unwrap().1;
+    assert!(
+        below(0.025) <= 6.0,
+        "the /sleep/30 request is slower than 25 ms: {buckets:?}"
+    );
+    assert!(sample(&metrics, &format!("{histogram}_sum")) >= 0.030);
+    assert_eq!(
+        sample(&metrics, "gatehouse_upstream_duration_seconds_count"),
+        7.0
+    );
+    assert!(sample(&metrics, "gatehouse_response_body_bytes_total") >= 100_000.0);
+
+    // Connections: the two pooled clients hold one connection each.
+    assert_eq!(sample(&metrics, "gatehouse_connections_open"), 2.0);
+    assert!(sample(&metrics, "gatehouse_connections_total") >= 3.0);
+    assert!(sample(&metrics, "gatehouse_tls_handshakes_total") >= 2.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            "gatehouse_tls_handshake_failures_total{reason=\"client_alert\"}"
+        ),
+        1.0
+    );
+    assert_eq!(sample(&metrics, "gatehouse_websockets_open"), 0.0);
+
+    // The served certificate's expiry, labelled by name and serial.
+    let serial_label = metrics
+        .keys()
+        .find(|k| k.starts_with("gatehouse_certificate_not_after_timestamp_seconds{"))
+        .unwrap()
+        .clone();
+    assert!(
+        serial_label.contains("name=\"localhost\""),
+        "{serial_label}"
+    );
+    let days_left = sample(
+        &metrics,
+        &serial_label.replace("not_after_timestamp_seconds", "expiry_seconds"),
+    ) / 86_400.0;
+    assert!((88.0..=90.0).contains(&days_left), "{days_left}");
+    let serial = serial_label.split("serial=\"").nth(1).unwrap();
+    assert!(
+        serial
+            .to_lowercase()
+            .replace(':', "")
+            .starts_with(&leaf.serial_hex),
+        "{serial_label} vs {}",
+        leaf.serial_hex
+    );
+
+    // Closing the clients closes their connections: the gauge goes back to 0.
+    drop((h1, h2, untrusting));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = sample(&scrape(admin).await, "gatehouse_connections_open");
+        if open == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} connections still open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    gateway.stop().await;
+    upstream.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis state in /readyz (real redis-server)
+// ---------------------------------------------------------------------------------------
+
+/// A redis-server on a free port; killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    fn start(name: &str) -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+            dir: common::scratch_dir(name),
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends requests until `/readyz`'s redis check says `ok` (Redis is noticed down by the
+/// limiter's breaker, which trips on failed decisions: requests must flow).
+async fn wait_redis_check(
+    admin: SocketAddr,
+    client: &reqwest::Client,
+    url: &str,
+    ok: bool,
+) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let response = client.get(url).send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "requests are served while Redis is away"
+        );
+        let (status, json) = readyz(admin).await;
+        if json["checks"]["redis"]["ok"] == ok {
+            return (status, json);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis check stayed {}: {json}",
+            !ok
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_redis_down_as_degraded_and_recovers() {
+    let pki = Pki::new("admin-redis");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let mut redis = Redis::start("admin-redis-server");
+    let config = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\n",
+        base_config(&files, upstream.addr),
+        redis.port
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    let url = gateway.url("/");
+
+    let (status, json) = wait_redis_check(admin, &client, &url, true).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["checks"]["redis"]["on_redis_error"], "local");
+    assert_eq!(json["degraded"], serde_json::json!([]));
+
+    // Redis dies: requests keep flowing (local fallback), the check flips, and readiness
+    // stays 200 with redis listed as degraded.
+    redis.kill();
+    let (status, json) = wait_redis_check(admin, &client, &url, false).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["ready"], true);
+    assert_eq!(json["degraded"], serde_json::json!(["redis"]));
+    assert!(
+        json["checks"]["redis"]["state"]
+            .as_str()
+            .unwrap()
+            .contains("on_redis_error = \"local\""),
+        "{json}"
+    );
+    let metrics = scrape(admin).await;
+    assert_eq!(sample(&metrics, "gatehouse_redis_breaker_open"), 1.0);
+
+    // Redis returns on the same port: the limiter's probe reconnects, the check recovers.
+    redis.spawn();
+    let (status, json) = wait_redis_check(admin, &client, &url, true).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["degraded"], serde_json::json!([]));
+
+    gateway.stop().await;
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_on_redis_down_when_on_redis_error_is_deny() {
+    let pki = Pki::new("admin-redis-deny");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let mut redis = Redis::start("admin-redis-deny-server");
+    let config = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\non_redis_error = \"deny\"\n",
+        base_config(&files, upstream.addr),
+        redis.port
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    assert_eq!(readyz(admin).await.0, 200);
+
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let json = loop {
+        // With "deny" the limiter refuses requests while Redis is away; they still trip
+        // the breaker.
+        let _ = client.get(gateway.url("/")).send().await.unwrap();
+        let (status, json) = readyz(admin).await;
+        if status == 503 {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "still ready: {json}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(json["failing"], serde_json::json!(["redis"]));
+    assert_eq!(json["checks"]["redis"]["ok"], false);
+    assert_eq!(json["checks"]["redis"]["on_redis_error"], "deny");
+
+    gateway.stop().await;
+    upstream.stop().await;
 }
