@@ -772,3 +772,27 @@ fn reload_settings_are_validated() {
     let err = parse("reload_watch = \"no\"").unwrap_err().to_string();
     assert!(err.contains("reload_watch"), "{err}");
 }
+
+#[tokio::test]
+async fn certificates_near_expiry_are_warned_about_at_startup_and_on_reload() {
+    let pki = Pki::new("reload-expiring");
+    let now = time::OffsetDateTime::now_utc();
+    let soon = |days| pki.leaf_valid(NAMES, now - time::Duration::days(1), now + days);
+    let first = soon(time::Duration::days(5) + time::Duration::hours(1));
+    let files = pki.write("site", &first);
+    let upstream = Upstream::start().await;
+    let process = start(&pki, &base_config(&files, upstream.addr));
+    wait_lines(&process, "expires in 5 days", 1).await;
+
+    let next = soon(time::Duration::days(3) + time::Duration::hours(1));
+    write_renamed(&pki, &files, &next);
+    wait_serial(
+        process.https,
+        &pki.root_pem(),
+        &next.serial_hex,
+        Instant::now(),
+    )
+    .await;
+    // Still served (renewing late beats not renewing), with a warning.
+    wait_lines(&process, "expires in 3 days", 1).await;
+}
