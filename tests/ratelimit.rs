@@ -600,10 +600,37 @@ async fn redis_cluster_of_three_masters_enforces_the_limit() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // The documented ACL user, plus slot discovery.
+    for node in &nodes {
+        let reply = node.cli(&[
+            "ACL",
+            "SETUSER",
+            "gatehouse",
+            "on",
+            ">cluster-Secret-7",
+            "resetkeys",
+            "~cl:*",
+            "resetchannels",
+            "-@all",
+            "+evalsha",
+            "+script|load",
+            "+time",
+            "+get",
+            "+set",
+            "+cluster|slots",
+            "+ping",
+        ]);
+        assert_eq!(reply, "OK");
+    }
     let setup = setup("rl-cluster").await;
     let list = nodes
         .iter()
-        .map(|n| format!("\"{}\"", n.url()))
+        .map(|n| {
+            format!(
+                "\"redis://gatehouse:cluster-Secret-7@127.0.0.1:{}\"",
+                n.port
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let section = format!(
@@ -637,6 +664,9 @@ async fn redis_cluster_of_three_masters_enforces_the_limit() {
         a.decisions("fallback", "allowed") + a.decisions("fallback", "rejected"),
         0
     );
+    for node in &nodes {
+        assert_eq!(node.cli(&["ACL", "LOG"]), "", "no ACL denial expected");
+    }
     a.gateway.stop().await;
     b.gateway.stop().await;
 }
