@@ -165,8 +165,8 @@ EOF
 }
 gh_config $P_GH "$WORK/gh.toml"
 gh_config $P_GH_FRESH "$WORK/gh-fresh.toml"
-gh_config $P_GH_LOCAL "$WORK/gh-local.toml" $'\n[rate_limit]\nrequests_per_second = 1000000000\nburst = 1000000'
-gh_config $P_GH_REDIS "$WORK/gh-redis.toml" $'\n[rate_limit]\nrequests_per_second = 1000000000\nburst = 1000000\nredis_url = "redis://127.0.0.1:6379"'
+gh_config $P_GH_LOCAL "$WORK/gh-local.toml" $'\n[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000'
+gh_config $P_GH_REDIS "$WORK/gh-redis.toml" $'\n[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000\nredis_url = "redis://127.0.0.1:6379"'
 
 nginx_config() { # PORT DIR
   mkdir -p "$2"
