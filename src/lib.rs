@@ -52,8 +52,8 @@ pub enum StartError {
     /// rustls refused the TLS settings.
     #[error("TLS settings: {0}")]
     Tls(#[from] rustls::Error),
-    /// The rate limiter could not start.
-    #[error("rate_limit: {0}")]
+    /// The rate limiter could not start (the message names the `rate_limit.*` key).
+    #[error("{0}")]
     RateLimit(String),
 }
 
