@@ -9,11 +9,12 @@
 //!   bundle) as they were when it last looked.
 //! - **Candidate seen.** Something suggests the files changed: a file-system event in a
 //!   directory holding one of them (directories are watched, not files, so atomic
-//!   renames and Kubernetes `..data` symlink swaps are seen), debounced until the
-//!   directory has been quiet for [`DEBOUNCE`]; the poll (every
-//!   `tls.reload_poll_interval`, for file systems without inotify); or a reload request
-//!   (SIGHUP). Event and poll candidates whose files hash the same as last time are
-//!   dropped silently (a `touch`, our own reads, unrelated files in the directory).
+//!   renames and Kubernetes `..data` symlink swaps are seen); the poll (every
+//!   `tls.reload_poll_interval`, for file systems without inotify) finding contents that
+//!   hash differently; or a reload request (SIGHUP, immediate). Event and poll
+//!   candidates wait until nothing changed for [`DEBOUNCE`] (at most [`MAX_DEFER`]);
+//!   those whose files then hash as last time are dropped silently (a `touch`, our own
+//!   reads, unrelated files in the directory).
 //! - **Validated → swapped.** [`certs::load`] accepts the set: the slot serves it to new
 //!   handshakes (established connections keep theirs); logged with subject, serial,
 //!   not-after and names, counted as a successful reload. Back to *serving last good*.
@@ -49,7 +50,7 @@ use crate::metrics::Metrics;
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Longest a continuous stream of events can postpone a reload.
-const MAX_DEFER: Duration = Duration::from_secs(2);
+pub const MAX_DEFER: Duration = Duration::from_secs(2);
 
 /// Interval of the expiry check.
 const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
@@ -262,8 +263,10 @@ impl Task {
         let mut expiry = tokio::time::interval_at(Instant::now() + EXPIRY_CHECK, EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let requested = handle.requested.clone();
-        // Slots with pending events, the end of the quiet period, the start of the burst.
+        // The pending candidate: its slots, what found it, the end of its quiet period and
+        // the start of its burst.
         let mut dirty = BTreeSet::new();
+        let mut dirty_cause = Cause::Event;
         let mut quiet_until = Instant::now();
         let mut first_event = Instant::now();
         let mut events_open = watching;
@@ -280,6 +283,7 @@ impl Task {
                                 first_event = Instant::now();
                             }
                             dirty.extend(slots);
+                            dirty_cause = Cause::Event;
                             quiet_until = Instant::now() + DEBOUNCE;
                         }
                     }
@@ -287,15 +291,24 @@ impl Task {
                 },
                 () = tokio::time::sleep_until(deadline), if !dirty.is_empty() => {
                     let slots: Vec<usize> = std::mem::take(&mut dirty).into_iter().collect();
-                    self.reload(slots, Cause::Event).await;
+                    self.reload(slots, dirty_cause).await;
                 }
                 () = requested.notified() => {
                     let all = (0..self.shared.store.slots().len()).collect();
                     self.reload(all, Cause::Request).await;
                 }
                 () = tick(poll.as_mut()) => {
-                    let all = (0..self.shared.store.slots().len()).collect();
-                    self.reload(all, Cause::Poll).await;
+                    // Changed files wait out the quiet period too, so a file the poll
+                    // catches mid-write is read once it is complete.
+                    let changed = self.changed().await;
+                    if !changed.is_empty() {
+                        if dirty.is_empty() {
+                            first_event = Instant::now();
+                            dirty_cause = Cause::Poll;
+                        }
+                        dirty.extend(changed);
+                        quiet_until = Instant::now() + DEBOUNCE;
+                    }
                 }
                 _ = expiry.tick() => self.shared.warn_expiring(SystemTime::now()),
             }
@@ -330,6 +343,15 @@ impl Task {
         slots
     }
 
+    /// The slots whose files differ from when they were last read (off the async
+    /// threads).
+    async fn changed(&self) -> Vec<usize> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.changed())
+            .await
+            .unwrap_or_default()
+    }
+
     /// Runs the reload of `slots` off the async threads (file reads and signature checks)
     /// and logs the summary of a requested reload.
     async fn reload(&self, slots: Vec<usize>, cause: Cause) {
@@ -361,6 +383,19 @@ impl Task {
 }
 
 impl Shared {
+    /// The slots whose files hash differently from when they were last read.
+    fn changed(&self) -> Vec<usize> {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        self.store
+            .slots()
+            .iter()
+            .zip(states.iter())
+            .enumerate()
+            .filter(|(_, (slot, state))| fingerprint(&slot.source) != state.fingerprint)
+            .map(|(index, _)| index)
+            .collect()
+    }
+
     /// Re-reads and validates `slots`; returns one outcome per slot.
     fn reload(&self, slots: &[usize], cause: Cause, now: SystemTime) -> Vec<Outcome> {
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
