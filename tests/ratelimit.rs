@@ -488,6 +488,12 @@ async fn acl_user_limited_to_the_script_commands_and_prefix_works() {
     assert_eq!(statuses, [200, 200, 429]);
     assert_eq!(a.decisions("redis", "rejected"), 1);
     assert_eq!(redis.cli(&["EXISTS", "acl:default:127.0.0.1"]), "1");
+    // The key lives until the bucket is full again: at most burst × interval (4 s).
+    let ttl: i64 = redis
+        .cli(&["PTTL", "acl:default:127.0.0.1"])
+        .parse()
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 4001, "PTTL {ttl}");
     assert_eq!(redis.cli(&["ACL", "LOG"]), "", "no ACL denial expected");
     a.gateway.stop().await;
 }

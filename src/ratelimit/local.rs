@@ -77,10 +77,7 @@ impl LocalLimiter {
                     _ = tick.tick() => {}
                 }
                 let Some(entries) = weak.upgrade() else { break };
-                for entry in entries.iter() {
-                    entry.limiter.retain_recent();
-                    entry.limiter.shrink_to_fit();
-                }
+                retain_recent(&entries);
             }
         });
         LocalLimiter {
@@ -123,6 +120,11 @@ impl LocalLimiter {
         }
     }
 
+    /// Forgets every key whose bucket is full again (what the background task does).
+    pub fn retain_recent(&self) {
+        retain_recent(&self.entries);
+    }
+
     /// Keys held now across policies (for tests and diagnostics).
     pub fn len(&self) -> usize {
         self.entries.iter().map(|entry| entry.limiter.len()).sum()
@@ -131,6 +133,13 @@ impl LocalLimiter {
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn retain_recent(entries: &[Entry]) {
+    for entry in entries {
+        entry.limiter.retain_recent();
+        entry.limiter.shrink_to_fit();
     }
 }
 
@@ -159,6 +168,10 @@ mod tests {
         assert!(local.decide(0, key).allowed);
         assert!(!local.decide(0, key).allowed);
         assert_eq!(local.len(), 1);
+        // Memory is bounded: once the bucket is full again the key is forgotten.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        local.retain_recent();
+        assert!(local.is_empty());
         stop.cancel();
     }
 }
