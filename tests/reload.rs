@@ -419,6 +419,40 @@ async fn broken_files_keep_the_last_good_chain_until_fixed() {
         count_lines(&process, "certificate reload refused"),
         cases.len()
     );
+
+    // Counted on the admin listener, which shows the chain served now.
+    let admin = process.admin.expect("admin listener");
+    let metrics = common::plain_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        format!(
+            "gatehouse_certificate_reloads_total{{outcome=\"failure\"}} {}\n",
+            cases.len()
+        ),
+        format!(
+            "gatehouse_certificate_reloads_total{{outcome=\"success\"}} {}\n",
+            cases.len()
+        ),
+    ] {
+        assert!(metrics.contains(&expected), "{expected} in:\n{metrics}");
+    }
+    let expiry = metrics
+        .lines()
+        .find(|line| line.starts_with("gatehouse_certificate_expiry_seconds{"))
+        .unwrap_or_default();
+    let served: String = serving
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| std::str::from_utf8(pair).unwrap())
+        .collect::<Vec<_>>()
+        .join(":");
+    assert!(expiry.contains(&served), "{served} in {expiry}");
 }
 
 /// Accepts any server certificate: for reading what is served to names it does not cover.
