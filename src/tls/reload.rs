@@ -128,32 +128,47 @@ struct SlotState {
 
 /// The part of the reloader the blocking reload work needs.
 struct Shared {
+    /// The slots handshakes read from.
     store: Arc<CertStore>,
+    /// Verifies signatures and loads keys, as at startup.
     provider: Arc<CryptoProvider>,
+    /// `tls.expiry_warning_days`.
     expiry_warning_days: u32,
+    /// Counts reloads and refusals.
     metrics: Arc<Metrics>,
+    /// One per slot, same order; locked by one reload at a time.
     states: Mutex<Vec<SlotState>>,
 }
 
 /// A directory being watched and the slots with a file in it.
 #[derive(Debug)]
 struct WatchedDir {
+    /// Absolute, as notify reports event paths.
     dir: PathBuf,
+    /// Indexes into the store's slots.
     slots: Vec<usize>,
 }
 
 /// The reload task of one gateway, set up by [`crate::Gateway::bind`] (so no rotation
 /// between startup and serving is missed) and run by [`crate::Gateway::run`].
 pub struct Reloader {
+    /// The slots handshakes read from.
     store: Arc<CertStore>,
+    /// Verifies signatures and loads keys, as at startup.
     provider: Arc<CryptoProvider>,
+    /// `tls.expiry_warning_days`.
     expiry_warning_days: u32,
+    /// Fingerprints taken right after the startup load.
     states: Vec<SlotState>,
+    /// Wakes the task for SIGHUP.
     handle: ReloadHandle,
+    /// `tls.reload_poll_interval`; zero: no poll.
     poll_interval: Duration,
     /// Kept alive while the task runs; `None` when watching is off or failed.
     watcher: Option<RecommendedWatcher>,
+    /// Events from the watcher's thread, buffered until the task runs.
     events: mpsc::UnboundedReceiver<notify::Result<Event>>,
+    /// What is watched, and for which slots.
     dirs: Vec<WatchedDir>,
 }
 
@@ -235,7 +250,9 @@ impl Reloader {
 
 /// The running reloader.
 struct Task {
+    /// What the blocking reload work needs.
     shared: Arc<Shared>,
+    /// What is watched, and for which slots.
     dirs: Vec<WatchedDir>,
 }
 
