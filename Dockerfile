@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+#
+# Gatehouse image: build with cargo in the Rust image, run from distroless as non-root.
+#
+#   docker build -t gatehouse .
+#   docker run --rm -p 80:8080 -p 443:8443 \
+#     -v "$PWD/gateway.toml:/etc/gatehouse/gateway.toml:ro" \
+#     -v /etc/gatehouse/certs:/etc/gatehouse/certs:ro gatehouse
+#
+# The process listens on 8080 (HTTP -> HTTPS redirect, ACME challenges) and 8443 (HTTPS):
+# a non-root user cannot bind ports below 1024, so the host maps 80:8080 and 443:8443
+# (set `listen.public_https_port = 443` so redirects omit the port).
+# The config and the certificates are mounted read-only under /etc/gatehouse; the
+# certificates as a directory, so a renewal written on the host is picked up without a
+# restart. See docs/operations.md.
+
+# ---- build ------------------------------------------------------------------------------
+FROM rust:1-bookworm AS build
+WORKDIR /src
+# The whole workspace (the loadtest member must be present for cargo to read the
+# workspace); .dockerignore keeps target/, .git/ and the dev keys out of the context.
+COPY . .
+# Cache mounts keep the registry and compiled dependencies between builds (BuildKit).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin gatehouse \
+    && install -m 0755 target/release/gatehouse /usr/local/bin/gatehouse
+
+# ---- runtime ----------------------------------------------------------------------------
+# glibc + libgcc, CA roots, no shell, no package manager; `nonroot` is uid/gid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+COPY --from=build /usr/local/bin/gatehouse /usr/local/bin/gatehouse
+USER nonroot:nonroot
+ENV GATEHOUSE_CONFIG=/etc/gatehouse/gateway.toml
+EXPOSE 8080 8443
+# `gatehouse health` asks the admin listener's /readyz (plain TCP from the binary
+# itself: this image has no curl). The config must enable `[admin] listen`.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/gatehouse", "health", "--config", "/etc/gatehouse/gateway.toml"]
+# SIGTERM starts a graceful drain of `server.shutdown_grace` (default 8 s), which ends
+# before Docker's 10 s stop timeout sends SIGKILL.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/gatehouse"]
+CMD ["run", "--config", "/etc/gatehouse/gateway.toml"]
