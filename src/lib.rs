@@ -71,6 +71,8 @@ pub struct Gateway {
 
 impl Gateway {
     /// Validates certificates and binds every listener; nothing is served yet.
+    // Async so callers need not change when startup gains awaited steps.
+    #[allow(clippy::unused_async)]
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let provider = tls::provider();
         let certificates = Arc::new(CertStore::load(&config.tls, &provider, SystemTime::now())?);
@@ -84,17 +86,17 @@ impl Gateway {
             tls::reload::Reloader::new(certificates.clone(), provider.clone(), &config.tls);
         let server_config = tls::server_config(&config.tls, certificates.clone(), provider)?;
         let mut config = config;
-        let https = bind("listen.https", config.listen.https).await?;
+        let https = bind("listen.https", config.listen.https)?;
         if config.listen.public_https_port == 0 {
             // Port 0 (tests): redirects point at the port actually bound.
             config.listen.public_https_port = local_addr(&https).port();
         }
         let http = match config.listen.http {
-            Some(addr) => Some(bind("listen.http", addr).await?),
+            Some(addr) => Some(bind("listen.http", addr)?),
             None => None,
         };
         let admin = match &config.admin {
-            Some(admin) => Some(bind("admin.listen", admin.listen).await?),
+            Some(admin) => Some(bind("admin.listen", admin.listen)?),
             None => None,
         };
         Ok(Gateway {
@@ -235,10 +237,23 @@ impl Gateway {
     }
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+/// Connections the kernel queues while the accept loop is busy (capped by
+/// `net.core.somaxconn`). tokio's default of 128 drops SYNs when hundreds of clients
+/// connect at once, which load generators and page loads after a deploy both do.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { key, addr, source })
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {
