@@ -7,9 +7,9 @@
 //!
 //! ```text
 //!   start ──connect + SCRIPT LOAD ok──▶ CLOSED ◀──────────── probe ok ───────┐
-//!     │                                   │                                  │
-//!     │ fails, on_redis_error = deny      │ FAILURE_THRESHOLD consecutive     │
-//!     ▼                                   │ errors/timeouts                  │
+//!     │                                   │ FAILURE_THRESHOLD consecutive     │
+//!     │ fails, on_redis_error = deny      │ errors, or consecutive timeouts   │
+//!     ▼                                   │ and no answer for dead_after      │
 //!   startup error                         ▼                                  │
 //!     │ fails, local/allow ─────────────▶ OPEN ── wait backoff, probe ───────┤
 //!                                         ▲        (new connection +          │
@@ -19,7 +19,13 @@
 //!
 //! - CLOSED: every decision runs the script, bounded by `decision_timeout`; past it, or
 //!   on an error, the caller decides by `on_redis_error` (a fallback) and the failure is
-//!   counted. A success resets the count.
+//!   counted. A success resets the count. Errors (refused, reset, NOAUTH…) open the
+//!   breaker after [`FAILURE_THRESHOLD`] in a row. Timeouts alone open it only when no
+//!   decision at all has succeeded for `dead_after` (10 × `decision_timeout`, at least
+//!   [`DEAD_AFTER_MIN`]): a gateway whose own CPU is saturated sees some answers arrive
+//!   late while Redis is fine, and must not give up the shared limit for that; a frozen
+//!   Redis (`DEBUG SLEEP`, a blackholed host) answers nothing and is skipped after
+//!   `dead_after`, each request meanwhile waiting at most `decision_timeout`.
 //! - OPEN: decisions skip Redis at once (fallback, no waiting). A background task probes
 //!   with a fresh connection after a backoff (from [`BACKOFF_MIN`], doubling to
 //!   [`BACKOFF_MAX`]); requests never wait for a probe. A probe that connects,
@@ -30,7 +36,7 @@
 //! Credentials: URLs are printed redacted and error texts are scrubbed of the password
 //! before logging; see [`super::RedisSettings`].
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +79,8 @@ return {1, math.floor((now + tolerance - new_tat) / interval) + 1, 0, new_tat - 
 
 /// Consecutive failures that open the breaker.
 pub const FAILURE_THRESHOLD: u32 = 3;
+/// Shortest time without any successful decision before timeouts open the breaker.
+pub const DEAD_AFTER_MIN: Duration = Duration::from_millis(250);
 /// First wait before probing an open breaker.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest wait between probes.
@@ -109,6 +117,12 @@ struct Shared {
     decision_timeout: Duration,
     /// Consecutive failed decisions.
     failures: AtomicU32,
+    /// When the last decision succeeded, in ms since `epoch`.
+    last_success_ms: AtomicU64,
+    /// Time base of `last_success_ms`.
+    epoch: Instant,
+    /// Timeouts open the breaker only after this long without a success.
+    dead_after_ms: u64,
     /// Breaker open: skip Redis.
     open: AtomicBool,
     /// Wakes the probe task when the breaker opens.
@@ -161,6 +175,10 @@ impl RedisLimiter {
             conn: ArcSwapOption::new(conn),
             decision_timeout,
             failures: AtomicU32::new(0),
+            last_success_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            dead_after_ms: u64::try_from((decision_timeout * 10).max(DEAD_AFTER_MIN).as_millis())
+                .unwrap_or(u64::MAX),
             open: AtomicBool::new(open),
             wake: Notify::new(),
             metrics,
@@ -195,17 +213,15 @@ impl RedisLimiter {
         invocation.arg(interval_us).arg(policy.burst);
         match tokio::time::timeout(shared.decision_timeout, conn.invoke(&invocation)).await {
             Ok(Ok(reply)) => {
-                if shared.failures.load(Ordering::Relaxed) != 0 {
-                    shared.failures.store(0, Ordering::Relaxed);
-                }
+                shared.succeeded();
                 Some(decision(reply))
             }
             Ok(Err(err)) => {
-                shared.failed(&describe(&shared.settings, &err));
+                shared.failed(&describe(&shared.settings, &err), false);
                 None
             }
             Err(_) => {
-                shared.failed("no answer within rate_limit.decision_timeout");
+                shared.failed("no answer within rate_limit.decision_timeout", true);
                 None
             }
         }
@@ -213,10 +229,30 @@ impl RedisLimiter {
 }
 
 impl Shared {
-    fn failed(&self, reason: &str) {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        let now = self.now_ms();
+        // Read first: the shared cache line is written at most once per millisecond.
+        if self.last_success_ms.load(Ordering::Relaxed) != now {
+            self.last_success_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn failed(&self, reason: &str, timeout: bool) {
         self.metrics.redis_error();
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= FAILURE_THRESHOLD && !self.open.swap(true, Ordering::AcqRel) {
+        let dead = !timeout
+            || self
+                .now_ms()
+                .saturating_sub(self.last_success_ms.load(Ordering::Relaxed))
+                >= self.dead_after_ms;
+        if failures >= FAILURE_THRESHOLD && dead && !self.open.swap(true, Ordering::AcqRel) {
             self.metrics.set_redis_breaker_open(true);
             tracing::warn!(
                 redis = %self.settings.redacted(),
@@ -344,6 +380,9 @@ async fn probe_task(shared: Arc<Shared>, stop: CancellationToken) {
                 Ok(Ok(conn)) => {
                     shared.conn.store(Some(Arc::new(conn)));
                     shared.failures.store(0, Ordering::Relaxed);
+                    shared
+                        .last_success_ms
+                        .store(shared.now_ms(), Ordering::Relaxed);
                     shared.open.store(false, Ordering::Release);
                     shared.metrics.set_redis_breaker_open(false);
                     tracing::info!(
