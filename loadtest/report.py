@@ -136,6 +136,8 @@ def load(raw):
             is_origin = row["target"] == "origin"
             r["cpu_us"] = proxy_s * 1e6 / ops if ops else None
             r["origin_cpu_us"] = origin_s * 1e6 / ops if ops else None
+            extra_s = int(row.get("extra_ticks") or 0) / tck
+            r["extra_cpu_us"] = extra_s * 1e6 / ops if ops and extra_s else None
             own = proxy_s if is_origin else proxy_s + origin_s
             r["foreign_pct"] = max(0.0, (int(row["cpu_busy_ticks"]) / tck - own) / wall * 100) if wall else None
             r["server_util_pct"] = proxy_s / wall * 100 if wall else None
@@ -156,7 +158,7 @@ def summarize(runs):
     summary = {}
     for key, rs in groups.items():
         s = {"n": len(rs), "cmd": rs[0]["cmd"]}
-        for field in ("rate", "p50", "p99", "cpu_us", "origin_cpu_us", "foreign_pct", "server_util_pct", "idle_kb", "per_conn", "opened"):
+        for field in ("rate", "p50", "p99", "cpu_us", "origin_cpu_us", "foreign_pct", "server_util_pct", "idle_kb", "per_conn", "opened", "extra_cpu_us"):
             s[field] = median([r.get(field) for r in rs])
         rates = [r["rate"] for r in rs if r.get("rate") is not None]
         s["rate_min"] = min(rates) if rates else None
@@ -261,6 +263,11 @@ def write_report(raw, out_dir):
         rl_rows.append(
             f"| 6. rate limiting {label} vs off: req/s (50 conns) | {value_text(r['rate'], 'rate')} | off: {value_text(off.get('rate'), 'rate')} | {fmt(ratio, 2, '×') if ratio else '–'} | {tgt} | {ver} | |"
         )
+        cpu_ratio = off["cpu_us"] / r["cpu_us"] if r.get("cpu_us") and off.get("cpu_us") else None
+        redis_cpu = f"; Redis itself {r['extra_cpu_us']:.1f} µs" if r.get("extra_cpu_us") else ""
+        rl_rows.append(
+            f"| 6. rate limiting {label}: Gatehouse CPU per request{redis_cpu} | {value_text(r.get('cpu_us'), 'us')} | off: {value_text(off.get('cpu_us'), 'us')} | {fmt(cpu_ratio, 2, '×') if cpu_ratio else '–'} (off/on: share of throughput per core kept) | {tgt} | {verdict(cpu_ratio, 0.9, True) if t.endswith('redis') else ''} | |"
+        )
         if ratio is not None:
             chart.append((f"6. rate limiting {label} / off: req/s", ratio, 0.9 if t.endswith("redis") else None, True))
 
@@ -303,6 +310,7 @@ def write_report(raw, out_dir):
         f"- load average before: {meta['LOAD_BEFORE']}; after: {meta['LOAD_AFTER']}; CPU used on the server core by other processes during the measurements (median): {fmt(foreign, 0, '%')}"
         + (" — **noisy: the machine was shared, rerun when idle**" if noisy else ""),
         f"- Gatehouse {meta['REV']}; nginx {meta['NGINX_VERSION']} ({meta['OPENSSL_VERSION']}); {meta['RUSTC']}; wrk {meta['WRK']}; h2load {meta['H2LOAD']}",
+        f"- rate limiting: Redis {meta.get('REDIS_VERSION', '?')} on 127.0.0.1:{meta.get('REDIS_PORT', '?')}, started by the script and pinned to the load-generator core (in production Redis is on another host)",
         f"- open-file limit {meta['NOFILE']}: idle scenario holds {meta['IDLE_TLS']} TLS connections and {meta['IDLE_WS']} WebSockets (a proxy needs two descriptors per WebSocket)",
         "",
         "## Targets (issue 8): Gatehouse / nginx",
