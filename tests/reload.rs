@@ -830,3 +830,77 @@ async fn certificates_near_expiry_are_warned_about_at_startup_and_on_reload() {
     // Still served (renewing late beats not renewing), with a warning.
     wait_lines(&process, "expires in 3 days", 1).await;
 }
+
+/// Writes `leaf` as `dir/site.crt` and `dir/site.key`.
+fn write_into(pki: &Pki, dir: &Path, leaf: &Leaf) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("site.crt"), chain_pem(pki, leaf)).unwrap();
+    std::fs::write(dir.join("site.key"), &leaf.key_pem).unwrap();
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_directory_is_watched_again() {
+    let pki = Pki::new("reload-dir-replaced");
+    let (_, mut files) = pki.localhost("unused");
+    let live = pki.dir.join("live");
+    let first = pki.leaf(NAMES);
+    write_into(&pki, &live, &first);
+    files.cert = live.join("site.crt");
+    files.key = live.join("site.key");
+    let upstream = Upstream::start().await;
+    let process = start(&pki, &base_config(&files, upstream.addr));
+    let root = pki.root_pem();
+    assert_eq!(serial(process.https, &root).await, first.serial_hex);
+
+    // The directory moved aside and a new one moved in.
+    let second = pki.leaf(NAMES);
+    write_into(&pki, &pki.dir.join("live.new"), &second);
+    std::fs::rename(&live, pki.dir.join("live.old")).unwrap();
+    std::fs::rename(pki.dir.join("live.new"), &live).unwrap();
+    let latency = wait_serial(process.https, &root, &second.serial_hex, Instant::now()).await;
+    eprintln!("reload latency, directory replaced by rename: {latency:?}");
+
+    // Deleted and created again.
+    std::fs::remove_dir_all(&live).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(serial(process.https, &root).await, second.serial_hex);
+    let third = pki.leaf(NAMES);
+    write_into(&pki, &live, &third);
+    let latency = wait_serial(process.https, &root, &third.serial_hex, Instant::now()).await;
+    eprintln!("reload latency, directory deleted and created again: {latency:?}");
+
+    // The new directory is watched: an in-place change inside it is seen.
+    let fourth = pki.leaf(NAMES);
+    write_into(&pki, &live, &fourth);
+    wait_serial(process.https, &root, &fourth.serial_hex, Instant::now()).await;
+}
+
+#[tokio::test]
+async fn a_swapped_directory_symlink_is_followed() {
+    let pki = Pki::new("reload-dir-symlink");
+    let (_, mut files) = pki.localhost("unused");
+    let first = pki.leaf(NAMES);
+    write_into(&pki, &pki.dir.join("v1"), &first);
+    let current = pki.dir.join("current");
+    std::os::unix::fs::symlink("v1", &current).unwrap();
+    files.cert = current.join("site.crt");
+    files.key = current.join("site.key");
+    let upstream = Upstream::start().await;
+    let process = start(&pki, &base_config(&files, upstream.addr));
+    let root = pki.root_pem();
+    assert_eq!(serial(process.https, &root).await, first.serial_hex);
+
+    // `ln -sfn v2 current`, atomically.
+    let second = pki.leaf(NAMES);
+    write_into(&pki, &pki.dir.join("v2"), &second);
+    std::os::unix::fs::symlink("v2", pki.dir.join("current.tmp")).unwrap();
+    std::fs::rename(pki.dir.join("current.tmp"), &current).unwrap();
+    let latency = wait_serial(process.https, &root, &second.serial_hex, Instant::now()).await;
+    eprintln!("reload latency, directory symlink swapped: {latency:?}");
+
+    // Changes inside the directory now linked are seen, not those in the old one.
+    write_into(&pki, &pki.dir.join("v1"), &pki.leaf(NAMES));
+    let third = pki.leaf(NAMES);
+    write_into(&pki, &pki.dir.join("v2"), &third);
+    wait_serial(process.https, &root, &third.serial_hex, Instant::now()).await;
+}

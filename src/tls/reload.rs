@@ -25,6 +25,9 @@
 //!   once. The next change of the files makes a new candidate; a requested reload always
 //!   retries and always logs.
 //!
+//! A watched directory that is deleted or renamed away (replaced wholesale) is looked for
+//! every [`REWATCH`] and watched again once it exists; its slots then become candidates.
+//!
 //! Independently, once a day the served certificates are checked against
 //! `tls.expiry_warning_days` (startup already warned through the load report).
 
@@ -34,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::crypto::CryptoProvider;
 use tokio::sync::{mpsc, Notify};
@@ -51,6 +54,9 @@ pub const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Longest a continuous stream of events can postpone a reload.
 pub const MAX_DEFER: Duration = Duration::from_secs(2);
+
+/// How often a watched directory that was deleted or moved away is looked for again.
+pub const REWATCH: Duration = Duration::from_millis(200);
 
 /// Interval of the expiry check.
 const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
@@ -261,7 +267,7 @@ impl Task {
         &self,
         handle: ReloadHandle,
         poll_interval: Duration,
-        watcher: Option<RecommendedWatcher>,
+        mut watcher: Option<RecommendedWatcher>,
         events: &mut mpsc::UnboundedReceiver<notify::Result<Event>>,
         shutdown: CancellationToken,
     ) {
@@ -287,6 +293,10 @@ impl Task {
         let mut quiet_until = Instant::now();
         let mut first_event = Instant::now();
         let mut events_open = watching;
+        // Watched directories that were deleted or moved away (indexes into `dirs`).
+        let mut lost = BTreeSet::new();
+        let mut rewatch = tokio::time::interval(REWATCH);
+        rewatch.set_missed_tick_behavior(MissedTickBehavior::Skip);
 
         loop {
             let deadline = quiet_until.min(first_event + MAX_DEFER);
@@ -294,6 +304,7 @@ impl Task {
                 () = shutdown.cancelled() => break,
                 event = events.recv(), if events_open => match event {
                     Some(event) => {
+                        lost.extend(self.lost_dirs(&event));
                         let slots = self.affected_slots(&event);
                         if !slots.is_empty() {
                             if dirty.is_empty() {
@@ -327,11 +338,65 @@ impl Task {
                         quiet_until = Instant::now() + DEBOUNCE;
                     }
                 }
+                _ = rewatch.tick(), if !lost.is_empty() => {
+                    let Some(watcher) = watcher.as_mut() else { continue };
+                    let found = self.rewatch(watcher, &mut lost);
+                    if !found.is_empty() {
+                        if dirty.is_empty() {
+                            first_event = Instant::now();
+                        }
+                        dirty.extend(found);
+                        dirty_cause = Cause::Event;
+                        quiet_until = Instant::now() + DEBOUNCE;
+                    }
+                }
                 _ = expiry.tick() => self.shared.warn_expiring(SystemTime::now()),
             }
         }
         drop(watcher);
         tracing::debug!("certificate reloader stopped");
+    }
+
+    /// Watched directories that `event` says were deleted or renamed: the watch on them
+    /// is gone or follows the old directory, so the path must be watched anew.
+    fn lost_dirs(&self, event: &notify::Result<Event>) -> Vec<usize> {
+        let Ok(event) = event else {
+            return Vec::new();
+        };
+        if !matches!(
+            event.kind,
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+        ) {
+            return Vec::new();
+        }
+        self.dirs
+            .iter()
+            .enumerate()
+            .filter(|(_, watched)| event.paths.contains(&watched.dir))
+            .map(|(index, _)| index)
+            .collect()
+    }
+
+    /// Watches the `lost` directories that exist again; returns their slots, whose files
+    /// must be read since nothing reported what happened meanwhile.
+    fn rewatch(&self, watcher: &mut RecommendedWatcher, lost: &mut BTreeSet<usize>) -> Vec<usize> {
+        let mut slots = Vec::new();
+        lost.retain(|&index| {
+            let Some(lost_dir) = self.dirs.get(index) else {
+                return false;
+            };
+            // Drops a watch still following a directory moved elsewhere.
+            let _ = watcher.unwatch(&lost_dir.dir);
+            match watcher.watch(&lost_dir.dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    tracing::info!(dir = %lost_dir.dir.display(), "certificate directory was replaced; watching the new one");
+                    slots.extend(&lost_dir.slots);
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        slots
     }
 
     /// The slots whose files may have changed, given one watcher event.
@@ -572,9 +637,10 @@ fn fingerprint(source: &CertificateSource) -> u64 {
     hasher.finish()
 }
 
-/// Every directory to watch: the one holding each configured file, and the one holding
-/// its symlink target when that lies elsewhere (e.g. certbot's `archive/`). Kubernetes
-/// targets (`..data/tls.crt` under the mount) are inside the mount, which is watched.
+/// Every directory to watch: the one holding each configured file, the one holding its
+/// symlink target when that lies elsewhere (e.g. certbot's `archive/`), and the parent of
+/// a symlinked directory. Kubernetes targets (`..data/tls.crt` under the mount) are
+/// inside the mount, which is watched.
 fn watched_dirs<'a>(sources: impl Iterator<Item = &'a CertificateSource>) -> Vec<WatchedDir> {
     let mut dirs: Vec<WatchedDir> = Vec::new();
     let mut add = |dir: PathBuf, slot: usize| match dirs.iter_mut().find(|w| w.dir == dir) {
@@ -598,6 +664,10 @@ fn watched_dirs<'a>(sources: impl Iterator<Item = &'a CertificateSource>) -> Vec
                 if !inside {
                     add(target_dir, index);
                 }
+            }
+            // A symlinked directory (`current -> v2`) is swapped in its parent.
+            if std::fs::symlink_metadata(&dir).is_ok_and(|meta| meta.file_type().is_symlink()) {
+                add(parent(&dir), index);
             }
             add(dir, index);
         }
@@ -646,7 +716,7 @@ fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, ModifyKind};
+    use notify::event::CreateKind;
 
     fn source(dir: &Path, cert: &str, key: &str) -> CertificateSource {
         CertificateSource {
@@ -729,6 +799,21 @@ mod tests {
         assert_eq!(dirs[0].dir, cwd.join("certs"));
         let bare = [source(Path::new(""), "site.crt", "site.key")];
         assert_eq!(watched_dirs(bare.iter())[0].dir, cwd);
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_watched_in_its_parent_too() {
+        let root = scratch("dir-link");
+        std::fs::create_dir_all(root.join("v1")).unwrap();
+        std::fs::write(root.join("v1/site.crt"), "x").unwrap();
+        std::os::unix::fs::symlink("v1", root.join("current")).unwrap();
+        let sources = [source(&root.join("current"), "site.crt", "site.key")];
+        let dirs: Vec<PathBuf> = watched_dirs(sources.iter())
+            .into_iter()
+            .map(|w| w.dir)
+            .collect();
+        assert_eq!(dirs, [root.clone(), root.join("current")]);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
