@@ -617,6 +617,33 @@ fn incomplete_chain_is_completed_from_the_ca_bundle() {
     assert!(served_chain(gateway.https, &stranger.root_pem()).is_err());
 }
 
+#[test]
+fn leaf_signed_directly_by_a_root_in_the_bundle_is_not_called_self_signed() {
+    let pki = Pki::new("sv-root-signed");
+    let now = time::OffsetDateTime::now_utc();
+    let leaf = pki.leaf_signed_by(&["localhost"], now - days(1), now + days(90), &pki.root);
+    let cert = write(&pki.dir, "direct.crt", &leaf.cert_pem);
+    let key = write(&pki.dir, "direct.key", &leaf.key_pem);
+    let bundle = write(&pki.dir, "roots.crt", pki.root_pem());
+    let config = write_config(&pki.dir, "c1", &cert, &key, Some(&bundle), "");
+
+    let check = run_in(&pki.dir, &["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(check.code, Some(0), "{}", check.output);
+    assert!(!check.output.contains("self-signed"), "{}", check.output);
+
+    // Control: a leaf that really signed itself is still called self-signed.
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = now - days(1);
+    params.not_after = now + days(90);
+    let own_key = rcgen::KeyPair::generate().unwrap();
+    let own = params.self_signed(&own_key).unwrap();
+    let cert = write(&pki.dir, "own.crt", own.pem());
+    let key = write(&pki.dir, "own.key", own_key.serialize_pem());
+    let config = write_config(&pki.dir, "c2", &cert, &key, None, "");
+    let check = run_in(&pki.dir, &["check", "--config", config.to_str().unwrap()]);
+    assert!(check.output.contains("self-signed"), "{}", check.output);
+}
+
 // 8. -------------------------------------------------------------------------------------
 
 #[test]

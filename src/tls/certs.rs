@@ -468,7 +468,9 @@ pub fn load(
             "expires in {days_left} days: renew now (Gatehouse reloads the new file without a restart)"
         ));
     }
-    if parsed_served.len() == 1 && top_is_root {
+    // Only a leaf that issued itself is self-signed; one signed by a root in the bundle
+    // (served alone, as roots are not sent) is a normal two-level chain.
+    if parsed_served.len() == 1 && is_self_issued(parsed_served[0]) {
         warnings.push(
             "self-signed: browsers will not trust it (fine for local development only)".to_owned(),
         );
