@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{run_binary, scratch_dir, tls_client_config, Pki, Process, Upstream};
+use common::{scratch_dir, tls_client_config, Pki, Process, Upstream};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -725,19 +725,34 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
 // The mounted config, for real
 // ---------------------------------------------------------------------------------------
 
-/// A container-like tree in a scratch dir: `etc/gatehouse/gateway.toml` (the example
-/// config with `/srv/` and `/run/secrets/` moved under the scratch dir), certificates
+/// A container-like tree in a temporary directory: the binary at
+/// `usr/local/bin/gatehouse` (as in the image), `etc/gatehouse/gateway.toml` (the
+/// example config with `/srv/` and `/run/secrets/` moved under the tree), certificates
 /// for the config's names in `etc/gatehouse/certs/`, the secrets from
-/// `examples/make-secrets.sh`, and the static directories.
+/// `examples/make-secrets.sh`, and the static directories. It lives under the system
+/// temp dir, not `target/`, so an unprivileged user can reach it even when the checkout
+/// sits in a private home directory; removed on drop.
 struct Container {
     root: PathBuf,
     config: PathBuf,
+    binary: PathBuf,
     pki: Pki,
+    _dir: tempfile::TempDir,
 }
 
 fn container(name: &str, rewrite: impl Fn(String) -> String) -> Container {
+    use std::os::unix::fs::PermissionsExt as _;
     let pki = Pki::new(name);
-    let root = pki.dir.join("container");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("gatehouse-{name}-"))
+        .tempdir()
+        .unwrap();
+    let root = dir.path().to_owned();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = root.join("usr/local/bin/gatehouse");
+    std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
+    std::fs::copy(common::binary(), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
     let etc = root.join("etc/gatehouse");
     std::fs::create_dir_all(etc.join("certs")).unwrap();
     let leaf = pki.leaf(&["example.com", "www.example.com"]);
@@ -784,14 +799,23 @@ fn container(name: &str, rewrite: impl Fn(String) -> String) -> Container {
         .replace("\"/run/secrets/", &format!("\"{}/", secrets.display()));
     let config = etc.join("gateway.toml");
     std::fs::write(&config, rewrite(text)).unwrap();
-    Container { root, config, pki }
+    Container {
+        root,
+        config,
+        binary,
+        pki,
+        _dir: dir,
+    }
 }
 
 #[test]
 fn the_mounted_config_passes_gatehouse_check() {
     let container = container("docker-check", |text| text);
     let config = container.config.to_str().unwrap();
-    let output = run_binary(&["check", "--config", config]);
+    let output = Command::new(&container.binary)
+        .args(["check", "--config", config])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),
@@ -812,7 +836,6 @@ fn the_mounted_config_passes_gatehouse_check() {
         "{stdout}"
     );
     assert!(!stdout.contains("warning:"), "{stdout}");
-    let _ = std::fs::remove_dir_all(&container.root);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -847,12 +870,12 @@ fn uid_of(pid: u32) -> String {
         .to_owned()
 }
 
-/// Runs `setpriv --reuid=65534 --regid=65534 --clear-groups gatehouse ARGS…`.
-fn unprivileged(args: &[&str]) -> Command {
+/// Runs `setpriv --reuid=65534 --regid=65534 --clear-groups BINARY ARGS…`.
+fn unprivileged(binary: &Path, args: &[&str]) -> Command {
     let mut command = Command::new("setpriv");
     command
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(common::binary())
+        .arg(binary)
         .args(args);
     command
 }
@@ -905,7 +928,7 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
     }
 
     let config = container.config.to_str().unwrap().to_owned();
-    let mut child = unprivileged(&["--config", &config])
+    let mut child = unprivileged(&container.binary, &["--config", &config])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1025,7 +1048,7 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
     );
 
     // The image's HEALTHCHECK, as the same unprivileged user.
-    let health = unprivileged(&["health", "--config", &config])
+    let health = unprivileged(&container.binary, &["health", "--config", &config])
         .output()
         .unwrap();
     assert_eq!(
