@@ -1065,3 +1065,30 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
     drop(redis);
     upstream.stop().await;
 }
+
+#[test]
+fn the_binary_needs_only_the_libraries_distroless_cc_ships() {
+    // gcr.io/distroless/cc-debian12 has glibc (libc, libm, …) and libgcc_s, no OpenSSL
+    // or libstdc++ guarantees: a new dependency linking anything else breaks the image.
+    let Ok(output) = Command::new("ldd").arg(common::binary()).output() else {
+        eprintln!("SKIPPED: no ldd on this machine");
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let glibc_or_libgcc = [
+        "linux-vdso.so",
+        "ld-linux",
+        "libc.so",
+        "libm.so",
+        "libgcc_s.so",
+        "libpthread.so",
+        "libdl.so",
+        "librt.so",
+    ];
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        assert!(
+            glibc_or_libgcc.iter().any(|lib| line.contains(lib)),
+            "gatehouse links {line}, which the distroless/cc runtime image does not ship"
+        );
+    }
+}
