@@ -63,6 +63,8 @@ pub(crate) struct AdminState {
     pub on_redis_error: Option<OnRedisError>,
     /// Counters rendered by `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// `tls.expiry_warning_days`: a certificate closer to expiry is reported degraded.
+    pub expiry_warning_days: u32,
 }
 
 impl AdminState {
@@ -86,6 +88,7 @@ impl AdminState {
             proxy,
             on_redis_error: config.rate_limit.as_ref().map(|r| r.on_redis_error),
             metrics,
+            expiry_warning_days: config.tls.expiry_warning_days,
         }
     }
 }
@@ -195,13 +198,15 @@ async fn readiness(state: &AdminState) -> (bool, Value) {
         failing.push("listeners");
     }
 
-    let (certs_ok, certs) = certificates(&state.certificates);
+    let certs = certificates(&state.certificates, state.expiry_warning_days);
     checks.insert(
         "certificates".into(),
-        json!({ "ok": certs_ok, "served": certs }),
+        json!({ "ok": certs.ok, "served": certs.served }),
     );
-    if !certs_ok {
+    if !certs.ok {
         failing.push("certificates");
+    } else if certs.expiring {
+        degraded.push("certificates");
     }
 
     let upstream = upstream_check(state).await;
@@ -255,30 +260,52 @@ async fn readiness(state: &AdminState) -> (bool, Value) {
     )
 }
 
-/// Every served certificate with names, serial and expiry; not ok once one has expired.
-fn certificates(store: &CertStore) -> (bool, Vec<Value>) {
+/// The certificate check.
+struct CertificateCheck {
+    /// No served certificate has expired.
+    ok: bool,
+    /// One expires within `tls.expiry_warning_days`.
+    expiring: bool,
+    /// One entry per served certificate.
+    served: Vec<Value>,
+}
+
+/// Every served certificate with names, serial and expiry (days left counted now, not at
+/// load time); not ok once one has expired, `expiring` within `warning_days`.
+fn certificates(store: &CertStore, warning_days: u32) -> CertificateCheck {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let mut all_ok = true;
-    let served = store
-        .slots()
-        .iter()
-        .map(|slot| {
-            let report = slot.report();
-            let ok = report.not_after_unix > now;
-            all_ok &= ok;
-            json!({
-                "ok": ok,
-                "cert": report.cert_path.display().to_string(),
-                "names": report.names,
-                "serial": report.serial,
-                "not_after": report.not_after,
-                "days_left": report.days_left,
-            })
-        })
-        .collect();
-    (all_ok, served)
+    let mut check = CertificateCheck {
+        ok: true,
+        expiring: false,
+        served: Vec::new(),
+    };
+    for slot in store.slots() {
+        let report = slot.report();
+        let ok = report.not_after_unix > now;
+        let days_left = (report.not_after_unix - now).div_euclid(86_400);
+        let expiring = days_left < i64::from(warning_days);
+        check.ok &= ok;
+        check.expiring |= expiring;
+        let mut entry = json!({
+            "ok": ok,
+            "cert": report.cert_path.display().to_string(),
+            "names": report.names,
+            "serial": report.serial,
+            "not_after": report.not_after,
+            "days_left": days_left,
+        });
+        if !ok {
+            entry["error"] = json!(format!("expired on {}", report.not_after));
+        } else if expiring {
+            entry["warning"] = json!(format!(
+                "expires in {days_left} days (tls.expiry_warning_days = {warning_days}): renew it"
+            ));
+        }
+        check.served.push(entry);
+    }
+    check
 }
 
 /// The cached upstream check, refreshed when older than [`UPSTREAM_CACHE`].

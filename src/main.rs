@@ -345,7 +345,19 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
         .and_then(|r| r.get("ready"))
         .and_then(serde_json::Value::as_bool);
     match (status_line.contains(" 200 "), ready, report) {
-        (true, Some(true), _) => Ok(format!("ready ({addr})")),
+        (true, Some(true), report) => {
+            let degraded: Vec<&str> = report
+                .as_ref()
+                .and_then(|r| r.get("degraded"))
+                .and_then(serde_json::Value::as_array)
+                .map(|names| names.iter().filter_map(serde_json::Value::as_str).collect())
+                .unwrap_or_default();
+            if degraded.is_empty() {
+                Ok(format!("ready ({addr})"))
+            } else {
+                Ok(format!("ready ({addr}), degraded: {}", degraded.join(", ")))
+            }
+        }
         (_, _, Some(report)) => anyhow::bail!("not ready: {}", readiness_failures(&report)),
         _ => anyhow::bail!("not ready: {addr} answered {status_line:?}"),
     }
@@ -374,6 +386,20 @@ fn readiness_failures(report: &serde_json::Value) -> String {
                                     .filter_map(|(target, t)| {
                                         let error = t.get("error")?.as_str()?;
                                         Some(format!("{target}: {error}"))
+                                    })
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            }),
+                        "certificates" => check
+                            .and_then(|c| c.get("served"))
+                            .and_then(serde_json::Value::as_array)
+                            .map(|served| {
+                                served
+                                    .iter()
+                                    .filter_map(|c| {
+                                        let error = c.get("error")?.as_str()?;
+                                        let cert = c.get("cert")?.as_str()?;
+                                        Some(format!("{cert}: {error}"))
                                     })
                                     .collect::<Vec<_>>()
                                     .join("; ")

@@ -627,3 +627,35 @@ async fn readyz_fails_on_redis_down_when_on_redis_error_is_deny() {
     gateway.stop().await;
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_reports_a_certificate_close_to_expiry_as_degraded() {
+    let pki = Pki::new("admin-expiring");
+    let now = time::OffsetDateTime::now_utc();
+    let leaf = pki.leaf_valid(
+        &["localhost", "127.0.0.1"],
+        now - time::Duration::days(80),
+        now + time::Duration::days(5) + time::Duration::hours(1),
+    );
+    let files = pki.write("site", &leaf);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(&base_config(&files, upstream.addr), &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+
+    let (status, json) = readyz(admin).await;
+    assert_eq!(status, 200, "still serving: {json}");
+    assert_eq!(json["ready"], true);
+    assert_eq!(json["degraded"], serde_json::json!(["certificates"]));
+    let served = &json["checks"]["certificates"]["served"][0];
+    assert_eq!(served["days_left"], 5);
+    assert!(
+        served["warning"]
+            .as_str()
+            .unwrap()
+            .starts_with("expires in 5 days (tls.expiry_warning_days = 14)"),
+        "{served}"
+    );
+
+    gateway.stop().await;
+    upstream.stop().await;
+}
