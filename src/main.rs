@@ -110,7 +110,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Ok(hangup) => {
             tokio::spawn(reload_on_hangup(hangup, gateway.reload_handle()));
         }
-        Err(err) => tracing::warn!(error = %err, "cannot install the SIGHUP handler; certificates still reload on file changes"),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot install the SIGHUP handler; certificates still reload on file changes")
+        }
     }
     gateway.run(shutdown).await?;
     Ok(())
