@@ -111,7 +111,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tokio::spawn(reload_on_hangup(hangup, gateway.reload_handle()));
         }
         Err(err) => {
-            tracing::warn!(error = %err, "cannot install the SIGHUP handler; certificates still reload on file changes")
+            tracing::warn!(error = %err, "cannot install the SIGHUP handler; certificates still reload on file changes");
         }
     }
     gateway.run(shutdown).await?;

@@ -314,11 +314,29 @@ fn dockerignore_keeps_secrets_and_target_out_and_the_locked_workspace_in() {
     );
     // `cargo build --locked` in the image starts by resolving the workspace against
     // Cargo.lock: do exactly that on the copied context (offline, no compiling).
-    let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
-        .current_dir(&context)
-        .output()
-        .unwrap();
+    // Only the host platform's packages (those `cargo test` already downloaded), offline
+    // first; online when the local cache lacks one (a fresh machine).
+    let host = String::from_utf8(Command::new("rustc").arg("-vV").output().unwrap().stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .unwrap()
+        .to_owned();
+    let metadata = |offline: bool| {
+        let mut command = Command::new(env!("CARGO"));
+        command
+            .args(["metadata", "--locked", "--format-version", "1"])
+            .args(["--filter-platform", &host])
+            .current_dir(&context);
+        if offline {
+            command.arg("--offline");
+        }
+        command.output().unwrap()
+    };
+    let mut output = metadata(true);
+    if !output.status.success() && String::from_utf8_lossy(&output.stderr).contains("offline") {
+        output = metadata(false);
+    }
     assert!(
         output.status.success(),
         "the build context does not load as a locked workspace:\n{}",
