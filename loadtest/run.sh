@@ -84,7 +84,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
 # The proxy holds two descriptors per WebSocket (client + upstream).
 IDLE_TLS=$((NOFILE - 500 < 10000 ? NOFILE - 500 : 10000))
-IDLE_WS=$(((NOFILE - 1000) / 2 < 10000 ? (NOFILE - 1000) / 2 : 10000))
+IDLE_WS=$(((NOFILE - 2000) / 2 < 10000 ? (NOFILE - 2000) / 2 : 10000))
 
 # ---------------------------------------------------------------- build
 SRC=$REPO
