@@ -659,3 +659,54 @@ async fn readyz_reports_a_certificate_close_to_expiry_as_degraded() {
     gateway.stop().await;
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_count_open_websocket_tunnels() {
+    use futures_util::{SinkExt, StreamExt};
+    let pki = Pki::new("admin-ws");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(&base_config(&files, upstream.addr), &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+
+    let connector = tokio_rustls::TlsConnector::from(common::tls_client_config(
+        &pki.root_pem(),
+        &[b"http/1.1"],
+    ));
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(gateway.https).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let url = format!("wss://localhost:{}/ws/echo", gateway.https.port());
+        let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+        assert_eq!(response.status(), 101);
+        ws.send(tokio_tungstenite::tungstenite::Message::text("ping"))
+            .await
+            .unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "ping");
+        sockets.push(ws);
+    }
+    let metrics = scrape(admin).await;
+    assert_eq!(sample(&metrics, "gatehouse_websockets_open"), 2.0);
+    // Once upgraded, a connection is counted as a tunnel, no longer as an HTTP
+    // connection (the hyper connection task that held the gauge has ended).
+    assert_eq!(sample(&metrics, "gatehouse_connections_open"), 0.0);
+
+    for mut ws in sockets {
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = sample(&scrape(admin).await, "gatehouse_websockets_open");
+        if open == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} tunnels still counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    gateway.stop().await;
+    upstream.stop().await;
+}
