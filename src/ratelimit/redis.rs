@@ -340,7 +340,9 @@ async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn>
         };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(PROBE_TIMEOUT))
-            .set_response_timeout(Some(PROBE_TIMEOUT))
+            // Each decision has its own timeout; a second timer per command would only
+            // cost time on the request path. Connecting is bounded by the caller.
+            .set_response_timeout(None)
             .set_number_of_retries(1)
             .set_max_delay(BACKOFF_MAX);
         let mut manager = ConnectionManager::new_with_config(client, config).await?;
