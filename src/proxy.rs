@@ -179,25 +179,26 @@ impl Proxy {
             }
             err.into_response()
         });
-        if let Some(hsts) = &self.hsts {
-            response
-                .headers_mut()
-                .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
-        }
         if let Some(headers) = rate_headers {
             response.headers_mut().extend(headers);
         }
         Ok(self.finish(response, version, started, record))
     }
 
-    /// Counts the request (and writes its access log line) when the body ends.
+    /// Adds HSTS to every response (429s included), then counts the request (and writes
+    /// its access log line) when the body ends.
     fn finish(
         &self,
-        response: Response<Body>,
+        mut response: Response<Body>,
         version: Version,
         started: Instant,
         record: Option<AccessRecord>,
     ) -> Response<Body> {
+        if let Some(hsts) = &self.hsts {
+            response
+                .headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
         access_log::wrap(response, self.metrics.clone(), version, started, record)
     }
 

@@ -384,20 +384,22 @@ async fn hsts_header_only_when_configured() {
         .is_none());
     gateway.stop().await;
 
-    let config = with_tls(
+    let mut config = with_tls(
         &base_config(&files, upstream.addr),
         "hsts_max_age = \"2h\"\nhsts_include_subdomains = true",
     );
+    config.push_str("\n[rate_limit]\nrequests_per_minute = 1\nburst = 1\n");
     let gateway = start_gateway(&config, &pki.dir).await;
-    let response = https_client(&pki.root_pem(), Http::One, gateway.https)
-        .get(gateway.url("/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        response.headers()["strict-transport-security"],
-        "max-age=7200; includeSubDomains"
-    );
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    // The second request is over the limit: the 429 carries HSTS too.
+    for expected in [200, 429] {
+        let response = client.get(gateway.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), expected);
+        assert_eq!(
+            response.headers()["strict-transport-security"],
+            "max-age=7200; includeSubDomains"
+        );
+    }
     gateway.stop().await;
 }
 
