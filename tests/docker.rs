@@ -683,8 +683,12 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
             "the app writes {volume}"
         );
     }
+    // certbot --webroot -w WEBROOT writes WEBROOT/.well-known/acme-challenge/TOKEN.
     let acme = config["redirect"]["acme_challenge_dir"].as_str().unwrap();
-    assert!(mounts.iter().any(|(_, t, _)| t == acme));
+    let webroot = acme
+        .strip_suffix("/.well-known/acme-challenge")
+        .expect("acme_challenge_dir is the webroot's .well-known/acme-challenge");
+    assert!(mounts.iter().any(|(_, t, _)| t == webroot));
 
     // The upstream is the web service, served by an ASGI server (WebSockets).
     let upstream = config["upstream"]["url"].as_str().unwrap();
@@ -784,6 +788,13 @@ fn container(name: &str, rewrite: impl Fn(String) -> String) -> Container {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
     std::fs::write(root.join("srv/static/hello.txt"), "static hello\n").unwrap();
+    // What `certbot certonly --webroot -w /var/www/acme` leaves in the mounted webroot.
+    std::fs::create_dir_all(root.join("srv/acme/.well-known/acme-challenge")).unwrap();
+    std::fs::write(
+        root.join("srv/acme/.well-known/acme-challenge/tok3n"),
+        "tok3n.thumbprint",
+    )
+    .unwrap();
 
     let secrets = root.join("run/secrets");
     std::fs::create_dir_all(root.join("run")).unwrap();
@@ -1023,6 +1034,17 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
         redirect.headers()["location"],
         "https://example.com/path?q=1"
     );
+    // The ACME HTTP-01 challenge is answered on the HTTP port from the mounted webroot.
+    let challenge = common::plain_client()
+        .get(format!(
+            "http://127.0.0.1:{http}/.well-known/acme-challenge/tok3n"
+        ))
+        .header("host", "example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), 200);
+    assert_eq!(challenge.text().await.unwrap(), "tok3n.thumbprint");
 
     let healthz = common::plain_client()
         .get(format!("http://127.0.0.1:{admin}/healthz"))
