@@ -13,6 +13,8 @@ use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::metrics::ConnectionGuard;
+
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -39,9 +41,10 @@ pub struct Peer {
     pub trusted: bool,
     /// Negotiated TLS version, for the access log.
     pub tls_version: &'static str,
-    /// The connection's place under `server.max_connections`. WebSocket tunnels keep the
-    /// `Peer` (and so the place) after the HTTP connection has handed them its socket.
-    slot: Option<OwnedSemaphorePermit>,
+    /// The connection's place under `server.max_connections` and in the open-connections
+    /// gauge. WebSocket tunnels keep the `Peer` (and so both) after the HTTP connection
+    /// has handed them its socket.
+    slot: Option<(OwnedSemaphorePermit, ConnectionGuard)>,
 }
 
 impl Peer {
@@ -58,10 +61,11 @@ impl Peer {
         }
     }
 
-    /// Holds `permit` for as long as this peer (its connection or a tunnel) lives.
+    /// Holds `permit` and `open` for as long as this peer (its connection or a tunnel)
+    /// lives.
     #[must_use]
-    pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Peer {
-        self.slot = Some(permit);
+    pub fn holding(mut self, permit: OwnedSemaphorePermit, open: ConnectionGuard) -> Peer {
+        self.slot = Some((permit, open));
         self
     }
 }

@@ -40,14 +40,14 @@ pub enum StartError {
     #[error(transparent)]
     Certificate(#[from] tls::CertError),
     /// A listener could not bind.
-    #[error("{key} = \"{addr}\": cannot listen: {source}; is another process (nginx?) using the port, or does it need root (ports below 1024)?")]
+    #[error("{key} = \"{addr}\": cannot listen: {reason}; is another process (nginx?) using the port, or does it need root (ports below 1024)?")]
     Bind {
         /// The config key.
         key: &'static str,
         /// The address.
         addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, not a `source`, so it is printed once).
+        reason: std::io::Error,
     },
     /// rustls refused the TLS settings.
     #[error("TLS settings: {0}")]
@@ -253,7 +253,7 @@ fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> 
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };
-    listen().map_err(|source| StartError::Bind { key, addr, source })
+    listen().map_err(|reason| StartError::Bind { key, addr, reason })
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

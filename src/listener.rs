@@ -75,7 +75,7 @@ pub(crate) async fn serve_https(
     while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
         ctx.connections.spawn(async move {
-            let _open = task_ctx.metrics.connection_opened();
+            let open = task_ctx.metrics.connection_opened();
             let handshake = tls_handshake(stream, acceptor.config());
             let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
@@ -97,7 +97,7 @@ pub(crate) async fn serve_https(
                 _ => "unknown",
             };
             let peer =
-                Arc::new(Peer::new(addr, &task_ctx.trusted_proxies, tls_version).holding(permit));
+                Arc::new(Peer::new(addr, &task_ctx.trusted_proxies, tls_version).holding(permit, open));
             let service = service_fn(move |req| proxy.clone().handle(peer.clone(), req));
             let conn = task_ctx
                 .builder

@@ -11,6 +11,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{StatusCode, Version};
@@ -146,11 +147,12 @@ pub struct Metrics {
     reloads_failed: AtomicU64,
 }
 
-/// Decrements the open-connections gauge when the connection ends.
+/// Keeps a connection in the open-connections gauge until dropped (by the connection
+/// task, or by the WebSocket tunnels the connection turned into).
 #[derive(Debug)]
-pub struct ConnectionGuard<'a>(&'a Metrics);
+pub struct ConnectionGuard(Arc<Metrics>);
 
-impl Drop for ConnectionGuard<'_> {
+impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
@@ -192,10 +194,10 @@ impl Metrics {
     }
 
     /// Counts an accepted connection; the guard keeps it in the open gauge.
-    pub fn connection_opened(&self) -> ConnectionGuard<'_> {
+    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGuard {
         self.connections_total.fetch_add(1, Ordering::Relaxed);
         self.connections_open.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard(self)
+        ConnectionGuard(self.clone())
     }
 
     /// Counts a completed TLS handshake.

@@ -1008,3 +1008,41 @@ fn repo_gateway_toml_passes_check() {
     assert!(run.output.contains("verdict:   OK"), "{}", run.output);
     assert!(run.output.contains("result: OK"), "{}", run.output);
 }
+
+#[test]
+fn a_port_in_use_is_named_once_with_the_likely_cause() {
+    let pki = Pki::new("sv-port-in-use");
+    let (_, files) = pki.localhost("site");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = write_config(&pki.dir, "c1", &files.cert, &files.key, None, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "https = \"127.0.0.1:0\"",
+        &format!("https = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let run = run_in(&pki.dir, &["--config", config.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{}", run.output);
+    assert!(
+        run.output.contains(&format!(
+            "listen.https = \"127.0.0.1:{port}\": cannot listen"
+        )),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.output
+            .contains("is another process (nginx?) using the port"),
+        "{}",
+        run.output
+    );
+    // The OS error once per line (the log line and the message on stderr), not repeated
+    // as a "caused by" chain.
+    for line in run.output.lines() {
+        assert!(
+            line.matches("Address already in use").count() <= 1,
+            "{line}"
+        );
+    }
+}

@@ -618,9 +618,24 @@ fn describe_sections(file: &PemFile) -> String {
     let kinds: Vec<String> = file
         .sections
         .iter()
-        .map(|(kind, _)| format!("{kind:?}"))
+        .map(|(kind, _)| section_name(*kind))
         .collect();
     kinds.join(", ")
+}
+
+/// What a PEM block is, in the words `openssl` users know.
+fn section_name(kind: SectionKind) -> String {
+    match kind {
+        SectionKind::Certificate => "a certificate",
+        SectionKind::PrivateKey => "a private key",
+        SectionKind::RsaPrivateKey => "an RSA private key",
+        SectionKind::EcPrivateKey => "an EC private key",
+        SectionKind::PublicKey => "a public key",
+        SectionKind::Csr => "a certificate signing request (CSR)",
+        SectionKind::Crl => "a certificate revocation list (CRL)",
+        _ => return format!("a {kind:?} block"),
+    }
+    .to_owned()
 }
 
 fn is_key(kind: SectionKind) -> bool {
