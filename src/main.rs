@@ -13,11 +13,6 @@ use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc instead of glibc malloc: the request path allocates small, short-lived
-/// buffers and headers, which mimalloc serves with less CPU (measured in loadtest/).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const EXIT_CONFIG: u8 = 64;
 const EXIT_CERTIFICATE: u8 = 65;
 
