@@ -164,7 +164,7 @@ impl Proxy {
 
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
-            match limiter.check(client, req.method(), req.uri().path()).await {
+            match Box::pin(limiter.check(client, req.method(), req.uri().path())).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
                     return Ok(self.finish(rejection.into_response(), version, started, record));
@@ -172,7 +172,9 @@ impl Proxy {
             }
         }
 
-        let result = self.route(&peer, client, req, record.as_mut()).await;
+        // Boxed: hyper keeps one slot per HTTP/1.1 connection sized to this future, idle
+        // or not, so the large routing state lives only while a request is in flight.
+        let result = Box::pin(self.route(&peer, client, req, record.as_mut())).await;
         let mut response = result.unwrap_or_else(|err| {
             if let Some(kind) = upstream_failure(&err) {
                 self.metrics.upstream_error(kind);
