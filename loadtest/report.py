@@ -264,7 +264,7 @@ def write_report(raw, out_dir):
             f"| 6. rate limiting {label} vs off: req/s (50 conns) | {value_text(r['rate'], 'rate')} | off: {value_text(off.get('rate'), 'rate')} | {fmt(ratio, 2, '×') if ratio else '–'} | {tgt} | {ver} | |"
         )
         cpu_ratio = off["cpu_us"] / r["cpu_us"] if r.get("cpu_us") and off.get("cpu_us") else None
-        redis_cpu = f"; Redis itself {r['extra_cpu_us']:.1f} µs" if r.get("extra_cpu_us") else ""
+        redis_cpu = f"; Redis itself {r['extra_cpu_us']:.1f} µs" if t.endswith("redis") and r.get("extra_cpu_us") else ""
         rl_rows.append(
             f"| 6. rate limiting {label}: Gatehouse CPU per request{redis_cpu} | {value_text(r.get('cpu_us'), 'us')} | off: {value_text(off.get('cpu_us'), 'us')} | {fmt(cpu_ratio, 2, '×') if cpu_ratio else '–'} (off/on: share of throughput per core kept) | {tgt} | {verdict(cpu_ratio, 0.9, True) if t.endswith('redis') else ''} | |"
         )
