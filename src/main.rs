@@ -13,6 +13,11 @@ use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc (without transparent huge pages) instead of glibc malloc: ~9% less CPU per
+/// proxied request and no more RSS per idle connection (measured with loadtest/).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXIT_CONFIG: u8 = 64;
 const EXIT_CERTIFICATE: u8 = 65;
 
