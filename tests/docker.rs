@@ -10,14 +10,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{scratch_dir, tls_client_config, Pki, Process, Upstream};
+use common::{scratch_dir, tls_client_config, Pki, Upstream};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -957,37 +955,8 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
     }
 
     let config = container.config.to_str().unwrap().to_owned();
-    let mut child = unprivileged(&container.binary, &["--config", &config])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let output = Arc::new(Mutex::new(Vec::new()));
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let output = output.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                output.lock().unwrap().push(line);
-            }
-        });
-    }
-    let process = Process {
-        https: SocketAddr::from(([127, 0, 0, 1], https)),
-        http: Some(SocketAddr::from(([127, 0, 0, 1], http))),
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], admin))),
-        child,
-        output,
-    };
-    assert!(
-        process.wait_for_line("gatehouse listening", Duration::from_secs(20)),
-        "{}",
-        process.output()
-    );
+    let process = common::spawn_command(unprivileged(&container.binary, &["--config", &config]));
+    assert_eq!(process.https, SocketAddr::from(([127, 0, 0, 1], https)));
     // setpriv execs gatehouse: the listening process itself runs as nobody.
     assert_eq!(uid_of(process.child.id()), "65534");
     // JSON log lines, as `docker logs` will show them.

@@ -7,30 +7,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    base_config, https_client, start_gateway, tls_client_config, CertFiles, Http, Pki, TestGateway,
+    base_config, https_client, setup, start_gateway, tls_client_config, Http, Setup, TestGateway,
     Upstream,
 };
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOTH: [Http; 2] = [Http::One, Http::Two];
-
-struct Setup {
-    pki: Pki,
-    files: CertFiles,
-    upstream: Upstream,
-}
-
-async fn setup(name: &str) -> Setup {
-    let pki = Pki::new(name);
-    let (_, files) = pki.localhost("site");
-    let upstream = Upstream::start().await;
-    Setup {
-        pki,
-        files,
-        upstream,
-    }
-}
 
 impl Setup {
     async fn gateway(&self, extra: &str) -> TestGateway {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{base_config, https_client, scratch_dir, CertFiles, Http, Pki, TestGateway, Upstream};
+use common::{base_config, https_client, scratch_dir, setup, Http, Setup, TestGateway};
 use gatehouse::metrics::Metrics;
 use gatehouse::tls::CertStore;
 use gatehouse::{Config, Gateway};
@@ -118,23 +118,6 @@ impl Drop for RedisServer {
 // ---------------------------------------------------------------------------------------
 // Gateways
 // ---------------------------------------------------------------------------------------
-
-struct Setup {
-    pki: Pki,
-    files: CertFiles,
-    upstream: Upstream,
-}
-
-async fn setup(name: &str) -> Setup {
-    let pki = Pki::new(name);
-    let (_, files) = pki.localhost("site");
-    let upstream = Upstream::start().await;
-    Setup {
-        pki,
-        files,
-        upstream,
-    }
-}
 
 /// An in-process gateway with its metrics.
 struct Running {

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use common::{
-    base_config, https_client, start_gateway, tls_client_config, CertFiles, Http, Pki, TestGateway,
-    Upstream,
+    base_config, https_client, setup, start_gateway, tls_client_config, Http, Setup, TestGateway,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -33,23 +32,6 @@ type H2Ws = WebSocketStream<H2Io>;
 
 /// Upper bound for anything that should be "prompt" on loopback.
 const PROMPT: Duration = Duration::from_secs(3);
-
-struct Setup {
-    pki: Pki,
-    files: CertFiles,
-    upstream: Upstream,
-}
-
-async fn setup(name: &str) -> Setup {
-    let pki = Pki::new(name);
-    let (_, files) = pki.localhost("site");
-    let upstream = Upstream::start().await;
-    Setup {
-        pki,
-        files,
-        upstream,
-    }
-}
 
 impl Setup {
     /// A gateway in front of the harness upstream, with a short shutdown grace so a test

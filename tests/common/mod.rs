@@ -56,6 +56,26 @@ pub fn init() {
     });
 }
 
+/// A site to put a gateway in front of: a test PKI with a `localhost` certificate set
+/// and a running test upstream.
+pub struct Setup {
+    pub pki: Pki,
+    pub files: CertFiles,
+    pub upstream: Upstream,
+}
+
+/// Starts a [`Setup`] whose files live under a scratch directory named `name`.
+pub async fn setup(name: &str) -> Setup {
+    let pki = Pki::new(name);
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    Setup {
+        pki,
+        files,
+        upstream,
+    }
+}
+
 /// A fresh scratch directory under the cargo target tmpdir.
 pub fn scratch_dir(name: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -738,8 +758,15 @@ impl Drop for Process {
 /// Starts `gatehouse --config CONFIG` and waits until it logs its listening addresses.
 /// Panics with the process output if it exits or does not listen within 20 s.
 pub fn spawn_binary(config: &Path) -> Process {
-    let mut child = Command::new(binary())
-        .args(["--config", config.to_str().unwrap()])
+    let mut command = Command::new(binary());
+    command.args(["--config", config.to_str().unwrap()]);
+    spawn_command(command)
+}
+
+/// Starts `command` (the gateway, possibly behind a wrapper such as `setpriv`) with
+/// `RUST_LOG=info`, collects its output and waits for its listening line.
+pub fn spawn_command(mut command: Command) -> Process {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
