@@ -514,8 +514,8 @@ impl Drop for Redis {
     }
 }
 
-/// Sends requests until `/readyz`'s redis check says `ok` (Redis is noticed down by the
-/// limiter's breaker, which trips on failed decisions: requests must flow).
+/// Sends requests until `/readyz`'s redis check says `ok` (with traffic, the limiter's
+/// breaker trips on failed decisions).
 async fn wait_redis_check(
     admin: SocketAddr,
     client: &reqwest::Client,
@@ -586,6 +586,55 @@ async fn readyz_reports_redis_down_as_degraded_and_recovers() {
     let (status, json) = wait_redis_check(admin, &client, &url, true).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["degraded"], serde_json::json!([]));
+
+    gateway.stop().await;
+    upstream.stop().await;
+}
+
+/// Polls `/readyz` (and sends no traffic) until its redis check says `ok`.
+async fn wait_idle_redis_check(admin: SocketAddr, ok: bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, json) = readyz(admin).await;
+        if json["checks"]["redis"]["ok"] == ok {
+            return json;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis check stayed {}: {json}",
+            !ok
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_notices_redis_going_and_coming_back_without_traffic() {
+    let pki = Pki::new("admin-redis-idle");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let mut redis = Redis::start("admin-redis-idle-server");
+    let config = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\n",
+        base_config(&files, upstream.addr),
+        redis.port
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+    wait_idle_redis_check(admin, true).await;
+
+    // Not one request: the limiter's idle check (every 2 s) is what notices.
+    let killed = Instant::now();
+    redis.kill();
+    let json = wait_idle_redis_check(admin, false).await;
+    assert_eq!(json["degraded"], serde_json::json!(["redis"]), "{json}");
+    eprintln!(
+        "idle gateway noticed Redis down after {:?}",
+        killed.elapsed()
+    );
+
+    redis.spawn();
+    wait_idle_redis_check(admin, true).await;
 
     gateway.stop().await;
     upstream.stop().await;

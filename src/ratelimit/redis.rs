@@ -26,6 +26,9 @@
 //!   late while Redis is fine, and must not give up the shared limit for that; a frozen
 //!   Redis (`DEBUG SLEEP`, a blackholed host) answers nothing and is skipped after
 //!   `dead_after`, each request meanwhile waiting at most `decision_timeout`.
+//! - CLOSED and idle: with no decision for [`IDLE_CHECK_EVERY`], the probe task checks
+//!   Redis itself (`SCRIPT LOAD`) and opens the breaker when that fails, so readiness is
+//!   right on a gateway with no traffic.
 //! - OPEN: decisions skip Redis at once (fallback, no waiting). A background task probes
 //!   with a fresh connection after a backoff (from [`BACKOFF_MIN`], doubling to
 //!   [`BACKOFF_MAX`]); requests never wait for a probe. A probe that connects,
@@ -91,6 +94,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a continuing outage is logged at warn.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// With no decision for this long, the probe task checks Redis itself (`SCRIPT LOAD`,
+/// which the gateway's ACL user may run), so an idle gateway's `/readyz` still tells.
+pub const IDLE_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// A connection to one Redis or to a cluster; cloning shares it.
 #[derive(Clone)]
@@ -100,6 +106,25 @@ enum Conn {
 }
 
 impl Conn {
+    /// Loads the script again: a round trip that needs only the ACL the gateway has.
+    async fn check(&self, script: &Script) -> RedisResult<()> {
+        let _: String = match self {
+            Conn::Single(manager) => {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut manager.clone())
+                    .await?
+            }
+            Conn::Cluster(cluster) => {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut cluster.clone())
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
     async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> RedisResult<(i64, i64, i64, i64)> {
         match self {
             Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
@@ -351,6 +376,40 @@ async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn>
     }
 }
 
+/// Checks Redis when no decision has reached it for [`IDLE_CHECK_EVERY`]; on failure
+/// opens the breaker (there is no traffic to lose) and returns true.
+async fn idle_check_failed(shared: &Shared) -> bool {
+    let idle_ms = shared
+        .now_ms()
+        .saturating_sub(shared.last_success_ms.load(Ordering::Relaxed));
+    if shared.open.load(Ordering::Relaxed) || u128::from(idle_ms) < IDLE_CHECK_EVERY.as_millis() {
+        return false;
+    }
+    let Some(conn) = shared.conn.load_full() else {
+        return false;
+    };
+    let reason = match tokio::time::timeout(PROBE_TIMEOUT, conn.check(&shared.script)).await {
+        Ok(Ok(())) => {
+            shared.succeeded();
+            return false;
+        }
+        Ok(Err(err)) => describe(&shared.settings, &err),
+        Err(_) => format!("no answer within {PROBE_TIMEOUT:?}"),
+    };
+    shared.metrics.redis_error();
+    if shared.open.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    shared.metrics.set_redis_breaker_open(true);
+    tracing::warn!(
+        redis = %shared.settings.redacted(),
+        reason,
+        fallback = shared.fallback,
+        "Redis failing (idle check): deciding with the fallback; reconnecting in the background"
+    );
+    true
+}
+
 fn certificates(ca: &[u8]) -> TlsCertificates {
     TlsCertificates {
         client_tls: None,
@@ -358,12 +417,18 @@ fn certificates(ca: &[u8]) -> TlsCertificates {
     }
 }
 
-/// Waits for the breaker to open, then probes with backoff until Redis answers.
+/// Waits for the breaker to open (checking an idle Redis meanwhile), then probes with
+/// backoff until Redis answers.
 async fn probe_task(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = shared.wake.notified() => {}
+            () = tokio::time::sleep(IDLE_CHECK_EVERY) => {
+                if !idle_check_failed(&shared).await {
+                    continue;
+                }
+            }
         }
         let outage = Instant::now();
         let mut last_warn: Option<Instant> = None;
