@@ -273,29 +273,11 @@ impl Proxy {
             && is_idempotent(&parts.method)
             && body.is_end_stream())
         .then(|| RetryTemplate::of(&parts));
-        let mut upstream = self.upstreams.pick();
+        let upstream = self.upstreams.pick();
         parts.uri = upstream_uri(&upstream.target, &parts.uri);
         let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
-        let mut request = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
-        let mut attempts = 1;
-        let mut response = loop {
-            match self.send(upstream, request).await {
-                Err(err @ ProxyError::UpstreamConnect { .. }) => {
-                    // The request never left: safe to send an idempotent one elsewhere.
-                    let Some(template) = retry.as_ref() else {
-                        return Err(err);
-                    };
-                    if attempts >= self.upstreams.targets.len() {
-                        return Err(err);
-                    }
-                    tracing::warn!(error = %err, "upstream refused; trying the next instance");
-                    attempts += 1;
-                    upstream = self.upstreams.pick();
-                    request = template.build(&upstream.target);
-                }
-                result => break result?,
-            }
-        };
+        let request = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
+        let mut response = self.send_failover(upstream, request, retry).await?;
         if let Some(downstream) = downstream_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 return Ok(self
@@ -331,10 +313,12 @@ impl Proxy {
             &self.public_port,
             true,
         );
+        // The handshake has no body: it can always go to another instance.
+        let retry = (self.upstreams.targets.len() > 1).then(|| RetryTemplate::of(&parts));
         let upstream = self.upstreams.pick();
         parts.uri = upstream_uri(&upstream.target, &parts.uri);
         let request = Request::from_parts(parts, Either::Right(Empty::new()));
-        let mut response = self.send(upstream, request).await?;
+        let mut response = self.send_failover(upstream, request, retry).await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(self
                 .tunnels
@@ -346,6 +330,34 @@ impl Proxy {
             parts,
             body.map_err(Into::into).boxed_unsync(),
         ))
+    }
+
+    /// Sends `request` to `upstream`; when the connection is refused and `retry` is
+    /// given, the request never left, so it is sent to the next instances in turn.
+    async fn send_failover(
+        &self,
+        mut upstream: &UpstreamState,
+        mut request: Request<UpstreamBody>,
+        retry: Option<RetryTemplate>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut attempts = 1;
+        loop {
+            match self.send(upstream, request).await {
+                Err(err @ ProxyError::UpstreamConnect { .. }) => {
+                    let Some(template) = retry.as_ref() else {
+                        return Err(err);
+                    };
+                    if attempts >= self.upstreams.targets.len() {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err, "upstream refused; trying the next instance");
+                    attempts += 1;
+                    upstream = self.upstreams.pick();
+                    request = template.build(&upstream.target);
+                }
+                result => return result,
+            }
+        }
     }
 
     async fn send(

@@ -1324,3 +1324,43 @@ async fn open_tunnels_count_against_max_connections() {
     second.send(message.clone()).await.unwrap();
     assert_eq!(next_data(&mut second).await, message);
 }
+
+#[tokio::test]
+async fn websocket_handshakes_fail_over_when_an_upstream_refuses() {
+    let s = setup("ws-failover").await;
+    // A port nothing listens on any more: connections to it are refused.
+    let down = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The dead instance comes first and is never skipped for long (passive health marks
+    // it down for 1 ms), so handshakes keep landing on it first.
+    let config = base_config(&s.files, s.upstream.addr).replace(
+        &format!("url = \"http://{}\"", s.upstream.addr),
+        &format!(
+            "url = [\"http://{down}\", \"http://{}\"]\nunhealthy_for = \"1ms\"",
+            s.upstream.addr
+        ),
+    );
+    let gateway = start_gateway(&config, &s.pki.dir).await;
+    let root = s.root();
+
+    // Each handshake sent to the dead instance is retried on the live one, over HTTP/2
+    // (RFC 8441) and over HTTP/1.1 alike.
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut over_h2 = h2_ws(&mut h2, gateway.https, "/ws/echo").await;
+        let message = Message::text(format!("h2 {round}"));
+        over_h2.send(message.clone()).await.unwrap();
+        assert_eq!(next_data(&mut over_h2).await, message);
+
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut over_h1 = ws_connect(gateway.https, &root, "/ws/echo").await;
+        let message = Message::text(format!("h1 {round}"));
+        over_h1.send(message.clone()).await.unwrap();
+        assert_eq!(next_data(&mut over_h1).await, message);
+    }
+    gateway.stop().await;
+}
