@@ -174,8 +174,8 @@ impl Gateway {
         let listeners = TaskTracker::new();
         tracing::info!(
             https = %local_addr(&self.https),
-            http = ?self.http.as_ref().map(local_addr),
-            admin = ?self.admin.as_ref().map(local_addr),
+            http = %listening(self.http.as_ref()),
+            admin = %listening(self.admin.as_ref()),
             upstream = %config.upstream.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             "gatehouse listening"
         );
@@ -254,6 +254,11 @@ fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> 
         socket.listen(LISTEN_BACKLOG)
     };
     listen().map_err(|reason| StartError::Bind { key, addr, reason })
+}
+
+/// A listener's address for the startup line, or `off`.
+fn listening(listener: Option<&TcpListener>) -> String {
+    listener.map_or_else(|| "off".to_owned(), |l| local_addr(l).to_string())
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

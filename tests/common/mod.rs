@@ -802,8 +802,8 @@ pub fn spawn_command(mut command: Command) -> Process {
                     let at = line.find(&format!("{name}="))?;
                     &line[at + name.len() + 1..]
                 };
-                let rest = rest.strip_prefix("Some(").unwrap_or(rest);
-                let end = rest.find([' ', ')', '"']).unwrap_or(rest.len());
+                // `off` (listener disabled) does not parse: `None`.
+                let end = rest.find([' ', '"']).unwrap_or(rest.len());
                 rest[..end].parse().ok()
             };
             return Process {
