@@ -514,60 +514,83 @@ impl Drop for Redis {
     }
 }
 
-/// Sends requests until `/readyz`'s redis check says `ok` (with traffic, the limiter's
-/// breaker trips on failed decisions).
-async fn wait_redis_check(
-    admin: SocketAddr,
-    client: &reqwest::Client,
-    url: &str,
-    ok: bool,
-) -> (u16, Value) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let response = client.get(url).send().await.unwrap();
-        assert_eq!(
-            response.status(),
-            200,
-            "requests are served while Redis is away"
-        );
-        let (status, json) = readyz(admin).await;
-        if json["checks"]["redis"]["ok"] == ok {
-            return (status, json);
+/// A gateway limiting through a redis-server of its own, with `extra` in `[rate_limit]`.
+struct RedisGateway {
+    pki: Pki,
+    upstream: Upstream,
+    redis: Redis,
+    gateway: common::TestGateway,
+}
+
+async fn gateway_with_redis(name: &str, extra: &str) -> RedisGateway {
+    let pki = Pki::new(name);
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let redis = Redis::start(&format!("{name}-server"));
+    let config = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\n{extra}",
+        base_config(&files, upstream.addr),
+        redis.port
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    RedisGateway {
+        pki,
+        upstream,
+        redis,
+        gateway,
+    }
+}
+
+impl RedisGateway {
+    /// Polls `/readyz` until its redis check says `ok`. With `traffic`, a request goes
+    /// through the gateway before each poll (the limiter's breaker trips on failed
+    /// decisions); without, only the limiter's idle check can notice.
+    async fn wait_redis_check(&self, ok: bool, traffic: bool) -> (u16, Value) {
+        let admin = self.gateway.admin.unwrap();
+        let client = https_client(&self.pki.root_pem(), Http::One, self.gateway.https);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if traffic {
+                let response = client.get(self.gateway.url("/")).send().await.unwrap();
+                assert_eq!(
+                    response.status(),
+                    200,
+                    "requests are served while Redis is away"
+                );
+            }
+            let (status, json) = readyz(admin).await;
+            if json["checks"]["redis"]["ok"] == ok {
+                return (status, json);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis check stayed {}: {json}",
+                !ok
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "redis check stayed {}: {json}",
-            !ok
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    async fn stop(self) {
+        self.gateway.stop().await;
+        self.upstream.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_redis_down_as_degraded_and_recovers() {
-    let pki = Pki::new("admin-redis");
-    let (_, files) = pki.localhost("site");
-    let upstream = Upstream::start().await;
-    let mut redis = Redis::start("admin-redis-server");
-    let config = format!(
-        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\n",
-        base_config(&files, upstream.addr),
-        redis.port
-    );
-    let gateway = start_gateway(&config, &pki.dir).await;
-    let admin = gateway.admin.unwrap();
-    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
-    let url = gateway.url("/");
+    let mut site = gateway_with_redis("admin-redis", "").await;
+    let admin = site.gateway.admin.unwrap();
 
-    let (status, json) = wait_redis_check(admin, &client, &url, true).await;
+    let (status, json) = site.wait_redis_check(true, true).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["checks"]["redis"]["on_redis_error"], "local");
     assert_eq!(json["degraded"], serde_json::json!([]));
 
     // Redis dies: requests keep flowing (local fallback), the check flips, and readiness
     // stays 200 with redis listed as degraded.
-    redis.kill();
-    let (status, json) = wait_redis_check(admin, &client, &url, false).await;
+    site.redis.kill();
+    let (status, json) = site.wait_redis_check(false, true).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["ready"], true);
     assert_eq!(json["degraded"], serde_json::json!(["redis"]));
@@ -582,81 +605,42 @@ async fn readyz_reports_redis_down_as_degraded_and_recovers() {
     assert_eq!(sample(&metrics, "gatehouse_redis_breaker_open"), 1.0);
 
     // Redis returns on the same port: the limiter's probe reconnects, the check recovers.
-    redis.spawn();
-    let (status, json) = wait_redis_check(admin, &client, &url, true).await;
+    site.redis.spawn();
+    let (status, json) = site.wait_redis_check(true, true).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["degraded"], serde_json::json!([]));
-
-    gateway.stop().await;
-    upstream.stop().await;
-}
-
-/// Polls `/readyz` (and sends no traffic) until its redis check says `ok`.
-async fn wait_idle_redis_check(admin: SocketAddr, ok: bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, json) = readyz(admin).await;
-        if json["checks"]["redis"]["ok"] == ok {
-            return json;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis check stayed {}: {json}",
-            !ok
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    site.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_notices_redis_going_and_coming_back_without_traffic() {
-    let pki = Pki::new("admin-redis-idle");
-    let (_, files) = pki.localhost("site");
-    let upstream = Upstream::start().await;
-    let mut redis = Redis::start("admin-redis-idle-server");
-    let config = format!(
-        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\n",
-        base_config(&files, upstream.addr),
-        redis.port
-    );
-    let gateway = start_gateway(&config, &pki.dir).await;
-    let admin = gateway.admin.unwrap();
-    wait_idle_redis_check(admin, true).await;
+    let mut site = gateway_with_redis("admin-redis-idle", "").await;
+    site.wait_redis_check(true, false).await;
 
     // Not one request: the limiter's idle check (every 2 s) is what notices.
     let killed = Instant::now();
-    redis.kill();
-    let json = wait_idle_redis_check(admin, false).await;
+    site.redis.kill();
+    let (_, json) = site.wait_redis_check(false, false).await;
     assert_eq!(json["degraded"], serde_json::json!(["redis"]), "{json}");
     eprintln!(
         "idle gateway noticed Redis down after {:?}",
         killed.elapsed()
     );
 
-    redis.spawn();
-    wait_idle_redis_check(admin, true).await;
-
-    gateway.stop().await;
-    upstream.stop().await;
+    site.redis.spawn();
+    site.wait_redis_check(true, false).await;
+    site.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_on_redis_down_when_on_redis_error_is_deny() {
-    let pki = Pki::new("admin-redis-deny");
-    let (_, files) = pki.localhost("site");
-    let upstream = Upstream::start().await;
-    let mut redis = Redis::start("admin-redis-deny-server");
-    let config = format!(
-        "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\non_redis_error = \"deny\"\n",
-        base_config(&files, upstream.addr),
-        redis.port
-    );
-    let gateway = start_gateway(&config, &pki.dir).await;
+    let mut site = gateway_with_redis("admin-redis-deny", "on_redis_error = \"deny\"\n").await;
+    let (gateway, pki) = (&site.gateway, &site.pki);
     let admin = gateway.admin.unwrap();
     let client = https_client(&pki.root_pem(), Http::One, gateway.https);
     assert_eq!(readyz(admin).await.0, 200);
 
-    redis.kill();
+    site.redis.kill();
     let deadline = Instant::now() + Duration::from_secs(15);
     let json = loop {
         // With "deny" the limiter refuses requests while Redis is away; they still trip
@@ -672,9 +656,7 @@ async fn readyz_fails_on_redis_down_when_on_redis_error_is_deny() {
     assert_eq!(json["failing"], serde_json::json!(["redis"]));
     assert_eq!(json["checks"]["redis"]["ok"], false);
     assert_eq!(json["checks"]["redis"]["on_redis_error"], "deny");
-
-    gateway.stop().await;
-    upstream.stop().await;
+    site.stop().await;
 }
 
 #[tokio::test]
