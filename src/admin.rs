@@ -109,7 +109,9 @@ impl UpstreamCheck {
 
 /// Serves the admin endpoints until draining starts.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<AdminState>) {
-    while let Some((stream, _addr, permit)) = accept(&listener, &ctx).await {
+    // Admin connections take no place under `server.max_connections`: probes and
+    // scrapes must answer when the gateway is full.
+    while let Some((stream, _addr)) = accept(&listener, &ctx).await {
         let (task_ctx, state) = (ctx.clone(), state.clone());
         ctx.connections.spawn(async move {
             let service = service_fn(move |req| {
@@ -122,7 +124,6 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<A
                 _ = conn => {}
                 () = task_ctx.draining.cancelled() => {}
             }
-            drop(permit);
         });
     }
 }

@@ -163,6 +163,7 @@ impl Gateway {
             builder: listener::http_builder(&config),
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
             max_connections: config.server.max_connections,
+            full: std::sync::atomic::AtomicBool::new(false),
             connections: TaskTracker::new(),
             draining: shutdown.clone(),
             hard_stop: hard_stop.clone(),
@@ -173,7 +174,7 @@ impl Gateway {
         let plain_bound = self.http.as_ref().map(local_addr);
         let listeners = TaskTracker::new();
         tracing::info!(
-            https = %local_addr(&self.https),
+            https = %https_bound,
             http = %listening(self.http.as_ref()),
             admin = %listening(self.admin.as_ref()),
             upstream = %config.upstream.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub(crate) struct Context {
     pub permits: Arc<Semaphore>,
     /// `server.max_connections`, for the log line when it is reached.
     pub max_connections: usize,
+    /// Set while connections wait for a place (so the warning is logged once).
+    pub full: AtomicBool,
     /// Every connection task, so shutdown can wait for them.
     pub connections: TaskTracker,
     /// Cancelled when shutdown starts: stop accepting, drain connections.
@@ -72,7 +75,10 @@ pub(crate) async fn serve_https(
     proxy: Arc<Proxy>,
     ctx: Arc<Context>,
 ) {
-    while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
+    while let Some((stream, addr)) = accept(&listener, &ctx).await {
+        let Some(permit) = take_slot(&ctx).await else {
+            break;
+        };
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
         ctx.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
@@ -141,7 +147,10 @@ pub(crate) async fn serve_http(
     redirector: Arc<Redirector>,
     ctx: Arc<Context>,
 ) {
-    while let Some((stream, addr, permit)) = accept(&listener, &ctx).await {
+    while let Some((stream, addr)) = accept(&listener, &ctx).await {
+        let Some(permit) = take_slot(&ctx).await else {
+            break;
+        };
         let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
         ctx.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
@@ -155,13 +164,11 @@ pub(crate) async fn serve_http(
     }
 }
 
-/// Waits for a connection, then for a slot under `server.max_connections` (while the
-/// gateway is full, new clients wait in the kernel's backlog); `None` once draining
-/// starts. Taking the slot after `accept` keeps idle listeners from holding slots.
+/// Waits for a connection; `None` once draining starts.
 pub(crate) async fn accept(
     listener: &TcpListener,
     ctx: &Context,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let accepted = tokio::select! {
             () = ctx.draining.cancelled() => return None,
@@ -169,21 +176,9 @@ pub(crate) async fn accept(
         };
         match accepted {
             Ok((stream, addr)) => {
-                let permit = if let Ok(permit) = ctx.permits.clone().try_acquire_owned() {
-                    permit
-                } else {
-                    tracing::warn!(
-                        max = ctx.max_connections,
-                        "server.max_connections reached; new connections wait"
-                    );
-                    tokio::select! {
-                        () = ctx.draining.cancelled() => return None,
-                        permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
-                    }
-                };
                 // Small responses must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
-                return Some((stream, addr, permit));
+                return Some((stream, addr));
             }
             Err(err) if is_per_connection(&err) => {}
             Err(err) => {
@@ -193,6 +188,29 @@ pub(crate) async fn accept(
             }
         }
     }
+}
+
+/// Waits for a client connection's place under `server.max_connections`; while the
+/// gateway is full its listener stops accepting and new clients wait in the kernel's
+/// backlog. Taken after `accept`, so idle listeners hold no place; the admin listener
+/// takes none, so probes answer when the gateway is full. `None` once draining starts.
+async fn take_slot(ctx: &Context) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = ctx.permits.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    // One warning per full period, not one per waiting client.
+    if !ctx.full.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            max = ctx.max_connections,
+            "server.max_connections reached; new connections wait until others close"
+        );
+    }
+    let permit = tokio::select! {
+        () = ctx.draining.cancelled() => return None,
+        permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
+    };
+    ctx.full.store(false, Ordering::Relaxed);
+    Some(permit)
 }
 
 fn is_per_connection(err: &io::Error) -> bool {

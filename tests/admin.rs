@@ -741,3 +741,43 @@ async fn metrics_count_open_websocket_tunnels() {
     gateway.stop().await;
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn admin_answers_while_client_connections_are_at_max_connections() {
+    let pki = Pki::new("admin-full");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{}\n[server]\nmax_connections = 1\n",
+        base_config(&files, upstream.addr)
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+
+    // One client holds the only place; a second one waits in the backlog.
+    let holder = tokio::net::TcpStream::connect(gateway.https).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    let url = gateway.url("/");
+    let waiting = tokio::spawn(async move { client.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second client was served past max_connections = 1"
+    );
+
+    // Probes and scrapes still answer.
+    let (status, body) = tokio::time::timeout(Duration::from_secs(2), admin_get(admin, "/healthz"))
+        .await
+        .expect("/healthz answers while the gateway is full");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _) = tokio::time::timeout(Duration::from_secs(2), readyz(admin))
+        .await
+        .expect("/readyz answers while the gateway is full");
+    assert_eq!(status, 200);
+
+    waiting.abort();
+    drop(holder);
+    gateway.stop().await;
+    upstream.stop().await;
+}
