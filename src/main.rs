@@ -368,60 +368,48 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
 /// `upstream (http://web:8000: Connection refused (os error 111))`, one entry per failing
 /// check.
 fn readiness_failures(report: &serde_json::Value) -> String {
-    let checks = report.get("checks");
-    let failing: Vec<String> = report
-        .get("failing")
-        .and_then(serde_json::Value::as_array)
-        .map(|names| {
-            names
-                .iter()
-                .filter_map(serde_json::Value::as_str)
-                .map(|name| {
-                    let check = checks.and_then(|c| c.get(name));
-                    let detail = match name {
-                        "upstream" => check
-                            .and_then(|c| c.get("targets"))
-                            .and_then(serde_json::Value::as_object)
-                            .map(|targets| {
-                                targets
-                                    .iter()
-                                    .filter_map(|(target, t)| {
-                                        let error = t.get("error")?.as_str()?;
-                                        Some(format!("{target}: {error}"))
-                                    })
-                                    .collect::<Vec<_>>()
-                                    .join("; ")
-                            }),
-                        "certificates" => check
-                            .and_then(|c| c.get("served"))
-                            .and_then(serde_json::Value::as_array)
-                            .map(|served| {
-                                served
-                                    .iter()
-                                    .filter_map(|c| {
-                                        let error = c.get("error")?.as_str()?;
-                                        let cert = c.get("cert")?.as_str()?;
-                                        Some(format!("{cert}: {error}"))
-                                    })
-                                    .collect::<Vec<_>>()
-                                    .join("; ")
-                            }),
-                        _ => check
-                            .and_then(|c| c.get("error").or_else(|| c.get("state")))
-                            .and_then(serde_json::Value::as_str)
-                            .map(str::to_owned),
-                    };
-                    match detail {
-                        Some(detail) if !detail.is_empty() => format!("{name} ({detail})"),
-                        _ => name.to_owned(),
-                    }
-                })
-                .collect()
+    let failing: Vec<String> = report["failing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .map(|name| match check_errors(name, &report["checks"][name]) {
+            detail if detail.is_empty() => name.to_owned(),
+            detail => format!("{name} ({detail})"),
         })
-        .unwrap_or_default();
+        .collect();
     if failing.is_empty() {
         "the readiness report names no failing check".to_owned()
     } else {
         failing.join(", ")
     }
+}
+
+/// The errors a failing `/readyz` check reports: per upstream target, per certificate,
+/// or the check's own `error`/`state`.
+fn check_errors(name: &str, check: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let entries: Vec<(&str, &Value)> = match name {
+        "upstream" => check["targets"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(target, entry)| (target.as_str(), entry))
+            .collect(),
+        "certificates" => check["served"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|entry| (entry["cert"].as_str().unwrap_or("?"), entry))
+            .collect(),
+        _ => {
+            let own = check["error"].as_str().or_else(|| check["state"].as_str());
+            return own.unwrap_or_default().to_owned();
+        }
+    };
+    entries
+        .into_iter()
+        .filter_map(|(subject, entry)| Some(format!("{subject}: {}", entry["error"].as_str()?)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
