@@ -262,6 +262,54 @@ struct Task {
     dirs: Vec<WatchedDir>,
 }
 
+/// The pending candidate: its slots, what found it, the end of its quiet period and the
+/// start of its burst.
+#[derive(Debug, Default)]
+struct Pending {
+    slots: BTreeSet<usize>,
+    cause: Option<Cause>,
+    quiet_until: Option<Instant>,
+    first_seen: Option<Instant>,
+}
+
+impl Pending {
+    /// Adds `slots` seen changing (by `cause`) and restarts the quiet period.
+    fn add(&mut self, slots: Vec<usize>, cause: Cause) {
+        if slots.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        self.first_seen.get_or_insert(now);
+        // File-system events win over the poll: they are what the logs should name.
+        if self.cause != Some(Cause::Event) {
+            self.cause = Some(cause);
+        }
+        self.slots.extend(slots);
+        self.quiet_until = Some(now + DEBOUNCE);
+    }
+
+    fn is_some(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// When to reload: after the quiet period, but no later than [`MAX_DEFER`] after the
+    /// first change.
+    fn due(&self) -> Instant {
+        let now = Instant::now();
+        let quiet = self.quiet_until.unwrap_or(now);
+        quiet.min(self.first_seen.unwrap_or(now) + MAX_DEFER)
+    }
+
+    /// The slots to reload and why, leaving nothing pending.
+    fn take(&mut self) -> (Vec<usize>, Cause) {
+        let taken = std::mem::take(self);
+        (
+            taken.slots.into_iter().collect(),
+            taken.cause.unwrap_or(Cause::Event),
+        )
+    }
+}
+
 impl Task {
     async fn run(
         &self,
@@ -286,12 +334,7 @@ impl Task {
         let mut expiry = tokio::time::interval_at(Instant::now() + EXPIRY_CHECK, EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let requested = handle.requested.clone();
-        // The pending candidate: its slots, what found it, the end of its quiet period and
-        // the start of its burst.
-        let mut dirty = BTreeSet::new();
-        let mut dirty_cause = Cause::Event;
-        let mut quiet_until = Instant::now();
-        let mut first_event = Instant::now();
+        let mut pending = Pending::default();
         let mut events_open = watching;
         // Watched directories that were deleted or moved away (indexes into `dirs`).
         let mut lost = BTreeSet::new();
@@ -299,27 +342,18 @@ impl Task {
         rewatch.set_missed_tick_behavior(MissedTickBehavior::Skip);
 
         loop {
-            let deadline = quiet_until.min(first_event + MAX_DEFER);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = events.recv(), if events_open => match event {
                     Some(event) => {
                         lost.extend(self.lost_dirs(&event));
-                        let slots = self.affected_slots(&event);
-                        if !slots.is_empty() {
-                            if dirty.is_empty() {
-                                first_event = Instant::now();
-                            }
-                            dirty.extend(slots);
-                            dirty_cause = Cause::Event;
-                            quiet_until = Instant::now() + DEBOUNCE;
-                        }
+                        pending.add(self.affected_slots(&event), Cause::Event);
                     }
                     None => events_open = false,
                 },
-                () = tokio::time::sleep_until(deadline), if !dirty.is_empty() => {
-                    let slots: Vec<usize> = std::mem::take(&mut dirty).into_iter().collect();
-                    self.reload(slots, dirty_cause).await;
+                () = tokio::time::sleep_until(pending.due()), if pending.is_some() => {
+                    let (slots, cause) = pending.take();
+                    self.reload(slots, cause).await;
                 }
                 () = requested.notified() => {
                     let all = (0..self.shared.store.slots().len()).collect();
@@ -328,27 +362,11 @@ impl Task {
                 () = tick(poll.as_mut()) => {
                     // Changed files wait out the quiet period too, so a file the poll
                     // catches mid-write is read once it is complete.
-                    let changed = self.changed().await;
-                    if !changed.is_empty() {
-                        if dirty.is_empty() {
-                            first_event = Instant::now();
-                            dirty_cause = Cause::Poll;
-                        }
-                        dirty.extend(changed);
-                        quiet_until = Instant::now() + DEBOUNCE;
-                    }
+                    pending.add(self.changed().await, Cause::Poll);
                 }
                 _ = rewatch.tick(), if !lost.is_empty() => {
                     let Some(watcher) = watcher.as_mut() else { continue };
-                    let found = self.rewatch(watcher, &mut lost);
-                    if !found.is_empty() {
-                        if dirty.is_empty() {
-                            first_event = Instant::now();
-                        }
-                        dirty.extend(found);
-                        dirty_cause = Cause::Event;
-                        quiet_until = Instant::now() + DEBOUNCE;
-                    }
+                    pending.add(self.rewatch(watcher, &mut lost), Cause::Event);
                 }
                 _ = expiry.tick() => self.shared.warn_expiring(SystemTime::now()),
             }
