@@ -164,7 +164,7 @@ impl Proxy {
 
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
-            match Box::pin(limiter.check(client, req.method(), req.uri().path())).await {
+            match limiter.check(client, req.method(), req.uri().path()).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
                     return Ok(self.finish(rejection.into_response(), version, started, record));

@@ -332,7 +332,10 @@ impl RateLimiter {
             None => (Some(self.local.decide(index, key)), RateLimitBackend::Local),
             Some(redis) => {
                 let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
-                match redis.decide(&redis_key, &compiled.policy).await {
+                // Boxed: the Redis call's state is large, and every request future (and
+                // hyper's per-connection slot sized to it) would otherwise carry it, in
+                // local mode too. One allocation next to a network round trip.
+                match Box::pin(redis.decide(&redis_key, &compiled.policy)).await {
                     Some(decision) => (Some(decision), RateLimitBackend::Redis),
                     None => match self.on_redis_error {
                         OnRedisError::Local => (
