@@ -781,3 +781,59 @@ async fn admin_answers_while_client_connections_are_at_max_connections() {
     gateway.stop().await;
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_count_upstream_failures_by_kind() {
+    let pki = Pki::new("admin-upstream-errors");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    // A port nothing listens on any more: connections to it are refused.
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config =
+        base_config(&files, down).replace("[upstream]", "[upstream]\nresponse_timeout = \"300ms\"");
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    for _ in 0..2 {
+        let response = client.get(gateway.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 502);
+    }
+    let metrics = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "gatehouse_upstream_errors_total{kind=\"connect\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "gatehouse_requests_total{version=\"HTTP/1.1\",status=\"5xx\"}"
+        ),
+        2.0
+    );
+    gateway.stop().await;
+
+    // An upstream slower than response_timeout: 504, counted as a timeout.
+    let config = base_config(&files, upstream.addr)
+        .replace("[upstream]", "[upstream]\nresponse_timeout = \"300ms\"");
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    let response = client.get(gateway.url("/sleep/2000")).send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    let metrics = scrape(gateway.admin.unwrap()).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "gatehouse_upstream_errors_total{kind=\"timeout\"}"
+        ),
+        1.0
+    );
+    gateway.stop().await;
+    upstream.stop().await;
+}
