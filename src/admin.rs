@@ -235,11 +235,8 @@ async fn readiness(state: &AdminState) -> (bool, Value) {
         .limiter()
         .and_then(crate::ratelimit::RateLimiter::redis_ready);
     if let (Some(ok), Some(policy)) = (redis_ready, state.on_redis_error) {
-        let (policy, fails_readiness) = match policy {
-            OnRedisError::Local => ("local", false),
-            OnRedisError::Allow => ("allow", false),
-            OnRedisError::Deny => ("deny", true),
-        };
+        let fails_readiness = policy == OnRedisError::Deny;
+        let policy = policy.as_str();
         let mut check = json!({ "ok": ok, "on_redis_error": policy });
         if !ok {
             check["state"] = json!(format!(

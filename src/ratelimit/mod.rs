@@ -3,7 +3,7 @@
 //! slow or down).
 //!
 //! This module holds the policy side: choosing the rule for a request, the client key
-//! (IP, IPv6 grouped by prefix), and the `429` / `RateLimit` headers. `config` validates
+//! (IP, IPv6 grouped by prefix), and the `429` / `RateLimit` headers. `config::rate_limit` validates
 //! `[rate_limit]`; [`redis`] runs GCRA in Redis behind a timeout and a circuit breaker;
 //! [`local`] runs the same GCRA numbers in process. See `docs/rate-limiting.md`.
 //!
@@ -12,11 +12,10 @@
 //! asked of Redis (or governor), and the outcome is enforced, or only counted in shadow
 //! mode. Each request is checked against exactly one policy.
 
-mod config;
 pub mod local;
 pub mod redis;
 
-pub use config::*;
+pub use crate::config::rate_limit::*;
 
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv6Addr};
@@ -37,9 +36,6 @@ use crate::metrics::{Metrics, RateLimitBackend, RateLimitOutcome};
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// Default Redis key prefix.
-pub const DEFAULT_KEY_PREFIX: &str = "gatehouse:rl:";
 
 // ---------------------------------------------------------------------------------------
 // Keys
@@ -218,14 +214,14 @@ impl RateLimiter {
         metrics: Arc<Metrics>,
     ) -> Result<Self, RateLimitError> {
         let mut policies = vec![CompiledPolicy {
-            header: config.default.header_value(),
+            header: policy_header(&config.default),
             policy: config.default.clone(),
         }];
         let mut rules = Vec::new();
         for rule in &config.rules {
             let policy = rule.limit.as_ref().map(|limit| {
                 policies.push(CompiledPolicy {
-                    header: limit.header_value(),
+                    header: policy_header(limit),
                     policy: limit.clone(),
                 });
                 policies.len() - 1
@@ -401,6 +397,20 @@ impl RateLimiter {
 }
 
 /// `RateLimit: "NAME";r=REMAINING;t=SECONDS` (t: until the full burst is back).
+/// `RateLimit-Policy` value: the largest quota `q` per window `w` (whole seconds) a
+/// client can spend without ever being rejected: `w` = time to refill the burst
+/// (at least 1 s), `q` = min(burst, rate × w).
+fn policy_header(policy: &Policy) -> HeaderValue {
+    let refill = f64::from(policy.burst) / policy.requests_per_second;
+    let window = refill.ceil().max(1.0);
+    let quota = (policy.requests_per_second * window)
+        .floor()
+        .min(f64::from(policy.burst))
+        .max(1.0);
+    let text = format!("\"{}\";q={quota:.0};w={window:.0}", policy.name);
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+}
+
 fn state_header(name: &str, decision: &Decision) -> HeaderValue {
     let text = format!(
         "\"{name}\";r={};t={}",

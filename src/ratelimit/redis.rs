@@ -207,11 +207,7 @@ impl RedisLimiter {
             open: AtomicBool::new(open),
             wake: Notify::new(),
             metrics,
-            fallback: match on_redis_error {
-                OnRedisError::Local => "local limit",
-                OnRedisError::Allow => "allow all",
-                OnRedisError::Deny => "deny all (503)",
-            },
+            fallback: on_redis_error.fallback(),
         });
         if open {
             shared.wake.notify_one();

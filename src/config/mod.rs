@@ -14,7 +14,9 @@ use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::ratelimit::{RateLimitConfig, RawRateLimit};
+pub mod rate_limit;
+
+use rate_limit::{RateLimitConfig, RawRateLimit};
 
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
@@ -287,6 +289,26 @@ impl Problems {
         }
     }
 
+    /// Parses a list of networks such as `["10.0.0.0/8", "192.168.1.10"]` (a bare address
+    /// is a one-address network); every bad entry is reported.
+    pub fn networks(&mut self, key: &str, values: &[String]) -> Vec<IpNet> {
+        values
+            .iter()
+            .filter_map(|text| {
+                let parsed = text
+                    .parse::<IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+                if parsed.is_err() {
+                    self.add(
+                        key,
+                        format!("`{text}` is not an IP address or CIDR; write e.g. \"10.0.0.0/8\" or \"192.168.1.10\""),
+                    );
+                }
+                parsed.ok()
+            })
+            .collect()
+    }
+
     /// Parses a socket address such as `"0.0.0.0:8443"` or `"[::]:443"`.
     pub fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
         let parsed = value.parse().ok();
@@ -495,7 +517,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
     };
     let rate_limit = raw
         .rate_limit
-        .and_then(|raw| crate::ratelimit::validate_config(raw, p));
+        .and_then(|raw| rate_limit::validate_config(raw, p));
     let admin = raw.admin.and_then(|admin| {
         p.socket_addr("admin.listen", &admin.listen)
             .map(|listen| Admin { listen })
@@ -741,21 +763,7 @@ fn parse_upstream_url(url: &str, p: &mut Problems) -> Option<UpstreamTarget> {
 }
 
 fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
-    let trusted_proxies = raw
-        .trusted_proxies
-        .iter()
-        .filter_map(|text| {
-            text.parse::<IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    p.add(
-                        "proxy.trusted_proxies",
-                        format!("`{text}` is not an IP address or CIDR; write e.g. \"10.0.0.0/8\" or \"192.168.1.10\""),
-                    );
-                })
-                .ok()
-        })
-        .collect();
+    let trusted_proxies = p.networks("proxy.trusted_proxies", &raw.trusted_proxies);
     let max_header_size = raw.max_header_size.map_or(64 * 1024, |size| {
         usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
     });

@@ -3,16 +3,16 @@
 //! CA, cluster nodes) with the password kept out of every `Debug` and log line.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::time::Duration;
 
-use http::{HeaderValue, Method};
+use http::Method;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::Problems;
+use super::Problems;
 
-use super::DEFAULT_KEY_PREFIX;
+/// Default Redis key prefix (`rate_limit.key_prefix`).
+pub const DEFAULT_KEY_PREFIX: &str = "gatehouse:rl:";
 
 /// `[rate_limit]` as written in the file.
 #[derive(Debug, Default, Deserialize)]
@@ -96,20 +96,6 @@ impl Policy {
     pub fn interval(&self) -> Duration {
         Duration::from_secs_f64(1.0 / self.requests_per_second).max(Duration::from_micros(1))
     }
-
-    /// `RateLimit-Policy` value: the largest quota `q` per window `w` (whole seconds) a
-    /// client can spend without ever being rejected: `w` = time to refill the burst
-    /// (at least 1 s), `q` = min(burst, rate × w).
-    pub(super) fn header_value(&self) -> HeaderValue {
-        let refill = f64::from(self.burst) / self.requests_per_second;
-        let window = refill.ceil().max(1.0);
-        let quota = (self.requests_per_second * window)
-            .floor()
-            .min(f64::from(self.burst))
-            .max(1.0);
-        let text = format!("\"{}\";q={quota:.0};w={window:.0}", self.name);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
-    }
 }
 
 /// One rule: requests under `prefix` (and with one of `methods`) use `limit`, or are
@@ -136,11 +122,21 @@ pub enum OnRedisError {
 }
 
 impl OnRedisError {
-    pub(super) fn as_str(self) -> &'static str {
+    /// The value as written in the file.
+    pub fn as_str(self) -> &'static str {
         match self {
             OnRedisError::Local => "local",
             OnRedisError::Allow => "allow",
             OnRedisError::Deny => "deny",
+        }
+    }
+
+    /// What decisions do while Redis fails, for log lines.
+    pub fn fallback(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local limit",
+            OnRedisError::Allow => "allow all",
+            OnRedisError::Deny => "deny all (503)",
         }
     }
 }
@@ -311,21 +307,7 @@ pub fn validate_config(raw: RawRateLimit, problems: &mut Problems) -> Option<Rat
             format!("{ipv6_prefix} is not a prefix length; write 1 to 128 (64, the default, is one key per home or server network)"),
         );
     }
-    let allow = raw
-        .allow
-        .iter()
-        .filter_map(|text| {
-            text.parse::<IpNet>()
-                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    p.add(
-                        "rate_limit.allow",
-                        format!("`{text}` is not an IP address or CIDR; write e.g. \"10.0.5.0/24\" or \"192.168.1.10\""),
-                    );
-                })
-                .ok()
-        })
-        .collect();
+    let allow = p.networks("rate_limit.allow", &raw.allow);
     Some(RateLimitConfig {
         default: default?,
         rules,
