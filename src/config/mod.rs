@@ -18,6 +18,43 @@ pub mod rate_limit;
 
 use rate_limit::{RateLimitConfig, RawRateLimit};
 
+// Defaults: what a key means when it is absent. The README's configuration table repeats
+// them for readers; these are the values in force.
+
+/// `tls.handshake_timeout`: time for a client to finish the TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `tls.expiry_warning_days`: warn (and report degraded) this close to expiry.
+pub const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 14;
+/// `tls.reload_poll_interval`: re-read certificate files even without file events.
+pub const DEFAULT_RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// `upstream.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `upstream.response_timeout`: time to the upstream's response headers (nginx
+/// `proxy_read_timeout` is also 60 s).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `upstream.pool_idle_timeout`.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `upstream.pool_max_idle`: idle keep-alive connections kept per upstream.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 1024;
+/// `upstream.unhealthy_for`: how long an instance that refused is skipped.
+pub const DEFAULT_UNHEALTHY_FOR: Duration = Duration::from_secs(5);
+/// `proxy.max_body_size`: 100 MiB.
+pub const DEFAULT_MAX_BODY_SIZE: u64 = 100 * 1024 * 1024;
+/// `proxy.max_header_size`: 64 KiB (large cookies fit; nginx allows 4 × 8 KiB lines).
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
+/// The smallest `proxy.max_header_size` accepted: browsers send large cookies.
+pub const MIN_MAX_HEADER_SIZE: usize = 8 * 1024;
+/// `proxy.header_read_timeout`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `proxy.max_concurrent_streams`: HTTP/2 streams per connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// `websocket.idle_timeout`: a tunnel with no frames either way for this long is closed.
+pub const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `server.shutdown_grace`: below Docker's 10 s before SIGKILL, so the drain completes.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// `server.max_connections`: client connections (and tunnels) at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -512,7 +549,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         idle_timeout: p.duration(
             "websocket.idle_timeout",
             raw.websocket.idle_timeout.as_deref(),
-            Duration::from_secs(600),
+            DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
         ),
     };
     let rate_limit = raw
@@ -526,9 +563,9 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         shutdown_grace: p.duration(
             "server.shutdown_grace",
             raw.server.shutdown_grace.as_deref(),
-            Duration::from_secs(8),
+            DEFAULT_SHUTDOWN_GRACE,
         ),
-        max_connections: raw.server.max_connections.unwrap_or(25_000),
+        max_connections: raw.server.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         worker_threads: raw.server.worker_threads.unwrap_or(0),
     };
     if server.max_connections == 0 {
@@ -632,7 +669,7 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
     let reload_poll_interval = p.duration(
         "tls.reload_poll_interval",
         raw.reload_poll_interval.as_deref(),
-        Duration::from_secs(30),
+        DEFAULT_RELOAD_POLL_INTERVAL,
     );
     if !reload_poll_interval.is_zero() && reload_poll_interval < Duration::from_millis(100) {
         p.add(
@@ -645,12 +682,12 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
         handshake_timeout: p.duration(
             "tls.handshake_timeout",
             raw.handshake_timeout.as_deref(),
-            Duration::from_secs(10),
+            DEFAULT_HANDSHAKE_TIMEOUT,
         ),
         min_version,
         hsts_max_age,
         hsts_include_subdomains: raw.hsts_include_subdomains,
-        expiry_warning_days: raw.expiry_warning_days.unwrap_or(14),
+        expiry_warning_days: raw.expiry_warning_days.unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
         reload_poll_interval,
         reload_watch: raw.reload_watch.unwrap_or(true),
     }
@@ -695,23 +732,23 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> Upstream {
         connect_timeout: p.duration(
             "upstream.connect_timeout",
             raw.connect_timeout.as_deref(),
-            Duration::from_secs(5),
+            DEFAULT_CONNECT_TIMEOUT,
         ),
         response_timeout: p.duration(
             "upstream.response_timeout",
             raw.response_timeout.as_deref(),
-            Duration::from_secs(60),
+            DEFAULT_RESPONSE_TIMEOUT,
         ),
         pool_idle_timeout: p.duration(
             "upstream.pool_idle_timeout",
             raw.pool_idle_timeout.as_deref(),
-            Duration::from_secs(60),
+            DEFAULT_POOL_IDLE_TIMEOUT,
         ),
-        pool_max_idle: raw.pool_max_idle.unwrap_or(1024),
+        pool_max_idle: raw.pool_max_idle.unwrap_or(DEFAULT_POOL_MAX_IDLE),
         unhealthy_for: p.duration(
             "upstream.unhealthy_for",
             raw.unhealthy_for.as_deref(),
-            Duration::from_secs(5),
+            DEFAULT_UNHEALTHY_FOR,
         ),
     }
 }
@@ -764,10 +801,10 @@ fn parse_upstream_url(url: &str, p: &mut Problems) -> Option<UpstreamTarget> {
 
 fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
     let trusted_proxies = p.networks("proxy.trusted_proxies", &raw.trusted_proxies);
-    let max_header_size = raw.max_header_size.map_or(64 * 1024, |size| {
+    let max_header_size = raw.max_header_size.map_or(DEFAULT_MAX_HEADER_SIZE, |size| {
         usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
     });
-    if max_header_size < 8192 {
+    if max_header_size < MIN_MAX_HEADER_SIZE {
         p.add(
             "proxy.max_header_size",
             "must be at least 8 KiB (browsers send large cookies); write e.g. \"64KiB\"",
@@ -775,14 +812,14 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
     }
     Proxy {
         trusted_proxies,
-        max_body_size: raw.max_body_size.map_or(100 * 1024 * 1024, |s| s.as_u64()),
-        max_header_size: max_header_size.max(8192),
+        max_body_size: raw.max_body_size.map_or(DEFAULT_MAX_BODY_SIZE, |s| s.as_u64()),
+        max_header_size: max_header_size.max(MIN_MAX_HEADER_SIZE),
         header_read_timeout: p.duration(
             "proxy.header_read_timeout",
             raw.header_read_timeout.as_deref(),
-            Duration::from_secs(30),
+            DEFAULT_HEADER_READ_TIMEOUT,
         ),
-        max_concurrent_streams: raw.max_concurrent_streams.unwrap_or(256),
+        max_concurrent_streams: raw.max_concurrent_streams.unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
     }
 }
 

@@ -13,6 +13,10 @@ use super::Problems;
 
 /// Default Redis key prefix (`rate_limit.key_prefix`).
 pub const DEFAULT_KEY_PREFIX: &str = "gatehouse:rl:";
+/// `rate_limit.decision_timeout`: Redis on the same network answers in well under 1 ms.
+pub const DEFAULT_DECISION_TIMEOUT: Duration = Duration::from_millis(5);
+/// `rate_limit.ipv6_prefix`: one key per /64, what one home or server network gets.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// `[rate_limit]` as written in the file.
 #[derive(Debug, Default, Deserialize)]
@@ -292,7 +296,7 @@ pub fn validate_config(raw: RawRateLimit, problems: &mut Problems) -> Option<Rat
     let decision_timeout = p.duration(
         "rate_limit.decision_timeout",
         raw.decision_timeout.as_deref(),
-        Duration::from_millis(5),
+        DEFAULT_DECISION_TIMEOUT,
     );
     if decision_timeout.is_zero() || decision_timeout > Duration::from_secs(5) {
         p.add(
@@ -300,7 +304,7 @@ pub fn validate_config(raw: RawRateLimit, problems: &mut Problems) -> Option<Rat
             "must be above 0 and at most 5s; a few milliseconds (\"5ms\") is right for Redis on the same network",
         );
     }
-    let ipv6_prefix = raw.ipv6_prefix.unwrap_or(64);
+    let ipv6_prefix = raw.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
     if !(1..=128).contains(&ipv6_prefix) {
         p.add(
             "rate_limit.ipv6_prefix",
