@@ -13,6 +13,7 @@
 //! Redis outage into a site outage.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, UpstreamTarget};
 use crate::error::{full, plain_response, Body};
 use crate::listener::{accept, Context};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::proxy::Proxy;
 use crate::ratelimit::OnRedisError;
 use crate::tls::CertStore;
@@ -144,9 +145,8 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
             json_response(status, &body)
         }
         "/metrics" => {
-            let text = state
-                .metrics
-                .render(&state.certificates, state.proxy.tunnels.open_count());
+            let mut text = state.metrics.render(state.proxy.tunnels.open_count());
+            render_certificates(&mut text, &state.certificates);
             let mut response = Response::new(full(text));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -358,4 +358,50 @@ async fn upstream_check(state: &AdminState) -> Arc<UpstreamCheck> {
 
 fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+}
+
+/// The certificate gauges of `/metrics`, read now from the served certificates.
+fn render_certificates(out: &mut String, certificates: &CertStore) {
+    let now = SystemTime::now();
+    metrics::header(
+        out,
+        "gatehouse_certificate_expiry_seconds",
+        "Seconds until the served certificate expires (negative: expired).",
+        "gauge",
+    );
+    let mut not_after_lines = String::new();
+    for slot in certificates.slots() {
+        let report = slot.report();
+        let name = report.names.first().map_or("", String::as_str);
+        let cert = report.cert_path.display();
+        let not_after = report.not_after_unix;
+        let left = not_after - unix_seconds(now);
+        let labels = format!(
+            "name=\"{}\",cert=\"{}\",serial=\"{}\"",
+            metrics::escape(name),
+            metrics::escape(&cert.to_string()),
+            metrics::escape(&report.serial)
+        );
+        let _ = writeln!(
+            out,
+            "gatehouse_certificate_expiry_seconds{{{labels}}} {left}"
+        );
+        let _ = writeln!(
+            not_after_lines,
+            "gatehouse_certificate_not_after_timestamp_seconds{{{labels}}} {not_after}"
+        );
+    }
+    metrics::header(
+        out,
+        "gatehouse_certificate_not_after_timestamp_seconds",
+        "Unix time at which the served certificate expires.",
+        "gauge",
+    );
+    out.push_str(&not_after_lines);
+}
+
+fn unix_seconds(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |after| {
+        i64::try_from(after.as_secs()).unwrap_or(i64::MAX)
+    })
 }

@@ -6,17 +6,15 @@
 //! look up. prometheus-client was considered: its `Family` resolves labels through a
 //! `RwLock`-guarded map and its `Histogram` locks per observation, which is what the
 //! request path must not do; the text format itself is simple enough to write here.
-//! Values read at scrape time (certificate expiry, open tunnels, Redis state) come from
-//! their owners when [`Metrics::render`] is called.
+//! Values read at scrape time (open tunnels, Redis state) come from their owners when
+//! [`Metrics::render`] is called; the admin listener adds certificate expiry.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{StatusCode, Version};
-
-use crate::tls::CertStore;
 
 /// Which limiter made a rate-limit decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,9 +239,9 @@ impl Metrics {
         self.connections_open.load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition of every metric. `open_tunnels` and
-    /// `certificates` are read now, from their owners.
-    pub fn render(&self, certificates: &CertStore, open_tunnels: usize) -> String {
+    /// The Prometheus text exposition of these counters; `open_tunnels` is read now from
+    /// its owner. The admin listener appends what other modules own (certificates).
+    pub fn render(&self, open_tunnels: usize) -> String {
         let mut out = String::with_capacity(8 * 1024);
         header(
             &mut out,
@@ -376,57 +374,11 @@ impl Metrics {
             "gatehouse_certificate_reloads_total{{outcome=\"failure\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
         );
-        render_certificates(&mut out, certificates);
         out
     }
 }
 
-fn render_certificates(out: &mut String, certificates: &CertStore) {
-    let now = SystemTime::now();
-    header(
-        out,
-        "gatehouse_certificate_expiry_seconds",
-        "Seconds until the served certificate expires (negative: expired).",
-        "gauge",
-    );
-    let mut not_after_lines = String::new();
-    for slot in certificates.slots() {
-        let report = slot.report();
-        let name = report.names.first().map_or("", String::as_str);
-        let cert = report.cert_path.display();
-        let not_after = report.not_after_unix;
-        let left = not_after - unix_seconds(now);
-        let labels = format!(
-            "name=\"{}\",cert=\"{}\",serial=\"{}\"",
-            escape(name),
-            escape(&cert.to_string()),
-            escape(&report.serial)
-        );
-        let _ = writeln!(
-            out,
-            "gatehouse_certificate_expiry_seconds{{{labels}}} {left}"
-        );
-        let _ = writeln!(
-            not_after_lines,
-            "gatehouse_certificate_not_after_timestamp_seconds{{{labels}}} {not_after}"
-        );
-    }
-    header(
-        out,
-        "gatehouse_certificate_not_after_timestamp_seconds",
-        "Unix time at which the served certificate expires.",
-        "gauge",
-    );
-    out.push_str(&not_after_lines);
-}
-
-fn unix_seconds(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |after| {
-        i64::try_from(after.as_secs()).unwrap_or(i64::MAX)
-    })
-}
-
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+pub(crate) fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
@@ -461,7 +413,7 @@ fn seconds_label(micros: u64) -> String {
 }
 
 /// Escapes a Prometheus label value.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
