@@ -114,7 +114,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<A
     // scrapes must answer when the gateway is full.
     while let Some((stream, _addr)) = accept(&listener, &ctx).await {
         let (task_ctx, state) = (ctx.clone(), state.clone());
-        ctx.connections.spawn(async move {
+        ctx.drain.connections.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &state).await) }
@@ -123,7 +123,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<A
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
-                () = task_ctx.draining.cancelled() => {}
+                () = task_ctx.drain.draining.cancelled() => {}
             }
         });
     }

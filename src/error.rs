@@ -96,10 +96,20 @@ impl ProxyError {
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
+}
 
-    /// Logs the error once, at a level chosen by its side, and turns it into a response.
-    /// The body names no internals: upstream addresses stay in the log.
-    pub fn into_response(self) -> Response<Body> {
+/// A refusal or failure that answers the client: whoever builds one hands it to
+/// `into_response`, which logs it once (where logging is the error's business) and
+/// chooses the status. Request errors and rate-limit rejections alike.
+pub trait IntoResponse {
+    /// The response the client receives.
+    fn into_response(self) -> Response<Body>;
+}
+
+impl IntoResponse for ProxyError {
+    /// Logs the error once, at a level chosen by its side. The body names no internals:
+    /// upstream addresses stay in the log.
+    fn into_response(self) -> Response<Body> {
         match self.side() {
             Side::Downstream => tracing::debug!(error = %self, "request refused"),
             Side::Upstream => tracing::warn!(error = %self, "upstream failure"),

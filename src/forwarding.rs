@@ -6,14 +6,13 @@
 //! `proxy.trusted_proxies`: then the client address is the right-most untrusted entry of
 //! its `X-Forwarded-For` and the peer is appended to the list.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
-use tokio::sync::OwnedSemaphorePermit;
 
-use crate::metrics::ConnectionGuard;
+use crate::connection::{canonical_ip, is_trusted, Peer};
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -30,66 +29,13 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static HTTPS: HeaderValue = HeaderValue::from_static("https");
 
-/// Who is on the other end of a downstream connection, computed once per connection.
-#[derive(Debug)]
-pub struct Peer {
-    /// Socket address of the peer.
-    pub addr: SocketAddr,
-    /// The peer IP as a header value, reused by every request on the connection.
-    pub ip_header: HeaderValue,
-    /// Whether the peer is a trusted proxy whose `X-Forwarded-For` is believed.
-    pub trusted: bool,
-    /// Negotiated TLS version, for the access log.
-    pub tls_version: &'static str,
-    /// The connection's place under `server.max_connections` and in the open-connections
-    /// gauge. WebSocket tunnels keep the `Peer` (and so both) after the HTTP connection
-    /// has handed them its socket.
-    slot: Option<(OwnedSemaphorePermit, ConnectionGuard)>,
-}
-
-impl Peer {
-    /// Describes the peer at `addr`.
-    pub fn new(addr: SocketAddr, trusted_proxies: &[IpNet], tls_version: &'static str) -> Peer {
-        let ip = canonical_ip(addr.ip());
-        Peer {
-            addr,
-            ip_header: HeaderValue::from_str(&ip.to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0")),
-            trusted: is_trusted(ip, trusted_proxies),
-            tls_version,
-            slot: None,
-        }
-    }
-
-    /// Holds `permit` and `open` for as long as this peer (its connection or a tunnel)
-    /// lives.
-    #[must_use]
-    pub fn holding(mut self, permit: OwnedSemaphorePermit, open: ConnectionGuard) -> Peer {
-        self.slot = Some((permit, open));
-        self
-    }
-}
-
-/// Maps IPv4-mapped IPv6 addresses (dual-stack listeners) to plain IPv4.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
-}
-
-fn is_trusted(ip: IpAddr, trusted_proxies: &[IpNet]) -> bool {
-    trusted_proxies.iter().any(|net| net.contains(&ip))
-}
-
 /// The client address for logs and rate limiting: the peer, or behind trusted proxies the
 /// right-most address in `X-Forwarded-For` that is not itself a trusted proxy.
 pub fn client_ip(peer: &Peer, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> IpAddr {
-    let peer_ip = canonical_ip(peer.addr.ip());
     if !peer.trusted {
-        return peer_ip;
+        return peer.ip;
     }
-    let mut client = peer_ip;
+    let mut client = peer.ip;
     for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
         let Ok(text) = value.to_str() else {
             return client;
@@ -137,7 +83,7 @@ pub fn prepare_request(
         headers.remove(&FORWARDED);
         peer.ip_header.clone()
     };
-    let real_ip = if client == canonical_ip(peer.addr.ip()) {
+    let real_ip = if client == peer.ip {
         peer.ip_header.clone()
     } else {
         HeaderValue::from_str(&client.to_string()).unwrap_or_else(|_| peer.ip_header.clone())
@@ -197,7 +143,7 @@ mod tests {
 
     fn peer(ip: &str, trusted: &[IpNet]) -> Peer {
         Peer::new(
-            SocketAddr::new(ip.parse().unwrap(), 5555),
+            std::net::SocketAddr::new(ip.parse().unwrap(), 5555),
             trusted,
             "TLSv1.3",
         )

@@ -9,7 +9,9 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod forwarding;
 pub mod listener;
@@ -17,7 +19,9 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redirect;
+pub mod static_files;
 pub mod tls;
+pub mod upstream;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -144,7 +148,7 @@ impl Gateway {
     /// Serves until `shutdown` is cancelled, then drains for `server.shutdown_grace`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let config = self.config;
-        let hard_stop = CancellationToken::new();
+        let drain = Arc::new(connection::Drain::new(shutdown.clone()));
         let limiter = match &config.rate_limit {
             Some(settings) => Some(
                 ratelimit::RateLimiter::new(settings, &config.statics, self.metrics.clone())
@@ -157,17 +161,14 @@ impl Gateway {
             &config,
             limiter,
             self.metrics.clone(),
-            hard_stop.clone(),
+            drain.clone(),
         ));
         let ctx = Arc::new(listener::Context {
             builder: listener::http_builder(&config),
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
             max_connections: config.server.max_connections,
             full: std::sync::atomic::AtomicBool::new(false),
-            connections: TaskTracker::new(),
-            draining: shutdown.clone(),
-            hard_stop: hard_stop.clone(),
-            trusted_proxies: config.proxy.trusted_proxies.clone(),
+            drain: drain.clone(),
             metrics: self.metrics.clone(),
         });
         let https_bound = local_addr(&self.https);
@@ -215,24 +216,7 @@ impl Gateway {
             "shutting down: no new connections, draining"
         );
         listeners.wait().await;
-        ctx.connections.close();
-        let tunnels = proxy.tunnels.tracker().clone();
-        tunnels.close();
-        let drained = tokio::time::timeout(grace, async {
-            ctx.connections.wait().await;
-            tunnels.wait().await;
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                connections = ctx.connections.len(),
-                websockets = tunnels.len(),
-                "shutdown grace over; closing what is left"
-            );
-            hard_stop.cancel();
-            ctx.connections.wait().await;
-            tunnels.wait().await;
-        }
+        drain.finish(grace).await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -16,11 +16,9 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::forwarding::Peer;
+use crate::connection::{Drain, Peer};
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::proxy::Proxy;
 use crate::redirect::Redirector;
@@ -35,14 +33,8 @@ pub(crate) struct Context {
     pub max_connections: usize,
     /// Set while connections wait for a place (so the warning is logged once).
     pub full: AtomicBool,
-    /// Every connection task, so shutdown can wait for them.
-    pub connections: TaskTracker,
-    /// Cancelled when shutdown starts: stop accepting, drain connections.
-    pub draining: CancellationToken,
-    /// Cancelled when the grace ends: drop what is left.
-    pub hard_stop: CancellationToken,
-    /// Trusted proxy networks, for [`Peer`].
-    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Shutdown phases and the connection tasks they wait for.
+    pub drain: Arc<Drain>,
     /// Connection and handshake counters.
     pub metrics: Arc<Metrics>,
 }
@@ -80,7 +72,7 @@ pub(crate) async fn serve_https(
             break;
         };
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
-        ctx.connections.spawn(async move {
+        ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
             let handshake = tls_handshake(stream, acceptor.config());
             let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
@@ -103,7 +95,7 @@ pub(crate) async fn serve_https(
                 _ => "unknown",
             };
             let peer =
-                Arc::new(Peer::new(addr, &task_ctx.trusted_proxies, tls_version).holding(permit, open));
+                Arc::new(Peer::new(addr, proxy.trusted_proxies(), tls_version).holding(permit, open));
             let service = service_fn(move |req| proxy.clone().handle(peer.clone(), req));
             let conn = task_ctx
                 .builder
@@ -152,7 +144,7 @@ pub(crate) async fn serve_http(
             break;
         };
         let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
-        ctx.connections.spawn(async move {
+        ctx.drain.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
             let service = service_fn(move |req| redirector.clone().handle(req));
             let conn = task_ctx
@@ -171,7 +163,7 @@ pub(crate) async fn accept(
 ) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let accepted = tokio::select! {
-            () = ctx.draining.cancelled() => return None,
+            () = ctx.drain.draining.cancelled() => return None,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -206,7 +198,7 @@ async fn take_slot(ctx: &Context) -> Option<OwnedSemaphorePermit> {
         );
     }
     let permit = tokio::select! {
-        () = ctx.draining.cancelled() => return None,
+        () = ctx.drain.draining.cancelled() => return None,
         permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
     };
     ctx.full.store(false, Ordering::Relaxed);
@@ -232,11 +224,11 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        () = ctx.draining.cancelled() => {
+        () = ctx.drain.draining.cancelled() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 result = conn.as_mut() => result,
-                () = ctx.hard_stop.cancelled() => return,
+                () = ctx.drain.hard_stop.cancelled() => return,
             }
         }
     };

@@ -36,10 +36,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::connection::{Drain, Peer};
 use crate::error::{full, Body};
-use crate::forwarding::Peer;
 
 /// Read buffer kept inline in each pump: big enough for the typical message of a
 /// collaborative app (a JSON edit), small enough that idle tunnels stay cheap.
@@ -56,34 +55,22 @@ const CLOSE_WAIT: Duration = Duration::from_millis(500);
 pub struct Tunnels {
     /// Close a tunnel after this long without a byte either way; zero never does.
     idle_timeout: Duration,
-    /// Every tunnel task, so shutdown can wait for them.
-    tracker: TaskTracker,
-    /// Cancelled when the gateway's shutdown grace ends.
-    shutdown: CancellationToken,
+    /// Tracks every tunnel task; its `hard_stop` closes them when the shutdown grace ends.
+    drain: Arc<Drain>,
 }
 
 impl Tunnels {
     /// Creates the tunnel registry.
-    pub fn new(
-        idle_timeout: Duration,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Tunnels {
+    pub fn new(idle_timeout: Duration, drain: Arc<Drain>) -> Tunnels {
         Tunnels {
             idle_timeout,
-            tracker,
-            shutdown,
+            drain,
         }
-    }
-
-    /// Tracker of the tunnel tasks.
-    pub fn tracker(&self) -> &TaskTracker {
-        &self.tracker
     }
 
     /// Tunnels handshaking or open right now.
     pub fn open_count(&self) -> usize {
-        self.tracker.len()
+        self.drain.tunnels.len()
     }
 
     /// Relays an HTTP/1.1 upgrade: returns the upstream's `101` (every header, including
@@ -130,9 +117,9 @@ impl Tunnels {
     /// Relays in a task of its own; the task holds `peer`, and with it the client
     /// connection's place under `server.max_connections`.
     fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, peer: Arc<Peer>, client: IpAddr) {
-        let shutdown = self.shutdown.clone();
+        let shutdown = self.drain.hard_stop.clone();
         let idle_timeout = self.idle_timeout;
-        self.tracker.spawn(async move {
+        self.drain.tunnels.spawn(async move {
             let _peer = peer;
             let both = async { tokio::try_join!(downstream, upstream) };
             let (downstream, upstream) = tokio::select! {

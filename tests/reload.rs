@@ -582,7 +582,6 @@ access_log = false
         .unwrap();
     let addr = gateway.https_addr();
     let metrics = gateway.metrics();
-    let store = gateway.certificates();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(gateway.run(shutdown.clone()));
 
@@ -622,11 +621,11 @@ access_log = false
     write_in_place(&pki, &a, &a_third);
     wait_serial_for(addr, "a.test", &a_third.serial_hex).await;
     let deadline = Instant::now() + LOG_WAIT;
-    let mut rendered = metrics.render(&store, 0);
+    let mut rendered = metrics.render(0);
     while !rendered.contains("gatehouse_certificate_reloads_total{outcome=\"failure\"} 1\n") {
         assert!(Instant::now() < deadline, "{rendered}");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        rendered = metrics.render(&store, 0);
+        rendered = metrics.render(0);
     }
     assert!(
         rendered.contains("gatehouse_certificate_reloads_total{outcome=\"success\"} 3\n"),

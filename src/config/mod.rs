@@ -565,7 +565,10 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             raw.server.shutdown_grace.as_deref(),
             DEFAULT_SHUTDOWN_GRACE,
         ),
-        max_connections: raw.server.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        max_connections: raw
+            .server
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
         worker_threads: raw.server.worker_threads.unwrap_or(0),
     };
     if server.max_connections == 0 {
@@ -687,7 +690,9 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
         min_version,
         hsts_max_age,
         hsts_include_subdomains: raw.hsts_include_subdomains,
-        expiry_warning_days: raw.expiry_warning_days.unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
+        expiry_warning_days: raw
+            .expiry_warning_days
+            .unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
         reload_poll_interval,
         reload_watch: raw.reload_watch.unwrap_or(true),
     }
@@ -812,14 +817,18 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
     }
     Proxy {
         trusted_proxies,
-        max_body_size: raw.max_body_size.map_or(DEFAULT_MAX_BODY_SIZE, |s| s.as_u64()),
+        max_body_size: raw
+            .max_body_size
+            .map_or(DEFAULT_MAX_BODY_SIZE, |s| s.as_u64()),
         max_header_size: max_header_size.max(MIN_MAX_HEADER_SIZE),
         header_read_timeout: p.duration(
             "proxy.header_read_timeout",
             raw.header_read_timeout.as_deref(),
             DEFAULT_HEADER_READ_TIMEOUT,
         ),
-        max_concurrent_streams: raw.max_concurrent_streams.unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+        max_concurrent_streams: raw
+            .max_concurrent_streams
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
     }
 }
 

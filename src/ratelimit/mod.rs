@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::StaticDir;
-use crate::error::Body;
+use crate::error::{Body, IntoResponse};
 use crate::metrics::{Metrics, RateLimitBackend, RateLimitOutcome};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
@@ -44,7 +44,7 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// The rate-limit key of a client: its IPv4 address, or its IPv6 address masked to
 /// `ipv6_prefix` bits (one household or server usually owns a whole /64).
 pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
-    match crate::forwarding::canonical_ip(ip) {
+    match crate::connection::canonical_ip(ip) {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {
             let bits = u32::from(ipv6_prefix.min(128));
@@ -102,9 +102,9 @@ pub enum Rejection {
     Unavailable,
 }
 
-impl Rejection {
+impl IntoResponse for Rejection {
     /// The response: 429 with `Retry-After` and the `RateLimit` headers, or 503.
-    pub fn into_response(self) -> Response<Body> {
+    fn into_response(self) -> Response<Body> {
         match self {
             Rejection::Limited {
                 retry_after,
@@ -535,9 +535,12 @@ mod tests {
             requests_per_second: rps,
             burst,
         };
-        assert_eq!(policy(10.0, 5).header_value(), "\"default\";q=5;w=1");
-        assert_eq!(policy(10.0, 20).header_value(), "\"default\";q=20;w=2");
-        assert_eq!(policy(5.0 / 60.0, 5).header_value(), "\"default\";q=5;w=60");
+        assert_eq!(policy_header(&policy(10.0, 5)), "\"default\";q=5;w=1");
+        assert_eq!(policy_header(&policy(10.0, 20)), "\"default\";q=20;w=2");
+        assert_eq!(
+            policy_header(&policy(5.0 / 60.0, 5)),
+            "\"default\";q=5;w=60"
+        );
     }
 
     fn parse(section: &str) -> Result<crate::config::Config, crate::config::ConfigError> {

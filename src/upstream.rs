@@ -1,0 +1,228 @@
+//! The upstream side of a request: the pooled keep-alive HTTP/1.1 client, the choice of
+//! instance (round robin, skipping those that recently refused), the response timeout,
+//! and failover of requests that never left.
+//!
+//! Passive health of an instance: *healthy* → (connection refused) *skipped* for
+//! `upstream.unhealthy_for` → *healthy* again. When every instance is skipped the next
+//! one is tried anyway, so a recovered upstream is noticed without waiting.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::{self, PathAndQuery};
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::{Either, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use crate::clock::AtomicInstant;
+use crate::config::{self, UpstreamTarget};
+use crate::error::{chain, ProxyError};
+
+/// Request body sent upstream: the client's body under the size limit, or nothing (the
+/// handshake of an HTTP/2 WebSocket, whose stream becomes the tunnel).
+pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+
+/// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
+type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// The upstream instances and the pooled client that reaches them.
+pub struct Upstreams {
+    client: UpstreamClient,
+    instances: Vec<Instance>,
+    /// Round-robin position.
+    next: AtomicUsize,
+    /// `upstream.unhealthy_for`.
+    unhealthy_for: Duration,
+    /// `upstream.response_timeout`.
+    response_timeout: Duration,
+    /// `proxy.max_body_size`, named when the client's body exceeds it.
+    max_body_size: u64,
+}
+
+struct Instance {
+    target: UpstreamTarget,
+    /// Skipped until then after refusing a connection.
+    down_until: AtomicInstant,
+}
+
+impl Upstreams {
+    /// The client and instances of `[upstream]`.
+    pub fn new(settings: &config::Upstream, max_body_size: u64) -> Upstreams {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle)
+            .http1_preserve_header_case(false)
+            .build(connector);
+        Upstreams {
+            client,
+            instances: settings
+                .targets
+                .iter()
+                .map(|target| Instance {
+                    target: target.clone(),
+                    down_until: AtomicInstant::now(),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            unhealthy_for: settings.unhealthy_for,
+            response_timeout: settings.response_timeout,
+            max_body_size,
+        }
+    }
+
+    /// Sends the request (its URI is rewritten to the chosen instance) and waits for the
+    /// response headers. An idempotent request without a body whose connection is
+    /// refused never reached the app, so it goes to the next instances in turn.
+    pub async fn send(
+        &self,
+        parts: Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let retry =
+            (self.instances.len() > 1 && is_idempotent(&parts.method) && body.is_end_stream())
+                .then(|| RetryTemplate::of(&parts));
+        let mut instance = self.pick();
+        let mut request = Request::from_parts(parts, body);
+        *request.uri_mut() = upstream_uri(&instance.target, request.uri());
+        let mut attempts = 1;
+        loop {
+            match self.send_to(instance, request).await {
+                Err(err @ ProxyError::UpstreamConnect { .. }) => {
+                    let Some(template) = retry.as_ref() else {
+                        return Err(err);
+                    };
+                    if attempts >= self.instances.len() {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err, "upstream refused; trying the next instance");
+                    attempts += 1;
+                    instance = self.pick();
+                    request = template.build(&instance.target);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn send_to(
+        &self,
+        instance: &Instance,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                upstream: instance.target.clone(),
+                after: self.response_timeout,
+            }),
+            Ok(Err(err)) => {
+                if err.is_connect() {
+                    self.mark_down(instance);
+                    return Err(ProxyError::UpstreamConnect {
+                        upstream: instance.target.clone(),
+                        reason: chain(&err),
+                    });
+                }
+                if is_body_limit(&err) {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: self.max_body_size,
+                    });
+                }
+                Err(ProxyError::UpstreamBroken {
+                    upstream: instance.target.clone(),
+                    reason: chain(&err),
+                })
+            }
+        }
+    }
+
+    /// The next healthy instance; when all are skipped, the next one anyway.
+    fn pick(&self) -> &Instance {
+        let count = self.instances.len();
+        if count == 1 {
+            return &self.instances[0];
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        (0..count)
+            .map(|offset| &self.instances[(start + offset) % count])
+            .find(|instance| instance.down_until.get() <= now)
+            .unwrap_or(&self.instances[start % count])
+    }
+
+    fn mark_down(&self, instance: &Instance) {
+        if self.instances.len() > 1 {
+            instance.down_until.set(Instant::now() + self.unhealthy_for);
+        }
+    }
+}
+
+/// What is needed to resend a body-less idempotent request to another instance.
+struct RetryTemplate {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl RetryTemplate {
+    fn of(parts: &Parts) -> RetryTemplate {
+        RetryTemplate {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn build(&self, target: &UpstreamTarget) -> Request<UpstreamBody> {
+        let mut request = Request::new(Either::Right(Empty::new()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = upstream_uri(target, &self.uri);
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn upstream_uri(target: &UpstreamTarget, original: &Uri) -> Uri {
+    let mut parts = uri::Parts::default();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(target.authority.clone());
+    parts.path_and_query = Some(
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all present, so this cannot fail.
+    Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+}
