@@ -37,7 +37,10 @@ impl AtomicInstant {
         let millis = u64::try_from(at.saturating_duration_since(self.start).as_millis())
             .unwrap_or(u64::MAX)
             .min(MAX_MILLIS);
-        self.millis.store(millis, Ordering::Relaxed);
+        // Read first: a stamp shared by many tasks is written at most once a millisecond.
+        if self.millis.load(Ordering::Relaxed) != millis {
+            self.millis.store(millis, Ordering::Relaxed);
+        }
     }
 
     /// Stores the current time.

@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::AtomicInstant;
 use crate::connection::{Drain, Peer};
 use crate::error::{full, Body};
 
@@ -169,7 +170,7 @@ where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
 {
-    let activity = Activity::new();
+    let activity = AtomicInstant::now();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let copy = async {
@@ -180,7 +181,7 @@ where
     };
     let closed = tokio::select! {
         result = copy => return result.map(|_| Closed::Finished),
-        () = activity.idle_for(idle_timeout) => Closed::Idle,
+        () = idle_for(&activity, idle_timeout) => Closed::Idle,
         () = shutdown.cancelled() => Closed::Shutdown,
     };
     // The pumps are gone (possibly mid-write); end both streams in order where the peers
@@ -195,7 +196,7 @@ where
 /// Copies `reader` to `writer` until end of stream, then shuts `writer` down. Waits for
 /// data with an inline buffer; once a read fills it, switches to a heap buffer until the
 /// reader would block (see [`burst`]).
-async fn pump<R, W>(reader: &mut R, writer: &mut W, activity: &Activity) -> io::Result<()>
+async fn pump<R, W>(reader: &mut R, writer: &mut W, activity: &AtomicInstant) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -206,7 +207,7 @@ where
         if read == 0 {
             break;
         }
-        activity.touch();
+        activity.set_now();
         writer.write_all(&inline[..read]).await?;
         if read == inline.len() && burst(reader, writer, activity).await? == Burst::Ended {
             break;
@@ -226,7 +227,7 @@ enum Burst {
 
 /// Copies what `reader` has ready through a heap buffer that is freed as soon as the
 /// reader would block, so a quiet tunnel holds no large buffer.
-async fn burst<R, W>(reader: &mut R, writer: &mut W, activity: &Activity) -> io::Result<Burst>
+async fn burst<R, W>(reader: &mut R, writer: &mut W, activity: &AtomicInstant) -> io::Result<Burst>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -246,7 +247,7 @@ where
             None => return Ok(Burst::WouldBlock),
             Some(Ok(0)) => return Ok(Burst::Ended),
             Some(Ok(read)) => {
-                activity.touch();
+                activity.set_now();
                 writer.write_all(&buffer[..read]).await?;
             }
             Some(Err(err)) => return Err(err),
@@ -254,45 +255,22 @@ where
     }
 }
 
-/// When a byte last moved in either direction, shared by both pumps of a tunnel.
-struct Activity {
-    /// When the tunnel opened.
-    epoch: Instant,
-    /// Milliseconds after `epoch` of the last read that returned data.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
+/// Resolves once nothing moved for `timeout` since `last_activity` (never when `timeout`
+/// is zero). Sleeps until the deadline the last activity implies and re-checks, so
+/// traffic costs an atomic store, not a timer reset.
+async fn idle_for(last_activity: &AtomicInstant, timeout: Duration) {
+    if timeout.is_zero() {
+        return std::future::pending().await;
     }
-
-    fn touch(&self) {
-        let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(elapsed, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing moved for `timeout` (never when `timeout` is zero). Sleeps
-    /// until the deadline the last activity implies and re-checks, so traffic costs an
-    /// atomic store, not a timer reset.
-    async fn idle_for(&self, timeout: Duration) {
-        if timeout.is_zero() {
+    loop {
+        let Some(deadline) = last_activity.get().checked_add(timeout) else {
+            // A timeout beyond the clock's range ("1000 years") never fires.
             return std::future::pending().await;
+        };
+        if Instant::now() >= deadline {
+            return;
         }
-        loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let Some(deadline) = self.epoch.checked_add(last.saturating_add(timeout)) else {
-                // A timeout beyond the clock's range ("1000 years") never fires.
-                return std::future::pending().await;
-            };
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+        tokio::time::sleep_until(deadline).await;
     }
 }
 

@@ -39,7 +39,7 @@
 //! Credentials: URLs are printed redacted and error texts are scrubbed of the password
 //! before logging; see [`super::RedisSettings`].
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Decision, OnRedisError, Policy, RateLimitError, RedisSettings};
+use crate::clock::AtomicInstant;
 use crate::metrics::Metrics;
 
 /// GCRA (generic cell rate algorithm) on one key, with Redis' own clock.
@@ -142,12 +143,10 @@ struct Shared {
     decision_timeout: Duration,
     /// Consecutive failed decisions.
     failures: AtomicU32,
-    /// When the last decision succeeded, in ms since `epoch`.
-    last_success_ms: AtomicU64,
-    /// Time base of `last_success_ms`.
-    epoch: Instant,
+    /// When the last decision succeeded.
+    last_success: AtomicInstant,
     /// Timeouts open the breaker only after this long without a success.
-    dead_after_ms: u64,
+    dead_after: Duration,
     /// Breaker open: skip Redis.
     open: AtomicBool,
     /// Wakes the probe task when the breaker opens.
@@ -200,10 +199,8 @@ impl RedisLimiter {
             conn: ArcSwapOption::new(conn),
             decision_timeout,
             failures: AtomicU32::new(0),
-            last_success_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            dead_after_ms: u64::try_from((decision_timeout * 10).max(DEAD_AFTER_MIN).as_millis())
-                .unwrap_or(u64::MAX),
+            last_success: AtomicInstant::now(),
+            dead_after: (decision_timeout * 10).max(DEAD_AFTER_MIN),
             open: AtomicBool::new(open),
             wake: Notify::new(),
             metrics,
@@ -250,29 +247,17 @@ impl RedisLimiter {
 }
 
 impl Shared {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     fn succeeded(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        let now = self.now_ms();
-        // Read first: the shared cache line is written at most once per millisecond.
-        if self.last_success_ms.load(Ordering::Relaxed) != now {
-            self.last_success_ms.store(now, Ordering::Relaxed);
-        }
+        self.last_success.set_now();
     }
 
     fn failed(&self, reason: &str, timeout: bool) {
         self.metrics.redis_error();
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let dead = !timeout
-            || self
-                .now_ms()
-                .saturating_sub(self.last_success_ms.load(Ordering::Relaxed))
-                >= self.dead_after_ms;
+        let dead = !timeout || self.last_success.elapsed() >= self.dead_after;
         if failures >= FAILURE_THRESHOLD && dead && !self.open.swap(true, Ordering::AcqRel) {
             self.metrics.set_redis_breaker_open(true);
             tracing::warn!(
@@ -375,10 +360,7 @@ async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn>
 /// Checks Redis when no decision has reached it for [`IDLE_CHECK_EVERY`]; on failure
 /// opens the breaker (there is no traffic to lose) and returns true.
 async fn idle_check_failed(shared: &Shared) -> bool {
-    let idle_ms = shared
-        .now_ms()
-        .saturating_sub(shared.last_success_ms.load(Ordering::Relaxed));
-    if shared.open.load(Ordering::Relaxed) || u128::from(idle_ms) < IDLE_CHECK_EVERY.as_millis() {
+    if shared.open.load(Ordering::Relaxed) || shared.last_success.elapsed() < IDLE_CHECK_EVERY {
         return false;
     }
     let Some(conn) = shared.conn.load_full() else {
@@ -443,9 +425,7 @@ async fn probe_task(shared: Arc<Shared>, stop: CancellationToken) {
                 Ok(Ok(conn)) => {
                     shared.conn.store(Some(Arc::new(conn)));
                     shared.failures.store(0, Ordering::Relaxed);
-                    shared
-                        .last_success_ms
-                        .store(shared.now_ms(), Ordering::Relaxed);
+                    shared.last_success.set_now();
                     shared.open.store(false, Ordering::Release);
                     shared.metrics.set_redis_breaker_open(false);
                     tracing::info!(
