@@ -12,6 +12,7 @@
 //! every replica out of rotation because the shared limiter's store failed would turn a
 //! Redis outage into a site outage.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -136,13 +137,13 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => plain_response(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            let (ready, body) = readiness(state).await;
-            let status = if ready {
+            let report = readiness(state).await;
+            let status = if report.ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            json_response(status, &body)
+            json_response(status, &report)
         }
         "/metrics" => {
             let mut text = state.metrics.render(state.proxy.tunnels.open_count());
@@ -161,8 +162,8 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
     }
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut text = body.to_string();
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    let mut text = serde_json::to_string(body).unwrap_or_default();
     text.push('\n');
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
@@ -176,134 +177,285 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     response
 }
 
-/// Runs every check; returns whether the gateway is ready and the JSON report:
-/// `{"ready":bool,"failing":[names],"degraded":[names],"checks":{"listeners":{..},
-/// "certificates":{..},"upstream":{..},"redis":{..}}}` (`redis` only when the rate
-/// limiter uses Redis).
-async fn readiness(state: &AdminState) -> (bool, Value) {
-    let mut checks = Map::new();
+/// What `/readyz` answers, and what `gatehouse health` reads back. Ready unless a check in
+/// `failing`; a check in `degraded` still serves (a Redis outage with a fallback, a
+/// certificate close to expiry).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    /// Whether the load balancer should send traffic here.
+    pub ready: bool,
+    /// Checks that make this instance unready.
+    pub failing: Vec<String>,
+    /// Checks that are failing without making this instance unready.
+    pub degraded: Vec<String>,
+    /// Every check's details.
+    pub checks: Checks,
+}
+
+/// The checks of [`Readiness`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Checks {
+    /// Serving, or draining after SIGTERM.
+    pub listeners: ListenersCheck,
+    /// The served certificates' expiry.
+    pub certificates: CertificatesCheck,
+    /// TCP reachability of each upstream target (cached for [`UPSTREAM_CACHE`]).
+    pub upstream: UpstreamReport,
+    /// The rate limiter's Redis, when it uses one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisCheck>,
+}
+
+/// `checks.listeners`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenersCheck {
+    /// False once draining started.
+    pub ok: bool,
+    /// Bound HTTPS address.
+    pub https: String,
+    /// Bound plain-HTTP address, if enabled.
+    pub http: Option<String>,
+    /// `serving` or `draining`.
+    pub state: String,
+}
+
+/// `checks.certificates`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertificatesCheck {
+    /// No served certificate has expired.
+    pub ok: bool,
+    /// One entry per served certificate.
+    pub served: Vec<ServedCertificate>,
+}
+
+/// One served certificate, with days left counted now (not at load time).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServedCertificate {
+    /// Not expired.
+    pub ok: bool,
+    /// The chain file.
+    pub cert: String,
+    /// Names it covers.
+    pub names: Vec<String>,
+    /// Serial, hex.
+    pub serial: String,
+    /// Expiry, as printed by `check`.
+    pub not_after: String,
+    /// Whole days left (negative once expired).
+    pub days_left: i64,
+    /// Why it fails the check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why it is degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `checks.upstream`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UpstreamReport {
+    /// At least one target accepts connections (the proxy fails over).
+    pub ok: bool,
+    /// Per target URL.
+    pub targets: BTreeMap<String, TargetCheck>,
+}
+
+/// One upstream target's TCP connect.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetCheck {
+    /// It accepted a connection.
+    pub ok: bool,
+    /// How long the connect took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<f64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `checks.redis`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RedisCheck {
+    /// The last decision or probe reached Redis.
+    pub ok: bool,
+    /// `rate_limit.on_redis_error`.
+    pub on_redis_error: String,
+    /// What decisions do meanwhile, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+impl Readiness {
+    /// `upstream (http://web:8000: Connection refused (os error 111))`, one entry per
+    /// failing check, for `gatehouse health`.
+    pub fn failures(&self) -> String {
+        let failing: Vec<String> = self
+            .failing
+            .iter()
+            .map(|name| match self.check_errors(name) {
+                detail if detail.is_empty() => name.clone(),
+                detail => format!("{name} ({detail})"),
+            })
+            .collect();
+        if failing.is_empty() {
+            "the readiness report names no failing check".to_owned()
+        } else {
+            failing.join(", ")
+        }
+    }
+
+    /// The errors a failing check reports: per upstream target, per certificate, or the
+    /// check's own state.
+    fn check_errors(&self, name: &str) -> String {
+        let checks = &self.checks;
+        let errors: Vec<String> = match name {
+            "upstream" => checks
+                .upstream
+                .targets
+                .iter()
+                .filter_map(|(target, check)| Some(format!("{target}: {}", check.error.as_ref()?)))
+                .collect(),
+            "certificates" => checks
+                .certificates
+                .served
+                .iter()
+                .filter_map(|cert| Some(format!("{}: {}", cert.cert, cert.error.as_ref()?)))
+                .collect(),
+            "redis" => checks
+                .redis
+                .iter()
+                .filter_map(|r| r.state.clone())
+                .collect(),
+            "listeners" => vec![checks.listeners.state.clone()],
+            _ => Vec::new(),
+        };
+        errors.join("; ")
+    }
+}
+
+async fn readiness(state: &AdminState) -> Readiness {
     let mut failing = Vec::new();
     let mut degraded = Vec::new();
 
     let draining = state.draining.is_cancelled();
-    checks.insert(
-        "listeners".into(),
-        json!({
-            "ok": !draining,
-            "https": state.https.to_string(),
-            "http": state.http.map(|addr| addr.to_string()),
-            "state": if draining { "draining" } else { "serving" },
-        }),
-    );
+    let listeners = ListenersCheck {
+        ok: !draining,
+        https: state.https.to_string(),
+        http: state.http.map(|addr| addr.to_string()),
+        state: if draining { "draining" } else { "serving" }.to_owned(),
+    };
     if draining {
-        failing.push("listeners");
+        failing.push("listeners".to_owned());
     }
 
-    let certs = certificates(&state.certificates, state.expiry_warning_days);
-    checks.insert(
-        "certificates".into(),
-        json!({ "ok": certs.ok, "served": certs.served }),
-    );
-    if !certs.ok {
-        failing.push("certificates");
-    } else if certs.expiring {
-        degraded.push("certificates");
+    let certificates = certificates(&state.certificates, state.expiry_warning_days);
+    if !certificates.ok {
+        failing.push("certificates".to_owned());
+    } else if certificates
+        .served
+        .iter()
+        .any(|cert| cert.warning.is_some())
+    {
+        degraded.push("certificates".to_owned());
     }
 
     let upstream = upstream_check(state).await;
-    let targets: Map<String, Value> = upstream
-        .targets
-        .iter()
-        .map(|(target, result)| {
-            let value = match result {
-                Ok(took) => json!({ "ok": true, "connect_ms": millis(*took) }),
-                Err(reason) => json!({ "ok": false, "error": reason }),
-            };
-            (target.clone(), value)
-        })
-        .collect();
-    checks.insert(
-        "upstream".into(),
-        json!({ "ok": upstream.ok(), "targets": targets }),
-    );
-    if !upstream.ok() {
-        failing.push("upstream");
+    let upstream = UpstreamReport {
+        ok: upstream.ok(),
+        targets: upstream
+            .targets
+            .iter()
+            .map(|(target, result)| {
+                let check = match result {
+                    Ok(took) => TargetCheck {
+                        ok: true,
+                        connect_ms: Some(millis(*took)),
+                        error: None,
+                    },
+                    Err(reason) => TargetCheck {
+                        ok: false,
+                        connect_ms: None,
+                        error: Some(reason.clone()),
+                    },
+                };
+                (target.clone(), check)
+            })
+            .collect(),
+    };
+    if !upstream.ok {
+        failing.push("upstream".to_owned());
     }
 
     let redis_ready = state
         .proxy
         .limiter()
         .and_then(crate::ratelimit::RateLimiter::redis_ready);
-    if let (Some(ok), Some(policy)) = (redis_ready, state.on_redis_error) {
-        let fails_readiness = policy == OnRedisError::Deny;
-        let policy = policy.as_str();
-        let mut check = json!({ "ok": ok, "on_redis_error": policy });
-        if !ok {
-            check["state"] = json!(format!(
-                "unreachable or failing: decisions use on_redis_error = \"{policy}\" until it answers again"
-            ));
-            if fails_readiness {
-                failing.push("redis");
-            } else {
-                degraded.push("redis");
+    let redis = match (redis_ready, state.on_redis_error) {
+        (Some(ok), Some(policy)) => {
+            if !ok {
+                if policy == OnRedisError::Deny {
+                    failing.push("redis".to_owned());
+                } else {
+                    degraded.push("redis".to_owned());
+                }
             }
+            let policy = policy.as_str();
+            Some(RedisCheck {
+                ok,
+                on_redis_error: policy.to_owned(),
+                state: (!ok).then(|| format!(
+                    "unreachable or failing: decisions use on_redis_error = \"{policy}\" until it answers again"
+                )),
+            })
         }
-        checks.insert("redis".into(), check);
+        _ => None,
+    };
+
+    Readiness {
+        ready: failing.is_empty(),
+        failing,
+        degraded,
+        checks: Checks {
+            listeners,
+            certificates,
+            upstream,
+            redis,
+        },
     }
-
-    let ready = failing.is_empty();
-    (
-        ready,
-        json!({ "ready": ready, "failing": failing, "degraded": degraded, "checks": checks }),
-    )
 }
 
-/// The certificate check.
-struct CertificateCheck {
-    /// No served certificate has expired.
-    ok: bool,
-    /// One expires within `tls.expiry_warning_days`.
-    expiring: bool,
-    /// One entry per served certificate.
-    served: Vec<Value>,
-}
-
-/// Every served certificate with names, serial and expiry (days left counted now, not at
-/// load time); not ok once one has expired, `expiring` within `warning_days`.
-fn certificates(store: &CertStore, warning_days: u32) -> CertificateCheck {
+/// Every served certificate with names, serial and expiry; not ok once one has expired,
+/// with a warning within `warning_days`.
+fn certificates(store: &CertStore, warning_days: u32) -> CertificatesCheck {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let mut check = CertificateCheck {
-        ok: true,
-        expiring: false,
-        served: Vec::new(),
-    };
-    for slot in store.slots() {
-        let report = slot.report();
-        let ok = report.not_after_unix > now;
-        let days_left = (report.not_after_unix - now).div_euclid(86_400);
-        let expiring = days_left < i64::from(warning_days);
-        check.ok &= ok;
-        check.expiring |= expiring;
-        let mut entry = json!({
-            "ok": ok,
-            "cert": report.cert_path.display().to_string(),
-            "names": report.names,
-            "serial": report.serial,
-            "not_after": report.not_after,
-            "days_left": days_left,
-        });
-        if !ok {
-            entry["error"] = json!(format!("expired on {}", report.not_after));
-        } else if expiring {
-            entry["warning"] = json!(format!(
-                "expires in {days_left} days (tls.expiry_warning_days = {warning_days}): renew it"
-            ));
-        }
-        check.served.push(entry);
+    let served: Vec<ServedCertificate> = store
+        .slots()
+        .iter()
+        .map(|slot| {
+            let report = slot.report();
+            let ok = report.not_after_unix > now;
+            let days_left = (report.not_after_unix - now).div_euclid(86_400);
+            let expiring = days_left < i64::from(warning_days);
+            ServedCertificate {
+                ok,
+                cert: report.cert_path.display().to_string(),
+                names: report.names.clone(),
+                serial: report.serial.clone(),
+                not_after: report.not_after.clone(),
+                days_left,
+                error: (!ok).then(|| format!("expired on {}", report.not_after)),
+                warning: (ok && expiring).then(|| format!(
+                    "expires in {days_left} days (tls.expiry_warning_days = {warning_days}): renew it"
+                )),
+            }
+        })
+        .collect();
+    CertificatesCheck {
+        ok: served.iter().all(|cert| cert.ok),
+        served,
     }
-    check
 }
 
 /// The cached upstream check, refreshed when older than [`UPSTREAM_CACHE`].

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use gatehouse::admin::Readiness;
 use gatehouse::config::{Config, LogFormat};
 use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
@@ -341,75 +342,19 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
         .with_context(|| format!("not ready: no answer from the admin listener at {addr}"))?;
     let status_line = reply.lines().next().unwrap_or_default().to_owned();
     let body = reply.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    let report: Option<serde_json::Value> = serde_json::from_str(body.trim()).ok();
-    let ready = report
-        .as_ref()
-        .and_then(|r| r.get("ready"))
-        .and_then(serde_json::Value::as_bool);
-    match (status_line.contains(" 200 "), ready, report) {
-        (true, Some(true), report) => {
-            let degraded: Vec<&str> = report
-                .as_ref()
-                .and_then(|r| r.get("degraded"))
-                .and_then(serde_json::Value::as_array)
-                .map(|names| names.iter().filter_map(serde_json::Value::as_str).collect())
-                .unwrap_or_default();
-            if degraded.is_empty() {
+    let report: Option<Readiness> = serde_json::from_str(body.trim()).ok();
+    match report {
+        Some(report) if report.ready && status_line.contains(" 200 ") => {
+            if report.degraded.is_empty() {
                 Ok(format!("ready ({addr})"))
             } else {
-                Ok(format!("ready ({addr}), degraded: {}", degraded.join(", ")))
+                Ok(format!(
+                    "ready ({addr}), degraded: {}",
+                    report.degraded.join(", ")
+                ))
             }
         }
-        (_, _, Some(report)) => anyhow::bail!("not ready: {}", readiness_failures(&report)),
-        _ => anyhow::bail!("not ready: {addr} answered {status_line:?}"),
+        Some(report) => anyhow::bail!("not ready: {}", report.failures()),
+        None => anyhow::bail!("not ready: {addr} answered {status_line:?}"),
     }
-}
-
-/// `upstream (http://web:8000: Connection refused (os error 111))`, one entry per failing
-/// check.
-fn readiness_failures(report: &serde_json::Value) -> String {
-    let failing: Vec<String> = report["failing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_str)
-        .map(|name| match check_errors(name, &report["checks"][name]) {
-            detail if detail.is_empty() => name.to_owned(),
-            detail => format!("{name} ({detail})"),
-        })
-        .collect();
-    if failing.is_empty() {
-        "the readiness report names no failing check".to_owned()
-    } else {
-        failing.join(", ")
-    }
-}
-
-/// The errors a failing `/readyz` check reports: per upstream target, per certificate,
-/// or the check's own `error`/`state`.
-fn check_errors(name: &str, check: &serde_json::Value) -> String {
-    use serde_json::Value;
-    let entries: Vec<(&str, &Value)> = match name {
-        "upstream" => check["targets"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(target, entry)| (target.as_str(), entry))
-            .collect(),
-        "certificates" => check["served"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|entry| (entry["cert"].as_str().unwrap_or("?"), entry))
-            .collect(),
-        _ => {
-            let own = check["error"].as_str().or_else(|| check["state"].as_str());
-            return own.unwrap_or_default().to_owned();
-        }
-    };
-    entries
-        .into_iter()
-        .filter_map(|(subject, entry)| Some(format!("{subject}: {}", entry["error"].as_str()?)))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
