@@ -27,8 +27,6 @@ use crate::metrics::ConnectionGuard;
 /// Who is on the other end of a downstream connection, computed once per connection.
 #[derive(Debug)]
 pub struct Peer {
-    /// Socket address of the peer.
-    pub addr: SocketAddr,
     /// The peer address with IPv4-mapped IPv6 turned back into IPv4.
     pub ip: IpAddr,
     /// `ip` as a header value, reused by every request on the connection.
@@ -49,7 +47,6 @@ impl Peer {
         let ip = canonical_ip(addr.ip());
         let trusted = is_trusted(ip, trusted_proxies);
         Peer {
-            addr,
             ip,
             ip_header: HeaderValue::from_str(&ip.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0")),

@@ -54,9 +54,6 @@ pub enum ProxyError {
         /// The cause, flattened.
         reason: String,
     },
-    /// Every upstream is marked down.
-    #[error("no upstream available: every instance refused connections recently")]
-    NoUpstream,
     /// The request body exceeds `proxy.max_body_size`.
     #[error("request body larger than {limit} bytes (proxy.max_body_size)")]
     BodyTooLarge {
@@ -78,8 +75,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::UpstreamBroken { .. }
-            | ProxyError::NoUpstream => Side::Upstream,
+            | ProxyError::UpstreamBroken { .. } => Side::Upstream,
             ProxyError::Static(_) => Side::Internal,
         }
     }
@@ -87,9 +83,9 @@ impl ProxyError {
     /// The status code the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::UpstreamConnect { .. }
-            | ProxyError::UpstreamBroken { .. }
-            | ProxyError::NoUpstream => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamBroken { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -7,22 +7,22 @@
 //! rate-limit decision → static file, WebSocket tunnel, or [`forwarding`] + pooled
 //! client → response. Errors become responses in [`error`].
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod admin;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
-pub mod connection;
-pub mod error;
-pub mod forwarding;
-pub mod listener;
+pub(crate) mod connection;
+pub(crate) mod error;
+pub(crate) mod forwarding;
+pub(crate) mod listener;
 pub mod metrics;
-pub mod proxy;
-pub mod ratelimit;
-pub mod redirect;
-pub mod static_files;
+pub(crate) mod proxy;
+pub(crate) mod ratelimit;
+pub(crate) mod redirect;
+pub(crate) mod static_files;
 pub mod tls;
-pub mod upstream;
-pub mod websocket;
+pub(crate) mod upstream;
+pub(crate) mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

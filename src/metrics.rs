@@ -60,8 +60,6 @@ pub enum UpstreamFailure {
     Timeout,
     /// A broken or early-closed response.
     Broken,
-    /// Every instance was marked down.
-    NoneAvailable,
 }
 
 const VERSIONS: [&str; 3] = ["HTTP/1.0", "HTTP/1.1", "HTTP/2"];
@@ -69,7 +67,7 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const BACKENDS: [&str; 3] = ["redis", "local", "fallback"];
 const OUTCOMES: [&str; 3] = ["allowed", "rejected", "shadow_rejected"];
 const HANDSHAKE_REASONS: [&str; 4] = ["timeout", "client_alert", "protocol", "io"];
-const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "broken", "none_available"];
+const UPSTREAM_KINDS: [&str; 3] = ["connect", "timeout", "broken"];
 
 /// Histogram bucket upper bounds, in microseconds (exposed in seconds).
 const BUCKETS_US: [u64; 14] = [

@@ -246,7 +246,6 @@ fn upstream_failure(err: &ProxyError) -> Option<UpstreamFailure> {
         ProxyError::UpstreamConnect { .. } => Some(UpstreamFailure::Connect),
         ProxyError::UpstreamTimeout { .. } => Some(UpstreamFailure::Timeout),
         ProxyError::UpstreamBroken { .. } => Some(UpstreamFailure::Broken),
-        ProxyError::NoUpstream => Some(UpstreamFailure::NoneAvailable),
         _ => None,
     }
 }

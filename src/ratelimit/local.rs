@@ -121,16 +121,19 @@ impl LocalLimiter {
     }
 
     /// Forgets every key whose bucket is full again (what the background task does).
+    #[cfg(test)]
     pub fn retain_recent(&self) {
         retain_recent(&self.entries);
     }
 
-    /// Keys held now across policies (for tests and diagnostics).
+    /// Keys held now across policies.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.iter().map(|entry| entry.limiter.len()).sum()
     }
 
     /// Whether no key is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
