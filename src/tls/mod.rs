@@ -7,6 +7,7 @@
 //! listeners and established connections are never touched.
 
 pub mod certs;
+mod error;
 pub mod reload;
 
 use std::collections::HashMap;
@@ -19,7 +20,8 @@ use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessio
 use rustls::sign::CertifiedKey;
 
 use crate::config::{CertificateSource, Tls, TlsVersion};
-pub use certs::{CertError, CertificateReport, LoadedCertificate};
+pub use certs::{CertificateReport, LoadedCertificate};
+pub use error::{CertError, Role};
 
 /// The one crypto provider used everywhere: aws-lc-rs (faster handshakes than ring and
 /// the post-quantum hybrid key exchange X25519MLKEM768).
