@@ -4,12 +4,19 @@
 //! and what to do, because the incident this gateway replaces was nginx printing
 //! `PEM_read_bio_X509_AUX() failed (SSL: ... no start line)` for an empty file.
 //!
+//! Reading and judging are apart so that one read serves everything: [`read`] reads each
+//! configured file once; [`CertificateFiles::fingerprint`] hashes those bytes (how the
+//! reloader tells a `touch` from a rotation); [`validate`] judges those same bytes, never
+//! touching the disk, so what was fingerprinted is what gets served. [`load`] is both.
+//!
 //! Checks, in the order an operator would fix them: readable, not empty, PEM, the right
 //! kind of block in each file, key unencrypted and parseable, key matches the leaf, leaf
 //! first and each certificate signed by the next, chain complete (filled in from
 //! `ca_bundle` when possible), chain leads to the bundle's CAs, every certificate in its
 //! validity period, configured names covered.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,6 +31,7 @@ use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
 use super::error::{CertError, Role};
+use super::expiry::{expiry, unix_seconds, ExpiryState};
 use crate::config::CertificateSource;
 
 /// A validated certificate set, ready to serve.
@@ -33,6 +41,9 @@ pub struct LoadedCertificate {
     pub certified_key: Arc<CertifiedKey>,
     /// What `check` prints and reloads log.
     pub report: CertificateReport,
+    /// [`CertificateFiles::fingerprint`] of the bytes this set was validated from: the
+    /// reloader compares later reads with what is served, not with a read of its own.
+    pub(crate) fingerprint: u64,
 }
 
 /// A summary of a validated certificate set.
@@ -62,25 +73,75 @@ pub struct CertificateReport {
     pub warnings: Vec<String>,
 }
 
-struct PemFile {
-    path: PathBuf,
-    role: Role,
-    sections: Vec<(SectionKind, Vec<u8>)>,
+/// The files of one configured certificate, each read once, or why it could not be.
+#[derive(Debug)]
+pub(crate) struct CertificateFiles<'a> {
+    /// Where they came from, and the names they must cover.
+    source: &'a CertificateSource,
+    /// `source.cert`.
+    cert: io::Result<Vec<u8>>,
+    /// `source.key`.
+    key: io::Result<Vec<u8>>,
+    /// `source.ca_bundle`, when one is configured.
+    ca_bundle: Option<io::Result<Vec<u8>>>,
 }
 
-/// Loads and validates one configured certificate set at time `now`.
+/// Reads the files of `source`, once each. Never fails: an unreadable file is reported by
+/// [`validate`] and still changes the fingerprint.
+pub(crate) fn read(source: &CertificateSource) -> CertificateFiles<'_> {
+    CertificateFiles {
+        source,
+        cert: std::fs::read(&source.cert),
+        key: std::fs::read(&source.key),
+        ca_bundle: source.ca_bundle.as_deref().map(std::fs::read),
+    }
+}
+
+impl CertificateFiles<'_> {
+    /// A hash of the contents (for an unreadable file, of the reason), so rewriting the
+    /// same bytes is no change and a file vanishing is one.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        for file in [Some(&self.cert), Some(&self.key), self.ca_bundle.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            match file {
+                Ok(bytes) => bytes.hash(&mut hasher),
+                Err(err) => err.kind().hash(&mut hasher),
+            }
+        }
+        hasher.finish()
+    }
+}
+
+/// Reads and validates one configured certificate set at time `now`.
 pub fn load(
     source: &CertificateSource,
     provider: &CryptoProvider,
     now: SystemTime,
     expiry_warning_days: u32,
 ) -> Result<LoadedCertificate, CertError> {
-    let cert_file = read_pem(&source.cert, Role::Certificate)?;
-    let key_file = read_pem(&source.key, Role::PrivateKey)?;
+    validate(read(source), provider, now, expiry_warning_days)
+}
+
+/// The doctor: judges the bytes in `files` at time `now`, reading nothing. Anything
+/// unsound, however malformed, is an error naming the file, never a panic.
+pub(crate) fn validate(
+    files: CertificateFiles<'_>,
+    provider: &CryptoProvider,
+    now: SystemTime,
+    expiry_warning_days: u32,
+) -> Result<LoadedCertificate, CertError> {
+    let fingerprint = files.fingerprint();
+    let source = files.source;
+    let cert_file = parse_pem(&source.cert, Role::Certificate, files.cert)?;
+    let key_file = parse_pem(&source.key, Role::PrivateKey, files.key)?;
     let bundle_file = source
         .ca_bundle
         .as_deref()
-        .map(|path| read_pem(path, Role::CaBundle))
+        .zip(files.ca_bundle)
+        .map(|(path, bytes)| parse_pem(path, Role::CaBundle, bytes))
         .transpose()?;
 
     let file_chain = certificates_of(&cert_file)?;
@@ -103,13 +164,49 @@ pub fn load(
         })?;
     check_key_matches_leaf(source, signing_key.public_key().as_deref(), &parsed_file)?;
     check_order(&source.cert, &parsed_file)?;
+    let chain = complete_chain(source, &file_chain, &parsed_file, &bundle, &parsed_bundle)?;
+    check_validity(&source.cert, &chain.parsed, now)?;
+    verify_signatures(source, provider, &chain.served, &bundle, now)?;
+    // certificates_of never returns an empty chain.
+    let leaf = &parsed_file[0];
+    let names = leaf_names(leaf);
+    check_names(source, &chain.served[0], &names)?;
+    let report = report(source, leaf, &chain, names, now, expiry_warning_days);
+    Ok(LoadedCertificate {
+        certified_key: Arc::new(CertifiedKey::new(chain.served, signing_key)),
+        report,
+        fingerprint,
+    })
+}
 
-    // Complete the served chain from the bundle: follow issuers until a self-signed root.
-    let mut served = file_chain.clone();
-    let mut parsed_served: Vec<&X509Certificate<'_>> = parsed_file.iter().collect();
+/// The chain handed to clients: the file's certificates, then intermediates the bundle
+/// supplied.
+struct ServedChain<'a> {
+    /// DER, leaf first.
+    served: Vec<CertificateDer<'static>>,
+    /// The same certificates, parsed.
+    parsed: Vec<&'a X509Certificate<'a>>,
+    /// How many came from the bundle.
+    completed: usize,
+}
+
+/// Follows issuers from the top of the file's chain through the bundle until a
+/// self-signed root (which is not served), and refuses a lone leaf whose issuer is
+/// nowhere: most clients cannot build the path themselves.
+fn complete_chain<'a>(
+    source: &CertificateSource,
+    file_chain: &[CertificateDer<'static>],
+    parsed_file: &'a [X509Certificate<'a>],
+    bundle: &[CertificateDer<'static>],
+    parsed_bundle: &'a [X509Certificate<'a>],
+) -> Result<ServedChain<'a>, CertError> {
+    let mut served = file_chain.to_vec();
+    let mut parsed: Vec<&X509Certificate<'_>> = parsed_file.iter().collect();
     let mut completed = 0;
     let top_is_root = loop {
-        let top = parsed_served[parsed_served.len() - 1];
+        let Some(&top) = parsed.last() else {
+            break false;
+        };
         if is_self_issued(top) {
             break true;
         }
@@ -118,16 +215,16 @@ pub fn load(
             .position(|ca| ca.subject().as_raw() == top.issuer().as_raw())
         {
             Some(found) if is_self_issued(&parsed_bundle[found]) => break true,
+            // A bound, because a bundle may hold cross-signed loops.
             Some(found) if completed < 8 => {
                 served.push(bundle[found].clone());
-                parsed_served.push(&parsed_bundle[found]);
+                parsed.push(&parsed_bundle[found]);
                 completed += 1;
             }
             _ => break false,
         }
     };
-    if !top_is_root && parsed_served.len() == 1 {
-        let leaf = parsed_served[0];
+    if let (false, [leaf]) = (top_is_root, parsed.as_slice()) {
         let has_bundle = source.ca_bundle.is_some();
         return Err(CertError::Incomplete {
             path: source.cert.clone(),
@@ -145,67 +242,89 @@ pub fn load(
             },
         });
     }
+    Ok(ServedChain {
+        served,
+        parsed,
+        completed,
+    })
+}
 
-    check_validity(&source.cert, &parsed_served, now)?;
-    verify_signatures(source, provider, &served, &bundle, now)?;
-    let leaf = &parsed_file[0];
-    let names = leaf_names(leaf);
-    check_names(source, &served[0], &names)?;
-
-    let mut warnings = Vec::new();
-    let now_unix = unix_seconds(now);
-    let days_left = parsed_served
+/// What `check` prints and reloads log about a set that passed every check.
+fn report(
+    source: &CertificateSource,
+    leaf: &X509Certificate<'_>,
+    chain: &ServedChain<'_>,
+    names: Vec<String>,
+    now: SystemTime,
+    expiry_warning_days: u32,
+) -> CertificateReport {
+    let leaf_not_after = leaf.validity().not_after.timestamp();
+    // An intermediate that expires first takes the site down just the same.
+    let first_expiry = chain
+        .parsed
         .iter()
-        .map(|cert| (cert.validity().not_after.timestamp() - now_unix) / 86_400)
+        .map(|cert| cert.validity().not_after.timestamp())
         .min()
-        .unwrap_or(0);
-    if days_left < i64::from(expiry_warning_days) {
+        .unwrap_or(leaf_not_after);
+    let left = expiry(first_expiry, now, expiry_warning_days);
+    let mut warnings = Vec::new();
+    if left.state == ExpiryState::ExpiringSoon {
         warnings.push(format!(
-            "expires in {days_left} days: renew now (Gatehouse reloads the new file without a restart)"
+            "expires in {} days: renew now (Gatehouse reloads the new file without a restart)",
+            left.days_left
         ));
     }
     // Only a leaf that issued itself is self-signed; one signed by a root in the bundle
     // (served alone, as roots are not sent) is a normal two-level chain.
-    if parsed_served.len() == 1 && is_self_issued(parsed_served[0]) {
-        warnings.push(
-            "self-signed: browsers will not trust it (fine for local development only)".to_owned(),
-        );
+    if let [only] = chain.parsed.as_slice() {
+        if is_self_issued(only) {
+            warnings.push(
+                "self-signed: browsers will not trust it (fine for local development only)"
+                    .to_owned(),
+            );
+        }
     }
-    if completed > 0 {
+    if chain.completed > 0 {
         warnings.push(format!(
-            "{completed} intermediate certificate(s) missing from {} were added from the CA bundle; consider serving a full chain file",
+            "{} intermediate certificate(s) missing from {} were added from the CA bundle; consider serving a full chain file",
+            chain.completed,
             source.cert.display()
         ));
     }
-    let top = parsed_served[parsed_served.len() - 1];
-    let mut chain: Vec<String> = parsed_served
+    let mut subjects: Vec<String> = chain
+        .parsed
         .iter()
-        .map(|c| c.subject().to_string())
+        .map(|cert| cert.subject().to_string())
         .collect();
-    if !is_self_issued(top) {
-        chain.push(top.issuer().to_string());
+    if let Some(top) = chain.parsed.last().filter(|top| !is_self_issued(top)) {
+        subjects.push(top.issuer().to_string());
     }
-    let report = CertificateReport {
+    CertificateReport {
         cert_path: source.cert.clone(),
         subject: leaf.subject().to_string(),
         serial: leaf.raw_serial_as_string(),
         names,
-        chain,
-        not_after_unix: leaf.validity().not_after.timestamp(),
+        chain: subjects,
+        not_after_unix: leaf_not_after,
         not_after: leaf.validity().not_after.to_string(),
-        days_left,
+        days_left: left.days_left,
         key_type: key_type(leaf),
-        completed_from_bundle: completed,
+        completed_from_bundle: chain.completed,
         warnings,
-    };
-    Ok(LoadedCertificate {
-        certified_key: Arc::new(CertifiedKey::new(served, signing_key)),
-        report,
-    })
+    }
 }
 
-fn read_pem(path: &Path, role: Role) -> Result<PemFile, CertError> {
-    let mut bytes = std::fs::read(path).map_err(|source| CertError::Unreadable {
+/// The PEM blocks of one file.
+struct PemFile {
+    path: PathBuf,
+    role: Role,
+    sections: Vec<(SectionKind, Vec<u8>)>,
+}
+
+/// Splits one file's bytes (`read`, as [`read`] got them) into PEM blocks, or says why the
+/// file is not what its role needs.
+fn parse_pem(path: &Path, role: Role, read: io::Result<Vec<u8>>) -> Result<PemFile, CertError> {
+    let mut bytes = read.map_err(|source| CertError::Unreadable {
         role,
         path: path.to_path_buf(),
         source,
@@ -476,20 +595,14 @@ fn check_order(path: &Path, chain: &[X509Certificate<'_>]) -> Result<(), CertErr
     Ok(())
 }
 
-fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 fn check_validity(
     path: &Path,
     chain: &[&X509Certificate<'_>],
     now: SystemTime,
 ) -> Result<(), CertError> {
-    let now = unix_seconds(now);
     for (index, cert) in chain.iter().enumerate() {
         let validity = cert.validity();
-        if validity.not_after.timestamp() < now {
+        if expiry(validity.not_after.timestamp(), now, 0).state == ExpiryState::Expired {
             return Err(CertError::Expired {
                 path: path.to_path_buf(),
                 index: index + 1,
@@ -497,7 +610,7 @@ fn check_validity(
                 not_after: validity.not_after.to_string(),
             });
         }
-        if validity.not_before.timestamp() > now {
+        if validity.not_before.timestamp() > unix_seconds(now) {
             return Err(CertError::NotYetValid {
                 path: path.to_path_buf(),
                 index: index + 1,
