@@ -783,3 +783,6 @@ fn key_type(leaf: &X509Certificate<'_>) -> String {
         _ => format!("other ({})", spki.algorithm.algorithm.to_id_string()),
     }
 }
+
+#[cfg(test)]
+mod tests;
