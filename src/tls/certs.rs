@@ -4,9 +4,9 @@
 //! and what to do, because the incident this gateway replaces was nginx printing
 //! `PEM_read_bio_X509_AUX() failed (SSL: ... no start line)` for an empty file.
 //!
-//! Reading and judging are apart so that one read serves everything: [`read`] reads each
-//! configured file once; [`CertificateFiles::fingerprint`] hashes those bytes (how the
-//! reloader tells a `touch` from a rotation); [`validate`] judges those same bytes, never
+//! Reading and judging are apart so that one read serves everything: `read` reads each
+//! configured file once; `CertificateFiles::fingerprint` hashes those bytes (how the
+//! reloader tells a `touch` from a rotation); `validate` judges those same bytes, never
 //! touching the disk, so what was fingerprinted is what gets served. [`load`] is both.
 //!
 //! Checks, in the order an operator would fix them: readable, not empty, PEM, the right

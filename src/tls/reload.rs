@@ -1,5 +1,5 @@
 //! Certificate hot reload: rotated PEM files are picked up without a restart, validated
-//! with the same checks as at startup ([`certs::validate`]) and swapped into their
+//! with the same checks as at startup (`certs::validate`) and swapped into their
 //! [`CertSlot`] only when the whole set is sound. A bad file never takes the site down.
 //!
 //! Lifecycle of each slot (one per configured certificate), driven by one task:
@@ -13,12 +13,12 @@
 //!   renames and Kubernetes `..data` symlink swaps are seen); the poll (every
 //!   `tls.reload_poll_interval`, for file systems without inotify) finding contents that
 //!   hash differently; or a reload request (SIGHUP, immediate). Event and poll
-//!   candidates wait until nothing changed for [`DEBOUNCE`] (at most [`MAX_DEFER`]), so
+//!   candidates wait until nothing changed for `DEBOUNCE` (at most `MAX_DEFER`), so
 //!   a file caught mid-write is read again once complete.
 //! - **Read.** Each file is read once; its fingerprint and its validation use those same
 //!   bytes. A set that hashes as last time is dropped silently (a `touch`, our own reads,
 //!   unrelated files in the directory), unless the reload was requested.
-//! - **Validated → swapped.** [`certs::validate`] accepts the set: the slot serves it to
+//! - **Validated → swapped.** `certs::validate` accepts the set: the slot serves it to
 //!   new handshakes (established connections keep theirs); logged with subject, serial,
 //!   not-after and names, counted as a successful reload. Back to *serving last good*.
 //! - **Refused.** The set fails validation (empty, garbage, key mismatch, expired,
@@ -29,7 +29,7 @@
 //!   retries and always logs.
 //!
 //! A watched directory that is deleted or renamed away (replaced wholesale) is looked for
-//! every [`REWATCH`] and watched again once it exists; its slots then become candidates.
+//! every `REWATCH` and watched again once it exists; its slots then become candidates.
 //!
 //! Alongside, [`Reloader::run`] runs the daily expiry warning (`tls/expiry.rs`).
 
@@ -51,17 +51,17 @@ use crate::metrics::Metrics;
 
 /// Quiet time after the last file-system event before the files are read: writers such
 /// as `cp`, `scp` or certbot produce bursts of events for one rotation.
-pub const DEBOUNCE: Duration = Duration::from_millis(150);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Longest a continuous stream of events can postpone a reload.
-pub const MAX_DEFER: Duration = Duration::from_secs(2);
+pub(crate) const MAX_DEFER: Duration = Duration::from_secs(2);
 
 /// How often a watched directory that was deleted or moved away is looked for again.
-pub const REWATCH: Duration = Duration::from_millis(200);
+pub(crate) const REWATCH: Duration = Duration::from_millis(200);
 
 /// Why the file watcher could not be set up. The poll still reloads.
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub(crate) enum WatchError {
     /// The OS refused a watcher (e.g. the inotify instance limit).
     #[error("cannot watch the certificate files for changes ({0}); raise fs.inotify.max_user_instances or rely on tls.reload_poll_interval")]
     Create(#[source] notify::Error),
