@@ -4,13 +4,19 @@
 //! and what to do, because the incident this gateway replaces was nginx printing
 //! `PEM_read_bio_X509_AUX() failed (SSL: ... no start line)` for an empty file.
 //!
+//! Reading and judging are apart so that one read serves everything: `read` reads each
+//! configured file once; `CertificateFiles::fingerprint` hashes those bytes (how the
+//! reloader tells a `touch` from a rotation); `validate` judges those same bytes, never
+//! touching the disk, so what was fingerprinted is what gets served. [`load`] is both.
+//!
 //! Checks, in the order an operator would fix them: readable, not empty, PEM, the right
 //! kind of block in each file, key unencrypted and parseable, key matches the leaf, leaf
 //! first and each certificate signed by the next, chain complete (filled in from
 //! `ca_bundle` when possible), chain leads to the bundle's CAs, every certificate in its
 //! validity period, configured names covered.
 
-use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,311 +30,9 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
+use super::error::{CertError, Role};
+use super::expiry::{expiry, unix_seconds, ExpiryState};
 use crate::config::CertificateSource;
-
-/// Which configured file a problem is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// `cert`: the chain file.
-    Certificate,
-    /// `key`: the private key file.
-    PrivateKey,
-    /// `ca_bundle`.
-    CaBundle,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Certificate => "certificate",
-            Role::PrivateKey => "private key",
-            Role::CaBundle => "CA bundle",
-        })
-    }
-}
-
-/// Why a certificate set was refused. Every message names the file and the fix.
-#[derive(Debug, thiserror::Error)]
-pub enum CertError {
-    /// Case 1: missing or unreadable.
-    #[error("{role} file {path}: cannot read it ({source}); check the path in the config and that the gatehouse user may read it (is the volume mounted? file permissions?)")]
-    Unreadable {
-        /// Which file.
-        role: Role,
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Case 2: empty.
-    #[error("{role} file {path} is empty; the copy or upload probably failed: copy the {role} again and check it with `head -n 2 {path}` (it must start with -----BEGIN ...)")]
-    Empty {
-        /// Which file.
-        role: Role,
-        /// The path.
-        path: PathBuf,
-    },
-    /// Case 3: no PEM block.
-    #[error("{role} file {path} holds no PEM block: it looks like {looks_like}; {fix}")]
-    NotPem {
-        /// Which file.
-        role: Role,
-        /// The path.
-        path: PathBuf,
-        /// What the content looks like instead.
-        looks_like: &'static str,
-        /// How to fix it.
-        fix: String,
-    },
-    /// A PEM block whose base64 or framing is broken.
-    #[error("{role} file {path}: broken PEM ({reason}); the file was probably truncated or edited; copy it again from the source")]
-    BadPem {
-        /// Which file.
-        role: Role,
-        /// The path.
-        path: PathBuf,
-        /// Parser message.
-        reason: String,
-    },
-    /// Case 4: a private key where the certificate chain is expected.
-    #[error("certificate file {path} holds a private key and no certificate; the cert and key files are probably swapped: set cert to the certificate chain (-----BEGIN CERTIFICATE-----) and key to this file")]
-    KeyInCertFile {
-        /// The path.
-        path: PathBuf,
-    },
-    /// Case 4, reversed.
-    #[error("private key file {path} holds a certificate and no private key; the cert and key files are probably swapped: set key to the file with -----BEGIN PRIVATE KEY----- and cert to this one")]
-    CertInKeyFile {
-        /// The path.
-        path: PathBuf,
-    },
-    /// PEM with only other kinds of block (a CSR, a public key...).
-    #[error("{role} file {path} holds {found} but no {role}; point the config at the right file")]
-    WrongBlocks {
-        /// Which file.
-        role: Role,
-        /// The path.
-        path: PathBuf,
-        /// What was found instead.
-        found: String,
-    },
-    /// More than one key in the key file.
-    #[error(
-        "private key file {path} holds {count} private keys; keep only the key of this certificate"
-    )]
-    SeveralKeys {
-        /// The path.
-        path: PathBuf,
-        /// How many keys.
-        count: usize,
-    },
-    /// Case 9: encrypted private key.
-    #[error("private key file {path} is encrypted with a passphrase, which a server cannot type at startup; decrypt it once with `openssl pkey -in {path} -out {path}.plain` (enter the passphrase), protect the result with file permissions (chmod 600) and point key at it")]
-    EncryptedKey {
-        /// The path.
-        path: PathBuf,
-    },
-    /// The key parses as PEM but not as a usable key.
-    #[error("private key file {path}: not a usable key ({reason}); Gatehouse takes unencrypted RSA (2048+ bits), ECDSA P-256/P-384 and Ed25519 keys in PKCS#8, PKCS#1 or SEC1 PEM")]
-    BadKey {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// A certificate block that does not parse as X.509.
-    #[error("certificate file {path}: certificate #{index} is not valid X.509 ({reason}); copy the file again from your CA")]
-    BadCertificate {
-        /// The path.
-        path: PathBuf,
-        /// 1-based position in the file.
-        index: usize,
-        /// Parser message.
-        reason: String,
-    },
-    /// Case 5: key and leaf do not match.
-    #[error("private key {key} does not match the certificate {cert} (leaf subject {subject}); the files come from different orders or renewals: use the key generated with this certificate's request, or the certificate issued for this key")]
-    KeyMismatch {
-        /// The chain file.
-        cert: PathBuf,
-        /// The key file.
-        key: PathBuf,
-        /// The leaf's subject.
-        subject: String,
-    },
-    /// Case 6: the leaf is not the first certificate.
-    #[error("certificate file {path}: the server certificate (the one matching {key}, subject {subject}) is #{index} but must come first; rebuild the file as `cat server.crt intermediate.crt > fullchain.crt`")]
-    LeafNotFirst {
-        /// The chain file.
-        path: PathBuf,
-        /// The key file.
-        key: PathBuf,
-        /// 1-based position where the leaf was found.
-        index: usize,
-        /// The leaf's subject.
-        subject: String,
-    },
-    /// Case 6: out of order.
-    #[error("certificate file {path}: certificates are out of order: #{index} ({subject}) is issued by {issuer}, which is #{found_at} in the file but must come right after it; order the file leaf first, then each issuer in turn")]
-    OutOfOrder {
-        /// The chain file.
-        path: PathBuf,
-        /// 1-based position of the certificate whose issuer is misplaced.
-        index: usize,
-        /// Its subject.
-        subject: String,
-        /// Its issuer.
-        issuer: String,
-        /// 1-based position of the issuer.
-        found_at: usize,
-    },
-    /// Case 6: a certificate in the file that did not issue the one before it.
-    #[error("certificate file {path}: #{next} ({next_subject}) did not issue #{index} ({subject}, issued by {issuer}); remove the unrelated certificate and append the real intermediate from your CA")]
-    Unrelated {
-        /// The chain file.
-        path: PathBuf,
-        /// 1-based position of the certificate.
-        index: usize,
-        /// Its subject.
-        subject: String,
-        /// Its issuer.
-        issuer: String,
-        /// 1-based position of the following certificate.
-        next: usize,
-        /// The following certificate's subject.
-        next_subject: String,
-    },
-    /// Names match but the signature does not verify.
-    #[error("certificate file {path}: the signature on #{index} does not verify with the next certificate's key ({reason}); the intermediate is from a different CA generation: download the current chain from your CA")]
-    BadSignature {
-        /// The chain file.
-        path: PathBuf,
-        /// 1-based position.
-        index: usize,
-        /// Verifier message.
-        reason: String,
-    },
-    /// Case 7: the chain stops before reaching a CA.
-    #[error("certificate file {path}: the chain is incomplete: the issuer of {subject} ({issuer}) is {where_looked}; clients without that intermediate (most phones) will reject the site: append the intermediate certificate(s) from your CA to {path}{bundle_hint}")]
-    Incomplete {
-        /// The chain file.
-        path: PathBuf,
-        /// Subject of the last certificate found.
-        subject: String,
-        /// The missing issuer.
-        issuer: String,
-        /// Where the issuer was looked for.
-        where_looked: String,
-        /// Extra advice when no bundle is configured.
-        bundle_hint: &'static str,
-    },
-    /// Case 10: the chain does not lead to the bundle's CAs.
-    #[error("certificate file {path} does not lead to any CA in the CA bundle {bundle} ({reason}); the bundle is from another CA or an old chain: download the bundle that belongs to this certificate")]
-    NotUnderBundle {
-        /// The chain file.
-        path: PathBuf,
-        /// The bundle.
-        bundle: PathBuf,
-        /// Verifier message.
-        reason: String,
-    },
-    /// Case 8: expired.
-    #[error("certificate file {path}: #{index} ({subject}) expired on {not_after}; renew it (e.g. `certbot renew`) and replace the file; Gatehouse picks the new file up without a restart")]
-    Expired {
-        /// The chain file.
-        path: PathBuf,
-        /// 1-based position.
-        index: usize,
-        /// Its subject.
-        subject: String,
-        /// Its expiry.
-        not_after: String,
-    },
-    /// Case 8: not valid yet.
-    #[error("certificate file {path}: #{index} ({subject}) is not valid before {not_before}; check the machine clock (`date -u`) or wait for the start date")]
-    NotYetValid {
-        /// The chain file.
-        path: PathBuf,
-        /// 1-based position.
-        index: usize,
-        /// Its subject.
-        subject: String,
-        /// Its start.
-        not_before: String,
-    },
-    /// A configured name the leaf does not cover.
-    #[error("certificate file {path} does not cover the name {name} (it covers: {covered}); request a certificate that includes {name}, or fix names in the config")]
-    NameNotCovered {
-        /// The chain file.
-        path: PathBuf,
-        /// The configured name.
-        name: String,
-        /// What the leaf covers.
-        covered: String,
-    },
-    /// The leaf is not for TLS servers.
-    #[error("certificate file {path}: the leaf is not allowed for TLS servers ({reason}); request a server (serverAuth) certificate")]
-    NotForServers {
-        /// The chain file.
-        path: PathBuf,
-        /// Verifier message.
-        reason: String,
-    },
-}
-
-impl CertError {
-    /// The file the operator should look at first.
-    pub fn path(&self) -> &Path {
-        match self {
-            CertError::Unreadable { path, .. }
-            | CertError::Empty { path, .. }
-            | CertError::NotPem { path, .. }
-            | CertError::BadPem { path, .. }
-            | CertError::KeyInCertFile { path }
-            | CertError::CertInKeyFile { path }
-            | CertError::WrongBlocks { path, .. }
-            | CertError::SeveralKeys { path, .. }
-            | CertError::EncryptedKey { path }
-            | CertError::BadKey { path, .. }
-            | CertError::BadCertificate { path, .. }
-            | CertError::KeyMismatch { key: path, .. }
-            | CertError::LeafNotFirst { path, .. }
-            | CertError::OutOfOrder { path, .. }
-            | CertError::Unrelated { path, .. }
-            | CertError::BadSignature { path, .. }
-            | CertError::Incomplete { path, .. }
-            | CertError::NotUnderBundle { path, .. }
-            | CertError::Expired { path, .. }
-            | CertError::NotYetValid { path, .. }
-            | CertError::NameNotCovered { path, .. }
-            | CertError::NotForServers { path, .. } => path,
-        }
-    }
-
-    /// A short stable label for metrics and structured logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CertError::Unreadable { .. } => "unreadable",
-            CertError::Empty { .. } => "empty",
-            CertError::NotPem { .. } | CertError::BadPem { .. } => "not_pem",
-            CertError::KeyInCertFile { .. }
-            | CertError::CertInKeyFile { .. }
-            | CertError::WrongBlocks { .. }
-            | CertError::SeveralKeys { .. } => "wrong_file",
-            CertError::EncryptedKey { .. } => "encrypted_key",
-            CertError::BadKey { .. } | CertError::BadCertificate { .. } => "unparseable",
-            CertError::KeyMismatch { .. } => "key_mismatch",
-            CertError::LeafNotFirst { .. }
-            | CertError::OutOfOrder { .. }
-            | CertError::Unrelated { .. }
-            | CertError::BadSignature { .. } => "chain_order",
-            CertError::Incomplete { .. } => "chain_incomplete",
-            CertError::NotUnderBundle { .. } => "untrusted_chain",
-            CertError::Expired { .. } | CertError::NotYetValid { .. } => "validity",
-            CertError::NameNotCovered { .. } | CertError::NotForServers { .. } => "name",
-        }
-    }
-}
 
 /// A validated certificate set, ready to serve.
 #[derive(Debug, Clone)]
@@ -337,6 +41,9 @@ pub struct LoadedCertificate {
     pub certified_key: Arc<CertifiedKey>,
     /// What `check` prints and reloads log.
     pub report: CertificateReport,
+    /// [`CertificateFiles::fingerprint`] of the bytes this set was validated from: the
+    /// reloader compares later reads with what is served, not with a read of its own.
+    pub(crate) fingerprint: u64,
 }
 
 /// A summary of a validated certificate set.
@@ -366,25 +73,75 @@ pub struct CertificateReport {
     pub warnings: Vec<String>,
 }
 
-struct PemFile {
-    path: PathBuf,
-    role: Role,
-    sections: Vec<(SectionKind, Vec<u8>)>,
+/// The files of one configured certificate, each read once, or why it could not be.
+#[derive(Debug)]
+pub(crate) struct CertificateFiles<'a> {
+    /// Where they came from, and the names they must cover.
+    source: &'a CertificateSource,
+    /// `source.cert`.
+    cert: io::Result<Vec<u8>>,
+    /// `source.key`.
+    key: io::Result<Vec<u8>>,
+    /// `source.ca_bundle`, when one is configured.
+    ca_bundle: Option<io::Result<Vec<u8>>>,
 }
 
-/// Loads and validates one configured certificate set at time `now`.
+/// Reads the files of `source`, once each. Never fails: an unreadable file is reported by
+/// [`validate`] and still changes the fingerprint.
+pub(crate) fn read(source: &CertificateSource) -> CertificateFiles<'_> {
+    CertificateFiles {
+        source,
+        cert: std::fs::read(&source.cert),
+        key: std::fs::read(&source.key),
+        ca_bundle: source.ca_bundle.as_deref().map(std::fs::read),
+    }
+}
+
+impl CertificateFiles<'_> {
+    /// A hash of the contents (for an unreadable file, of the reason), so rewriting the
+    /// same bytes is no change and a file vanishing is one.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        for file in [Some(&self.cert), Some(&self.key), self.ca_bundle.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            match file {
+                Ok(bytes) => bytes.hash(&mut hasher),
+                Err(err) => err.kind().hash(&mut hasher),
+            }
+        }
+        hasher.finish()
+    }
+}
+
+/// Reads and validates one configured certificate set at time `now`.
 pub fn load(
     source: &CertificateSource,
     provider: &CryptoProvider,
     now: SystemTime,
     expiry_warning_days: u32,
 ) -> Result<LoadedCertificate, CertError> {
-    let cert_file = read_pem(&source.cert, Role::Certificate)?;
-    let key_file = read_pem(&source.key, Role::PrivateKey)?;
+    validate(read(source), provider, now, expiry_warning_days)
+}
+
+/// The doctor: judges the bytes in `files` at time `now`, reading nothing. Anything
+/// unsound, however malformed, is an error naming the file, never a panic.
+pub(crate) fn validate(
+    files: CertificateFiles<'_>,
+    provider: &CryptoProvider,
+    now: SystemTime,
+    expiry_warning_days: u32,
+) -> Result<LoadedCertificate, CertError> {
+    let fingerprint = files.fingerprint();
+    let source = files.source;
+    let cert_file = parse_pem(&source.cert, Role::Certificate, files.cert)?;
+    let key_file = parse_pem(&source.key, Role::PrivateKey, files.key)?;
     let bundle_file = source
         .ca_bundle
         .as_deref()
-        .map(|path| read_pem(path, Role::CaBundle))
+        .zip(files.ca_bundle)
+        .map(|(path, bytes)| parse_pem(path, Role::CaBundle, bytes))
         .transpose()?;
 
     let file_chain = certificates_of(&cert_file)?;
@@ -407,13 +164,49 @@ pub fn load(
         })?;
     check_key_matches_leaf(source, signing_key.public_key().as_deref(), &parsed_file)?;
     check_order(&source.cert, &parsed_file)?;
+    let chain = complete_chain(source, &file_chain, &parsed_file, &bundle, &parsed_bundle)?;
+    check_validity(&source.cert, &chain.parsed, now)?;
+    verify_signatures(source, provider, &chain.served, &bundle, now)?;
+    // certificates_of never returns an empty chain.
+    let leaf = &parsed_file[0];
+    let names = leaf_names(leaf);
+    check_names(source, &chain.served[0], &names)?;
+    let report = report(source, leaf, &chain, names, now, expiry_warning_days);
+    Ok(LoadedCertificate {
+        certified_key: Arc::new(CertifiedKey::new(chain.served, signing_key)),
+        report,
+        fingerprint,
+    })
+}
 
-    // Complete the served chain from the bundle: follow issuers until a self-signed root.
-    let mut served = file_chain.clone();
-    let mut parsed_served: Vec<&X509Certificate<'_>> = parsed_file.iter().collect();
+/// The chain handed to clients: the file's certificates, then intermediates the bundle
+/// supplied.
+struct ServedChain<'a> {
+    /// DER, leaf first.
+    served: Vec<CertificateDer<'static>>,
+    /// The same certificates, parsed.
+    parsed: Vec<&'a X509Certificate<'a>>,
+    /// How many came from the bundle.
+    completed: usize,
+}
+
+/// Follows issuers from the top of the file's chain through the bundle until a
+/// self-signed root (which is not served), and refuses a lone leaf whose issuer is
+/// nowhere: most clients cannot build the path themselves.
+fn complete_chain<'a>(
+    source: &CertificateSource,
+    file_chain: &[CertificateDer<'static>],
+    parsed_file: &'a [X509Certificate<'a>],
+    bundle: &[CertificateDer<'static>],
+    parsed_bundle: &'a [X509Certificate<'a>],
+) -> Result<ServedChain<'a>, CertError> {
+    let mut served = file_chain.to_vec();
+    let mut parsed: Vec<&X509Certificate<'_>> = parsed_file.iter().collect();
     let mut completed = 0;
     let top_is_root = loop {
-        let top = parsed_served[parsed_served.len() - 1];
+        let Some(&top) = parsed.last() else {
+            break false;
+        };
         if is_self_issued(top) {
             break true;
         }
@@ -422,16 +215,16 @@ pub fn load(
             .position(|ca| ca.subject().as_raw() == top.issuer().as_raw())
         {
             Some(found) if is_self_issued(&parsed_bundle[found]) => break true,
+            // A bound, because a bundle may hold cross-signed loops.
             Some(found) if completed < 8 => {
                 served.push(bundle[found].clone());
-                parsed_served.push(&parsed_bundle[found]);
+                parsed.push(&parsed_bundle[found]);
                 completed += 1;
             }
             _ => break false,
         }
     };
-    if !top_is_root && parsed_served.len() == 1 {
-        let leaf = parsed_served[0];
+    if let (false, [leaf]) = (top_is_root, parsed.as_slice()) {
         let has_bundle = source.ca_bundle.is_some();
         return Err(CertError::Incomplete {
             path: source.cert.clone(),
@@ -449,67 +242,89 @@ pub fn load(
             },
         });
     }
+    Ok(ServedChain {
+        served,
+        parsed,
+        completed,
+    })
+}
 
-    check_validity(&source.cert, &parsed_served, now)?;
-    verify_signatures(source, provider, &served, &bundle, now)?;
-    let leaf = &parsed_file[0];
-    let names = leaf_names(leaf);
-    check_names(source, &served[0], &names)?;
-
-    let mut warnings = Vec::new();
-    let now_unix = unix_seconds(now);
-    let days_left = parsed_served
+/// What `check` prints and reloads log about a set that passed every check.
+fn report(
+    source: &CertificateSource,
+    leaf: &X509Certificate<'_>,
+    chain: &ServedChain<'_>,
+    names: Vec<String>,
+    now: SystemTime,
+    expiry_warning_days: u32,
+) -> CertificateReport {
+    let leaf_not_after = leaf.validity().not_after.timestamp();
+    // An intermediate that expires first takes the site down just the same.
+    let first_expiry = chain
+        .parsed
         .iter()
-        .map(|cert| (cert.validity().not_after.timestamp() - now_unix) / 86_400)
+        .map(|cert| cert.validity().not_after.timestamp())
         .min()
-        .unwrap_or(0);
-    if days_left < i64::from(expiry_warning_days) {
+        .unwrap_or(leaf_not_after);
+    let left = expiry(first_expiry, now, expiry_warning_days);
+    let mut warnings = Vec::new();
+    if left.state == ExpiryState::ExpiringSoon {
         warnings.push(format!(
-            "expires in {days_left} days: renew now (Gatehouse reloads the new file without a restart)"
+            "expires in {} days: renew now (Gatehouse reloads the new file without a restart)",
+            left.days_left
         ));
     }
     // Only a leaf that issued itself is self-signed; one signed by a root in the bundle
     // (served alone, as roots are not sent) is a normal two-level chain.
-    if parsed_served.len() == 1 && is_self_issued(parsed_served[0]) {
-        warnings.push(
-            "self-signed: browsers will not trust it (fine for local development only)".to_owned(),
-        );
+    if let [only] = chain.parsed.as_slice() {
+        if is_self_issued(only) {
+            warnings.push(
+                "self-signed: browsers will not trust it (fine for local development only)"
+                    .to_owned(),
+            );
+        }
     }
-    if completed > 0 {
+    if chain.completed > 0 {
         warnings.push(format!(
-            "{completed} intermediate certificate(s) missing from {} were added from the CA bundle; consider serving a full chain file",
+            "{} intermediate certificate(s) missing from {} were added from the CA bundle; consider serving a full chain file",
+            chain.completed,
             source.cert.display()
         ));
     }
-    let top = parsed_served[parsed_served.len() - 1];
-    let mut chain: Vec<String> = parsed_served
+    let mut subjects: Vec<String> = chain
+        .parsed
         .iter()
-        .map(|c| c.subject().to_string())
+        .map(|cert| cert.subject().to_string())
         .collect();
-    if !is_self_issued(top) {
-        chain.push(top.issuer().to_string());
+    if let Some(top) = chain.parsed.last().filter(|top| !is_self_issued(top)) {
+        subjects.push(top.issuer().to_string());
     }
-    let report = CertificateReport {
+    CertificateReport {
         cert_path: source.cert.clone(),
         subject: leaf.subject().to_string(),
         serial: leaf.raw_serial_as_string(),
         names,
-        chain,
-        not_after_unix: leaf.validity().not_after.timestamp(),
+        chain: subjects,
+        not_after_unix: leaf_not_after,
         not_after: leaf.validity().not_after.to_string(),
-        days_left,
+        days_left: left.days_left,
         key_type: key_type(leaf),
-        completed_from_bundle: completed,
+        completed_from_bundle: chain.completed,
         warnings,
-    };
-    Ok(LoadedCertificate {
-        certified_key: Arc::new(CertifiedKey::new(served, signing_key)),
-        report,
-    })
+    }
 }
 
-fn read_pem(path: &Path, role: Role) -> Result<PemFile, CertError> {
-    let mut bytes = std::fs::read(path).map_err(|source| CertError::Unreadable {
+/// The PEM blocks of one file.
+struct PemFile {
+    path: PathBuf,
+    role: Role,
+    sections: Vec<(SectionKind, Vec<u8>)>,
+}
+
+/// Splits one file's bytes (`read`, as [`read`] got them) into PEM blocks, or says why the
+/// file is not what its role needs.
+fn parse_pem(path: &Path, role: Role, read: io::Result<Vec<u8>>) -> Result<PemFile, CertError> {
+    let mut bytes = read.map_err(|source| CertError::Unreadable {
         role,
         path: path.to_path_buf(),
         source,
@@ -780,20 +595,14 @@ fn check_order(path: &Path, chain: &[X509Certificate<'_>]) -> Result<(), CertErr
     Ok(())
 }
 
-fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 fn check_validity(
     path: &Path,
     chain: &[&X509Certificate<'_>],
     now: SystemTime,
 ) -> Result<(), CertError> {
-    let now = unix_seconds(now);
     for (index, cert) in chain.iter().enumerate() {
         let validity = cert.validity();
-        if validity.not_after.timestamp() < now {
+        if expiry(validity.not_after.timestamp(), now, 0).state == ExpiryState::Expired {
             return Err(CertError::Expired {
                 path: path.to_path_buf(),
                 index: index + 1,
@@ -801,7 +610,7 @@ fn check_validity(
                 not_after: validity.not_after.to_string(),
             });
         }
-        if validity.not_before.timestamp() > now {
+        if validity.not_before.timestamp() > unix_seconds(now) {
             return Err(CertError::NotYetValid {
                 path: path.to_path_buf(),
                 index: index + 1,
@@ -974,3 +783,6 @@ fn key_type(leaf: &X509Certificate<'_>) -> String {
         _ => format!("other ({})", spki.algorithm.algorithm.to_id_string()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,11 +5,18 @@
 //! chain through an `ArcSwap`, and the rustls resolver reads the slot on every handshake,
 //! so a reload (see [`reload`]) swaps a slot and new handshakes see the new chain while
 //! listeners and established connections are never touched.
+//!
+//! - [`certs`]: the doctor (files read once, bytes in, report or [`CertError`] out).
+//! - [`reload`]: watches, polls and reloads the files into their slots.
+//! - [`expiry()`]: days left and the expiry verdict, shared by every place that reports it.
 
 pub mod certs;
+mod error;
+mod expiry;
 pub mod reload;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -19,7 +26,9 @@ use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessio
 use rustls::sign::CertifiedKey;
 
 use crate::config::{CertificateSource, Tls, TlsVersion};
-pub use certs::{CertError, CertificateReport, LoadedCertificate};
+pub use certs::{CertificateReport, LoadedCertificate};
+pub use error::{CertError, Role};
+pub use expiry::{expiry, Expiry, ExpiryState};
 
 /// The one crypto provider used everywhere: aws-lc-rs (faster handshakes than ring and
 /// the post-quantum hybrid key exchange X25519MLKEM768).
@@ -36,6 +45,8 @@ pub struct CertSlot {
     current: ArcSwap<CertifiedKey>,
     /// Summary of the current chain (subject, serial, expiry).
     report: ArcSwap<CertificateReport>,
+    /// Fingerprint of the files the current chain was read from.
+    fingerprint: AtomicU64,
 }
 
 impl CertSlot {
@@ -53,6 +64,14 @@ impl CertSlot {
     pub fn replace(&self, loaded: LoadedCertificate) {
         self.current.store(loaded.certified_key);
         self.report.store(Arc::new(loaded.report));
+        self.fingerprint
+            .store(loaded.fingerprint, Ordering::Relaxed);
+    }
+
+    /// The fingerprint of the files the current chain was validated from, so a reloader
+    /// set up later still notices files that changed since.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        self.fingerprint.load(Ordering::Relaxed)
     }
 }
 
@@ -74,6 +93,7 @@ impl CertStore {
                 source: source.clone(),
                 current: ArcSwap::new(loaded.certified_key),
                 report: ArcSwap::from_pointee(loaded.report),
+                fingerprint: AtomicU64::new(loaded.fingerprint),
             });
         }
         let mut exact = HashMap::new();

@@ -1,22 +1,25 @@
 //! Certificate hot reload: rotated PEM files are picked up without a restart, validated
-//! with the same checks as at startup ([`certs::load`]) and swapped into their
+//! with the same checks as at startup (`certs::validate`) and swapped into their
 //! [`CertSlot`] only when the whole set is sound. A bad file never takes the site down.
 //!
 //! Lifecycle of each slot (one per configured certificate), driven by one task:
 //!
 //! - **Serving last good.** The slot serves the chain validated last, at startup or by a
-//!   reload. The reloader remembers a fingerprint of the slot's files (cert, key, CA
-//!   bundle) as they were when it last looked.
+//!   reload. The reloader remembers the fingerprint of the slot's files (cert, key, CA
+//!   bundle) as they were when it last read them, starting with the bytes the served
+//!   chain was validated from.
 //! - **Candidate seen.** Something suggests the files changed: a file-system event in a
 //!   directory holding one of them (directories are watched, not files, so atomic
 //!   renames and Kubernetes `..data` symlink swaps are seen); the poll (every
 //!   `tls.reload_poll_interval`, for file systems without inotify) finding contents that
 //!   hash differently; or a reload request (SIGHUP, immediate). Event and poll
-//!   candidates wait until nothing changed for [`DEBOUNCE`] (at most [`MAX_DEFER`]);
-//!   those whose files then hash as last time are dropped silently (a `touch`, our own
-//!   reads, unrelated files in the directory).
-//! - **Validated → swapped.** [`certs::load`] accepts the set: the slot serves it to new
-//!   handshakes (established connections keep theirs); logged with subject, serial,
+//!   candidates wait until nothing changed for `DEBOUNCE` (at most `MAX_DEFER`), so
+//!   a file caught mid-write is read again once complete.
+//! - **Read.** Each file is read once; its fingerprint and its validation use those same
+//!   bytes. A set that hashes as last time is dropped silently (a `touch`, our own reads,
+//!   unrelated files in the directory), unless the reload was requested.
+//! - **Validated → swapped.** `certs::validate` accepts the set: the slot serves it to
+//!   new handshakes (established connections keep theirs); logged with subject, serial,
 //!   not-after and names, counted as a successful reload. Back to *serving last good*.
 //! - **Refused.** The set fails validation (empty, garbage, key mismatch, expired,
 //!   incomplete chain...): the slot keeps serving its last good chain, the error (which
@@ -26,16 +29,14 @@
 //!   retries and always logs.
 //!
 //! A watched directory that is deleted or renamed away (replaced wholesale) is looked for
-//! every [`REWATCH`] and watched again once it exists; its slots then become candidates.
+//! every `REWATCH` and watched again once it exists; its slots then become candidates.
 //!
-//! Independently, once a day the served certificates are checked against
-//! `tls.expiry_warning_days` (startup already warned through the load report).
+//! Alongside, [`Reloader::run`] runs the daily expiry warning (`tls/expiry.rs`).
 
 use std::collections::BTreeSet;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
@@ -44,26 +45,23 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{certs, CertSlot, CertStore};
+use super::{certs, expiry, CertSlot, CertStore};
 use crate::config::{CertificateSource, Tls};
 use crate::metrics::Metrics;
 
 /// Quiet time after the last file-system event before the files are read: writers such
 /// as `cp`, `scp` or certbot produce bursts of events for one rotation.
-pub const DEBOUNCE: Duration = Duration::from_millis(150);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Longest a continuous stream of events can postpone a reload.
-pub const MAX_DEFER: Duration = Duration::from_secs(2);
+pub(crate) const MAX_DEFER: Duration = Duration::from_secs(2);
 
 /// How often a watched directory that was deleted or moved away is looked for again.
-pub const REWATCH: Duration = Duration::from_millis(200);
-
-/// Interval of the expiry check.
-const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const REWATCH: Duration = Duration::from_millis(200);
 
 /// Why the file watcher could not be set up. The poll still reloads.
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub(crate) enum WatchError {
     /// The OS refused a watcher (e.g. the inotify instance limit).
     #[error("cannot watch the certificate files for changes ({0}); raise fs.inotify.max_user_instances or rely on tls.reload_poll_interval")]
     Create(#[source] notify::Error),
@@ -126,24 +124,10 @@ enum Outcome {
 /// What the reloader remembers about one slot.
 #[derive(Debug)]
 struct SlotState {
-    /// Hash of the slot's files as last read.
+    /// Fingerprint of the slot's files as last read.
     fingerprint: u64,
     /// The last refusal, to log each distinct error once.
     last_error: Option<String>,
-}
-
-/// The part of the reloader the blocking reload work needs.
-struct Shared {
-    /// The slots handshakes read from.
-    store: Arc<CertStore>,
-    /// Verifies signatures and loads keys, as at startup.
-    provider: Arc<CryptoProvider>,
-    /// `tls.expiry_warning_days`.
-    expiry_warning_days: u32,
-    /// Counts reloads and refusals.
-    metrics: Arc<Metrics>,
-    /// One per slot, same order; locked by one reload at a time.
-    states: Mutex<Vec<SlotState>>,
 }
 
 /// A directory being watched and the slots with a file in it.
@@ -155,7 +139,7 @@ struct WatchedDir {
     slots: Vec<usize>,
 }
 
-/// The reload task of one gateway, set up by [`crate::Gateway::bind`] (so no rotation
+/// The reloader of one gateway, set up by [`crate::Gateway::bind`] (so no rotation
 /// between startup and serving is missed) and run by [`crate::Gateway::run`].
 pub struct Reloader {
     /// The slots handshakes read from.
@@ -164,8 +148,9 @@ pub struct Reloader {
     provider: Arc<CryptoProvider>,
     /// `tls.expiry_warning_days`.
     expiry_warning_days: u32,
-    /// Fingerprints taken right after the startup load.
-    states: Vec<SlotState>,
+    /// One per slot, same order. Files are read and validated on the blocking pool, which
+    /// takes the lock for one reload or poll at a time.
+    states: Arc<Mutex<Vec<SlotState>>>,
     /// Wakes the task for SIGHUP.
     handle: ReloadHandle,
     /// `tls.reload_poll_interval`; zero: no poll.
@@ -176,90 +161,8 @@ pub struct Reloader {
     events: mpsc::UnboundedReceiver<notify::Result<Event>>,
     /// What is watched, and for which slots.
     dirs: Vec<WatchedDir>,
-}
-
-impl Reloader {
-    /// Fingerprints the files of every slot in `store` and starts watching their
-    /// directories (unless `tls.reload_watch` is off). Watch failures are logged: the
-    /// poll and reload requests still work.
-    pub fn new(store: Arc<CertStore>, provider: Arc<CryptoProvider>, tls: &Tls) -> Reloader {
-        let states = store
-            .slots()
-            .iter()
-            .map(|slot| SlotState {
-                fingerprint: fingerprint(&slot.source),
-                last_error: None,
-            })
-            .collect();
-        let dirs = watched_dirs(store.slots().iter().map(|slot| &slot.source));
-        let (sender, events) = mpsc::unbounded_channel();
-        let watcher = if tls.reload_watch {
-            match watch(&dirs, sender) {
-                Ok(watcher) => Some(watcher),
-                Err(err) => {
-                    tracing::warn!("{err}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        if watcher.is_none() && tls.reload_poll_interval.is_zero() {
-            tracing::warn!("certificate files are neither watched nor polled (tls.reload_watch = false or unavailable, tls.reload_poll_interval = \"0s\"): rotated certificates are only picked up on SIGHUP");
-        }
-        Reloader {
-            store,
-            provider,
-            expiry_warning_days: tls.expiry_warning_days,
-            states,
-            handle: ReloadHandle::default(),
-            poll_interval: tls.reload_poll_interval,
-            watcher,
-            events,
-            dirs,
-        }
-    }
-
-    /// A handle that triggers a reload of every certificate (for SIGHUP).
-    pub fn handle(&self) -> ReloadHandle {
-        self.handle.clone()
-    }
-
-    /// Reloads on events, polls and requests until `shutdown` is cancelled; counts
-    /// reloads in `metrics`.
-    pub async fn run(self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-        let Reloader {
-            store,
-            provider,
-            expiry_warning_days,
-            states,
-            handle,
-            poll_interval,
-            watcher,
-            mut events,
-            dirs,
-        } = self;
-        let task = Task {
-            shared: Arc::new(Shared {
-                store,
-                provider,
-                expiry_warning_days,
-                metrics,
-                states: Mutex::new(states),
-            }),
-            dirs,
-        };
-        task.run(handle, poll_interval, watcher, &mut events, shutdown)
-            .await;
-    }
-}
-
-/// The running reloader.
-struct Task {
-    /// What the blocking reload work needs.
-    shared: Arc<Shared>,
-    /// What is watched, and for which slots.
-    dirs: Vec<WatchedDir>,
+    /// Watched directories that were deleted or moved away (indexes into `dirs`).
+    lost: BTreeSet<usize>,
 }
 
 /// The pending candidate: its slots, what found it, the end of its quiet period and the
@@ -310,68 +213,113 @@ impl Pending {
     }
 }
 
-impl Task {
-    async fn run(
-        &self,
-        handle: ReloadHandle,
-        poll_interval: Duration,
-        mut watcher: Option<RecommendedWatcher>,
-        events: &mut mpsc::UnboundedReceiver<notify::Result<Event>>,
-        shutdown: CancellationToken,
-    ) {
-        let watching = watcher.is_some();
+impl Reloader {
+    /// Remembers the fingerprint of the files every slot in `store` was loaded from and
+    /// starts watching their directories (unless `tls.reload_watch` is off). Watch
+    /// failures are logged: the poll and reload requests still work.
+    pub fn new(store: Arc<CertStore>, provider: Arc<CryptoProvider>, tls: &Tls) -> Reloader {
+        let states = store
+            .slots()
+            .iter()
+            .map(|slot| SlotState {
+                fingerprint: slot.fingerprint(),
+                last_error: None,
+            })
+            .collect();
+        let dirs = watched_dirs(store.slots().iter().map(|slot| &slot.source));
+        let (sender, events) = mpsc::unbounded_channel();
+        let watcher = if tls.reload_watch {
+            match watch(&dirs, sender) {
+                Ok(watcher) => Some(watcher),
+                Err(err) => {
+                    tracing::warn!("{err}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if watcher.is_none() && tls.reload_poll_interval.is_zero() {
+            tracing::warn!("certificate files are neither watched nor polled (tls.reload_watch = false or unavailable, tls.reload_poll_interval = \"0s\"): rotated certificates are only picked up on SIGHUP");
+        }
+        Reloader {
+            store,
+            provider,
+            expiry_warning_days: tls.expiry_warning_days,
+            states: Arc::new(Mutex::new(states)),
+            handle: ReloadHandle::default(),
+            poll_interval: tls.reload_poll_interval,
+            watcher,
+            events,
+            dirs,
+            lost: BTreeSet::new(),
+        }
+    }
+
+    /// A handle that triggers a reload of every certificate (for SIGHUP).
+    pub fn handle(&self) -> ReloadHandle {
+        self.handle.clone()
+    }
+
+    /// Reloads on events, polls and requests, and warns daily about expiring
+    /// certificates, until `shutdown` is cancelled; counts reloads in `metrics`.
+    pub async fn run(mut self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        let warnings = expiry::warn_daily(
+            self.store.clone(),
+            self.expiry_warning_days,
+            shutdown.clone(),
+        );
+        tokio::join!(self.watch_and_reload(&metrics, &shutdown), warnings);
+    }
+
+    async fn watch_and_reload(&mut self, metrics: &Arc<Metrics>, shutdown: &CancellationToken) {
+        let watching = self.watcher.is_some();
         tracing::debug!(
             watching,
             directories = self.dirs.len(),
-            poll_ms = poll_interval.as_millis(),
+            poll_ms = self.poll_interval.as_millis(),
             "certificate reloader running"
         );
+        let poll_interval = self.poll_interval;
         let mut poll = (!poll_interval.is_zero()).then(|| {
             let mut poll = tokio::time::interval_at(Instant::now() + poll_interval, poll_interval);
             poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
             poll
         });
-        let mut expiry = tokio::time::interval_at(Instant::now() + EXPIRY_CHECK, EXPIRY_CHECK);
-        expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let requested = handle.requested.clone();
+        let requested = self.handle.requested.clone();
         let mut pending = Pending::default();
         let mut events_open = watching;
-        // Watched directories that were deleted or moved away (indexes into `dirs`).
-        let mut lost = BTreeSet::new();
         let mut rewatch = tokio::time::interval(REWATCH);
         rewatch.set_missed_tick_behavior(MissedTickBehavior::Skip);
 
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                event = events.recv(), if events_open => match event {
+                event = self.events.recv(), if events_open => match event {
                     Some(event) => {
-                        lost.extend(self.lost_dirs(&event));
+                        self.lost.extend(self.lost_dirs(&event));
                         pending.add(self.affected_slots(&event), Cause::Event);
                     }
                     None => events_open = false,
                 },
                 () = tokio::time::sleep_until(pending.due()), if pending.is_some() => {
                     let (slots, cause) = pending.take();
-                    self.reload(slots, cause).await;
+                    self.reload(slots, cause, metrics).await;
                 }
                 () = requested.notified() => {
-                    let all = (0..self.shared.store.slots().len()).collect();
-                    self.reload(all, Cause::Request).await;
+                    let all = (0..self.store.slots().len()).collect();
+                    self.reload(all, Cause::Request, metrics).await;
                 }
                 () = tick(poll.as_mut()) => {
                     // Changed files wait out the quiet period too, so a file the poll
                     // catches mid-write is read once it is complete.
-                    pending.add(self.changed().await, Cause::Poll);
+                    pending.add(self.poll_changed().await, Cause::Poll);
                 }
-                _ = rewatch.tick(), if !lost.is_empty() => {
-                    let Some(watcher) = watcher.as_mut() else { continue };
-                    pending.add(self.rewatch(watcher, &mut lost), Cause::Event);
+                _ = rewatch.tick(), if !self.lost.is_empty() => {
+                    pending.add(self.rewatch(), Cause::Event);
                 }
-                _ = expiry.tick() => self.shared.warn_expiring(SystemTime::now()),
             }
         }
-        drop(watcher);
         tracing::debug!("certificate reloader stopped");
     }
 
@@ -395,12 +343,16 @@ impl Task {
             .collect()
     }
 
-    /// Watches the `lost` directories that exist again; returns their slots, whose files
+    /// Watches the lost directories that exist again; returns their slots, whose files
     /// must be read since nothing reported what happened meanwhile.
-    fn rewatch(&self, watcher: &mut RecommendedWatcher, lost: &mut BTreeSet<usize>) -> Vec<usize> {
+    fn rewatch(&mut self) -> Vec<usize> {
         let mut slots = Vec::new();
-        lost.retain(|&index| {
-            let Some(lost_dir) = self.dirs.get(index) else {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return slots;
+        };
+        let dirs = &self.dirs;
+        self.lost.retain(|&index| {
+            let Some(lost_dir) = dirs.get(index) else {
                 return false;
             };
             // Drops a watch still following a directory moved elsewhere.
@@ -423,14 +375,14 @@ impl Task {
             Ok(event) => event,
             Err(err) => {
                 tracing::warn!(error = %err, "certificate watcher error; re-reading every certificate");
-                return (0..self.shared.store.slots().len()).collect();
+                return (0..self.store.slots().len()).collect();
             }
         };
         if !is_change(event.kind) {
             return Vec::new();
         }
         if event.need_rescan() {
-            return (0..self.shared.store.slots().len()).collect();
+            return (0..self.store.slots().len()).collect();
         }
         let mut slots = Vec::new();
         for path in &event.paths {
@@ -443,22 +395,58 @@ impl Task {
         slots
     }
 
-    /// The slots whose files differ from when they were last read (off the async
-    /// threads).
-    async fn changed(&self) -> Vec<usize> {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.changed())
-            .await
-            .unwrap_or_default()
+    /// The slots whose files hash differently from when they were last read (read on
+    /// the blocking pool). Only a hint: the reload reads them again after the quiet
+    /// period, and validates that read.
+    async fn poll_changed(&self) -> Vec<usize> {
+        let (store, states) = (self.store.clone(), self.states.clone());
+        tokio::task::spawn_blocking(move || {
+            let states = lock(&states);
+            store
+                .slots()
+                .iter()
+                .zip(states.iter())
+                .enumerate()
+                .filter(|(_, (slot, state))| {
+                    certs::read(&slot.source).fingerprint() != state.fingerprint
+                })
+                .map(|(index, _)| index)
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
-    /// Runs the reload of `slots` off the async threads (file reads and signature checks)
-    /// and logs the summary of a requested reload.
-    async fn reload(&self, slots: Vec<usize>, cause: Cause) {
-        let shared = self.shared.clone();
-        let outcomes =
-            tokio::task::spawn_blocking(move || shared.reload(&slots, cause, SystemTime::now()))
-                .await;
+    /// Reads and validates `slots` on the blocking pool (file reads and signature
+    /// checks), then logs the summary of a requested reload.
+    async fn reload(&self, slots: Vec<usize>, cause: Cause, metrics: &Arc<Metrics>) {
+        let (store, provider, states) = (
+            self.store.clone(),
+            self.provider.clone(),
+            self.states.clone(),
+        );
+        let (metrics, warning_days) = (metrics.clone(), self.expiry_warning_days);
+        let outcomes = tokio::task::spawn_blocking(move || {
+            let mut states = lock(&states);
+            let now = SystemTime::now();
+            slots
+                .iter()
+                .filter_map(|&index| {
+                    let slot = store.slots().get(index)?;
+                    let state = states.get_mut(index)?;
+                    Some(reload_slot(
+                        slot,
+                        state,
+                        &provider,
+                        warning_days,
+                        now,
+                        &metrics,
+                        cause,
+                    ))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
         let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
             Err(err) => {
@@ -482,129 +470,76 @@ impl Task {
     }
 }
 
-impl Shared {
-    /// The slots whose files hash differently from when they were last read.
-    fn changed(&self) -> Vec<usize> {
-        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
-        self.store
-            .slots()
-            .iter()
-            .zip(states.iter())
-            .enumerate()
-            .filter(|(_, (slot, state))| fingerprint(&slot.source) != state.fingerprint)
-            .map(|(index, _)| index)
-            .collect()
-    }
+fn lock(states: &Mutex<Vec<SlotState>>) -> MutexGuard<'_, Vec<SlotState>> {
+    // A panic mid-reload leaves fingerprints that at worst cause one more reload.
+    states.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
-    /// Re-reads and validates `slots`; returns one outcome per slot.
-    fn reload(&self, slots: &[usize], cause: Cause, now: SystemTime) -> Vec<Outcome> {
-        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
-        let store_slots = self.store.slots();
-        slots
-            .iter()
-            .filter_map(|&index| {
-                let slot = store_slots.get(index)?;
-                let state = states.get_mut(index)?;
-                Some(self.reload_slot(slot, state, cause, now))
-            })
-            .collect()
+/// Reads the files of `slot` once and, unless they hash as last time (and the reload
+/// was not requested), validates those bytes and swaps them in or logs the refusal.
+fn reload_slot(
+    slot: &CertSlot,
+    state: &mut SlotState,
+    provider: &CryptoProvider,
+    warning_days: u32,
+    now: SystemTime,
+    metrics: &Metrics,
+    cause: Cause,
+) -> Outcome {
+    let forced = cause == Cause::Request;
+    let source = &slot.source;
+    let files = certs::read(source);
+    let fingerprint = files.fingerprint();
+    if fingerprint == state.fingerprint && !forced {
+        return Outcome::Unchanged;
     }
-
-    fn reload_slot(
-        &self,
-        slot: &CertSlot,
-        state: &mut SlotState,
-        cause: Cause,
-        now: SystemTime,
-    ) -> Outcome {
-        let forced = cause == Cause::Request;
-        let fingerprint = fingerprint(&slot.source);
-        if fingerprint == state.fingerprint && !forced {
-            return Outcome::Unchanged;
+    state.fingerprint = fingerprint;
+    match certs::validate(files, provider, now, warning_days) {
+        Ok(loaded) => {
+            let same_chain = loaded.certified_key.cert == slot.current().cert;
+            let recovered = state.last_error.take().is_some();
+            if same_chain && !forced && !recovered {
+                // Rewritten with the same certificate: nothing to swap or report.
+                return Outcome::Unchanged;
+            }
+            let report = &loaded.report;
+            tracing::info!(
+                certificate = %source.key_path,
+                cert = %source.cert.display(),
+                subject = %report.subject,
+                serial = %report.serial,
+                not_after = %report.not_after,
+                names = %report.names.join(","),
+                days_left = report.days_left,
+                cause = cause.as_str(),
+                "certificate reloaded: new TLS handshakes get it"
+            );
+            for warning in &report.warnings {
+                tracing::warn!(certificate = %source.key_path, cert = %source.cert.display(), "{warning}");
+            }
+            slot.replace(loaded);
+            metrics.certificate_reload(true);
+            Outcome::Reloaded
         }
-        state.fingerprint = fingerprint;
-        let source = &slot.source;
-        match certs::load(source, &self.provider, now, self.expiry_warning_days) {
-            Ok(loaded) => {
-                let same_chain = loaded.certified_key.cert == slot.current().cert;
-                let recovered = state.last_error.take().is_some();
-                if same_chain && !forced && !recovered {
-                    // Rewritten with the same certificate: nothing to swap or report.
-                    return Outcome::Unchanged;
-                }
-                let report = &loaded.report;
-                tracing::info!(
-                    certificate = %source.key_path,
-                    cert = %source.cert.display(),
-                    subject = %report.subject,
-                    serial = %report.serial,
-                    not_after = %report.not_after,
-                    names = %report.names.join(","),
-                    days_left = report.days_left,
-                    cause = cause.as_str(),
-                    "certificate reloaded: new TLS handshakes get it"
-                );
-                for warning in &report.warnings {
-                    tracing::warn!(certificate = %source.key_path, cert = %source.cert.display(), "{warning}");
-                }
-                slot.replace(loaded);
-                self.metrics.certificate_reload(true);
-                Outcome::Reloaded
-            }
-            Err(err) => {
-                let message = err.to_string();
-                self.metrics.certificate_reload(false);
-                let repeated = state.last_error.as_deref() == Some(message.as_str());
-                let serving = slot.report();
-                if repeated && !forced {
-                    tracing::debug!(certificate = %source.key_path, file = %err.path().display(), reason = err.kind(), "certificate still refused: {message}");
-                } else {
-                    tracing::error!(
-                        certificate = %source.key_path,
-                        file = %err.path().display(),
-                        reason = err.kind(),
-                        serving_serial = %serving.serial,
-                        cause = cause.as_str(),
-                        "certificate reload refused, still serving the previous certificate: {message}"
-                    );
-                }
-                state.last_error = Some(message);
-                Outcome::Refused
-            }
-        }
-    }
-
-    /// Warns about every served certificate with fewer than `expiry_warning_days` left.
-    fn warn_expiring(&self, now: SystemTime) {
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        for slot in self.store.slots() {
-            let report = slot.report();
-            let days_left = (report.not_after_unix - now).div_euclid(86_400);
-            if days_left >= i64::from(self.expiry_warning_days) {
-                continue;
-            }
-            if days_left < 0 {
-                tracing::error!(
-                    certificate = %slot.source.key_path,
-                    cert = %report.cert_path.display(),
-                    subject = %report.subject,
-                    serial = %report.serial,
-                    not_after = %report.not_after,
-                    "the served certificate has EXPIRED: clients refuse the site; replace the files with a renewed certificate (no restart needed)"
-                );
+        Err(err) => {
+            let message = err.to_string();
+            metrics.certificate_reload(false);
+            let repeated = state.last_error.as_deref() == Some(message.as_str());
+            let serving = slot.report();
+            if repeated && !forced {
+                tracing::debug!(certificate = %source.key_path, file = %err.path().display(), reason = err.kind(), "certificate still refused: {message}");
             } else {
-                tracing::warn!(
-                    certificate = %slot.source.key_path,
-                    cert = %report.cert_path.display(),
-                    subject = %report.subject,
-                    serial = %report.serial,
-                    not_after = %report.not_after,
-                    days_left,
-                    "the served certificate expires in {days_left} days: renew it (e.g. `certbot renew`) and replace the files; Gatehouse picks them up without a restart"
+                tracing::error!(
+                    certificate = %source.key_path,
+                    file = %err.path().display(),
+                    reason = err.kind(),
+                    serving_serial = %serving.serial,
+                    cause = cause.as_str(),
+                    "certificate reload refused, still serving the previous certificate: {message}"
                 );
             }
+            state.last_error = Some(message);
+            Outcome::Refused
         }
     }
 }
@@ -641,18 +576,6 @@ fn files(source: &CertificateSource) -> impl Iterator<Item = &Path> {
     ]
     .into_iter()
     .flatten()
-}
-
-/// A hash of the contents of a slot's files (or of why one cannot be read).
-fn fingerprint(source: &CertificateSource) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    for path in files(source) {
-        match std::fs::read(path) {
-            Ok(bytes) => bytes.hash(&mut hasher),
-            Err(err) => err.kind().hash(&mut hasher),
-        }
-    }
-    hasher.finish()
 }
 
 /// Every directory to watch: the one holding each configured file, the one holding its
@@ -832,21 +755,5 @@ mod tests {
             .collect();
         assert_eq!(dirs, [root.clone(), root.join("current")]);
         let _ = std::fs::remove_dir_all(&root);
-    }
-
-    #[test]
-    fn fingerprint_follows_contents_not_writes() {
-        let dir = scratch("fingerprint");
-        let source = source(&dir, "a.crt", "a.key");
-        std::fs::write(&source.cert, "cert").unwrap();
-        std::fs::write(&source.key, "key").unwrap();
-        let before = fingerprint(&source);
-        std::fs::write(&source.cert, "cert").unwrap();
-        assert_eq!(fingerprint(&source), before, "same bytes rewritten");
-        std::fs::write(&source.key, "other key").unwrap();
-        assert_ne!(fingerprint(&source), before);
-        std::fs::remove_file(&source.key).unwrap();
-        assert_ne!(fingerprint(&source), before, "a missing file is a change");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
