@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -35,7 +35,7 @@ use crate::listener::{accept, Context};
 use crate::metrics::{self, Metrics};
 use crate::proxy::Proxy;
 use crate::ratelimit::OnRedisError;
-use crate::tls::CertStore;
+use crate::tls::{expiry, CertStore, ExpiryState};
 
 /// How long an upstream check result is reused.
 pub const UPSTREAM_CACHE: Duration = Duration::from_secs(1);
@@ -427,26 +427,24 @@ async fn readiness(state: &AdminState) -> Readiness {
 /// Every served certificate with names, serial and expiry; not ok once one has expired,
 /// with a warning within `warning_days`.
 fn certificates(store: &CertStore, warning_days: u32) -> CertificatesCheck {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = SystemTime::now();
     let served: Vec<ServedCertificate> = store
         .slots()
         .iter()
         .map(|slot| {
             let report = slot.report();
-            let ok = report.not_after_unix > now;
-            let days_left = (report.not_after_unix - now).div_euclid(86_400);
-            let expiring = days_left < i64::from(warning_days);
+            let left = expiry(report.not_after_unix, now, warning_days);
+            let days_left = left.days_left;
             ServedCertificate {
-                ok,
+                ok: left.state != ExpiryState::Expired,
                 cert: report.cert_path.display().to_string(),
                 names: report.names.clone(),
                 serial: report.serial.clone(),
                 not_after: report.not_after.clone(),
                 days_left,
-                error: (!ok).then(|| format!("expired on {}", report.not_after)),
-                warning: (ok && expiring).then(|| format!(
+                error: (left.state == ExpiryState::Expired)
+                    .then(|| format!("expired on {}", report.not_after)),
+                warning: (left.state == ExpiryState::ExpiringSoon).then(|| format!(
                     "expires in {days_left} days (tls.expiry_warning_days = {warning_days}): renew it"
                 )),
             }
@@ -527,7 +525,7 @@ fn render_certificates(out: &mut String, certificates: &CertStore) {
         let name = report.names.first().map_or("", String::as_str);
         let cert = report.cert_path.display();
         let not_after = report.not_after_unix;
-        let left = not_after - unix_seconds(now);
+        let left = expiry(not_after, now, 0).seconds_left;
         let labels = format!(
             "name=\"{}\",cert=\"{}\",serial=\"{}\"",
             metrics::escape(name),
@@ -550,10 +548,4 @@ fn render_certificates(out: &mut String, certificates: &CertStore) {
         "gauge",
     );
     out.push_str(&not_after_lines);
-}
-
-fn unix_seconds(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |after| {
-        i64::try_from(after.as_secs()).unwrap_or(i64::MAX)
-    })
 }
