@@ -67,6 +67,8 @@ pub(crate) struct AdminState {
     pub metrics: Arc<Metrics>,
     /// `tls.expiry_warning_days`: a certificate closer to expiry is reported degraded.
     pub expiry_warning_days: u32,
+    /// The client listeners' connection budgets.
+    pub budgets: Arc<Context>,
 }
 
 impl AdminState {
@@ -78,6 +80,7 @@ impl AdminState {
         certificates: Arc<CertStore>,
         proxy: Arc<Proxy>,
         metrics: Arc<Metrics>,
+        budgets: Arc<Context>,
     ) -> AdminState {
         AdminState {
             https: listeners.0,
@@ -91,6 +94,7 @@ impl AdminState {
             on_redis_error: config.rate_limit.as_ref().map(|r| r.on_redis_error),
             metrics,
             expiry_warning_days: config.tls.expiry_warning_days,
+            budgets,
         }
     }
 }
@@ -197,6 +201,8 @@ pub struct Readiness {
 pub struct Checks {
     /// Serving, or draining after SIGTERM.
     pub listeners: ListenersCheck,
+    /// Whether clients wait for a place under a connection limit.
+    pub connections: ConnectionsCheck,
     /// The served certificates' expiry.
     pub certificates: CertificatesCheck,
     /// TCP reachability of each upstream target (cached for [`UPSTREAM_CACHE`]).
@@ -217,6 +223,18 @@ pub struct ListenersCheck {
     pub http: Option<String>,
     /// `serving` or `draining`.
     pub state: String,
+}
+
+/// `checks.connections`: full is *degraded*, not unready, so a flood does not take every
+/// replica out of the load balancer at once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConnectionsCheck {
+    /// No client waits for a place.
+    pub ok: bool,
+    /// HTTPS clients wait for a place under `server.max_connections`.
+    pub https_full: bool,
+    /// Plain-HTTP clients wait under `server.max_plain_http_connections`.
+    pub http_full: bool,
 }
 
 /// `checks.certificates`.
@@ -348,6 +366,15 @@ async fn readiness(state: &AdminState) -> Readiness {
         failing.push("listeners".to_owned());
     }
 
+    let connections = ConnectionsCheck {
+        ok: !(state.budgets.https_budget.is_full() || state.budgets.http_budget.is_full()),
+        https_full: state.budgets.https_budget.is_full(),
+        http_full: state.budgets.http_budget.is_full(),
+    };
+    if !connections.ok {
+        degraded.push("connections".to_owned());
+    }
+
     let certificates = certificates(&state.certificates, state.expiry_warning_days);
     if !certificates.ok {
         failing.push("certificates".to_owned());
@@ -417,6 +444,7 @@ async fn readiness(state: &AdminState) -> Readiness {
         degraded,
         checks: Checks {
             listeners,
+            connections,
             certificates,
             upstream,
             redis,

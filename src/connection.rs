@@ -14,6 +14,7 @@
 //! watch the `Drain`, so none of them needs to import another for it.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::ConnectionGuard;
+use crate::watchdog::Activity;
 
 /// Who is on the other end of a downstream connection, computed once per connection.
 #[derive(Debug)]
@@ -35,6 +37,8 @@ pub struct Peer {
     pub trusted: bool,
     /// Negotiated TLS version, for the access log.
     pub tls_version: &'static str,
+    /// What the connection is doing, for its watchdog.
+    pub activity: Arc<Activity>,
     /// The connection's place under `server.max_connections` and in the open-connections
     /// gauge. WebSocket tunnels keep the `Peer` (and so both) after the HTTP connection
     /// has handed them its socket.
@@ -43,7 +47,12 @@ pub struct Peer {
 
 impl Peer {
     /// Describes the peer at `addr`.
-    pub fn new(addr: SocketAddr, trusted_proxies: &[IpNet], tls_version: &'static str) -> Peer {
+    pub fn new(
+        addr: SocketAddr,
+        trusted_proxies: &[IpNet],
+        tls_version: &'static str,
+        activity: Arc<Activity>,
+    ) -> Peer {
         let ip = canonical_ip(addr.ip());
         let trusted = is_trusted(ip, trusted_proxies);
         Peer {
@@ -52,6 +61,7 @@ impl Peer {
                 .unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0")),
             trusted,
             tls_version,
+            activity,
             slot: None,
         }
     }

@@ -146,6 +146,7 @@ mod tests {
             std::net::SocketAddr::new(ip.parse().unwrap(), 5555),
             trusted,
             "TLSv1.3",
+            crate::watchdog::Activity::new(),
         )
     }
 

@@ -22,6 +22,7 @@ pub(crate) mod redirect;
 pub(crate) mod static_files;
 pub mod tls;
 pub(crate) mod upstream;
+pub(crate) mod watchdog;
 pub(crate) mod websocket;
 
 use std::net::SocketAddr;
@@ -29,7 +30,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -163,14 +163,11 @@ impl Gateway {
             self.metrics.clone(),
             drain.clone(),
         ));
-        let ctx = Arc::new(listener::Context {
-            builder: listener::http_builder(&config),
-            permits: Arc::new(Semaphore::new(config.server.max_connections)),
-            max_connections: config.server.max_connections,
-            full: std::sync::atomic::AtomicBool::new(false),
-            drain: drain.clone(),
-            metrics: self.metrics.clone(),
-        });
+        let ctx = Arc::new(listener::Context::new(
+            &config,
+            drain.clone(),
+            self.metrics.clone(),
+        ));
         let https_bound = local_addr(&self.https);
         let plain_bound = self.http.as_ref().map(local_addr);
         let listeners = TaskTracker::new();
@@ -203,6 +200,7 @@ impl Gateway {
                 self.certificates.clone(),
                 proxy.clone(),
                 self.metrics.clone(),
+                ctx.clone(),
             ));
             listeners.spawn(admin::serve(admin, ctx.clone(), state));
         }

@@ -3,12 +3,14 @@
 //! → (on shutdown) *draining*: hyper finishes in-flight requests and closes idle
 //! keep-alive connections; when the grace ends, whatever is left is dropped.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Response;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -19,28 +21,102 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::config::Config;
 use crate::connection::{Drain, Peer};
+use crate::error::Body;
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::proxy::Proxy;
 use crate::redirect::Redirector;
+use crate::watchdog::{self, Activity, Busy, Stall, WatchedBody};
 
 /// What every connection task shares.
 pub(crate) struct Context {
     /// HTTP/1.1 + HTTP/2 connection settings.
     pub builder: auto::Builder<TokioExecutor>,
-    /// Connections allowed at once, across listeners (WebSocket tunnels included).
-    pub permits: Arc<Semaphore>,
-    /// `server.max_connections`, for the log line when it is reached.
-    pub max_connections: usize,
-    /// Set while connections wait for a place (so the warning is logged once).
-    pub full: AtomicBool,
+    /// Places for HTTPS connections (WebSocket tunnels included).
+    pub https_budget: Budget,
+    /// Places for plain-HTTP connections, apart so redirects cannot starve HTTPS.
+    pub http_budget: Budget,
+    /// The watchdog's time limits.
+    pub limits: watchdog::Limits,
     /// Shutdown phases and the connection tasks they wait for.
     pub drain: Arc<Drain>,
     /// Connection and handshake counters.
     pub metrics: Arc<Metrics>,
 }
 
+impl Context {
+    /// The shared state of the client listeners.
+    pub(crate) fn new(config: &Config, drain: Arc<Drain>, metrics: Arc<Metrics>) -> Context {
+        Context {
+            builder: http_builder(config),
+            https_budget: Budget::new("server.max_connections", config.server.max_connections),
+            http_budget: Budget::new(
+                "server.max_plain_http_connections",
+                config.server.max_plain_http_connections,
+            ),
+            limits: watchdog::Limits {
+                first_request: config.proxy.header_read_timeout,
+                keepalive: config.proxy.keepalive_timeout,
+                send: config.proxy.send_timeout,
+            },
+            drain,
+            metrics,
+        }
+    }
+}
+
+/// A listener's connection limit: places taken after `accept`, so idle listeners hold
+/// none; while it is full the listener stops accepting and new clients wait in the
+/// kernel's backlog.
+pub(crate) struct Budget {
+    permits: Arc<Semaphore>,
+    /// The config key, for the log line when the limit is reached.
+    key: &'static str,
+    max: usize,
+    /// Set while a connection waits for a place (the warning is logged once per period,
+    /// and `/readyz` reports the gateway degraded).
+    full: AtomicBool,
+}
+
+impl Budget {
+    fn new(key: &'static str, max: usize) -> Budget {
+        Budget {
+            permits: Arc::new(Semaphore::new(max)),
+            key,
+            max,
+            full: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a connection is waiting for a place now.
+    pub(crate) fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a place; `None` once draining starts.
+    async fn take(&self, ctx: &Context) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        ctx.metrics.connection_waited();
+        // One warning per full period, not one per waiting client.
+        if !self.full.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                key = self.key,
+                max = self.max,
+                "connection limit reached; new connections wait until others close"
+            );
+        }
+        let permit = tokio::select! {
+            () = ctx.drain.draining.cancelled() => return None,
+            permit = self.permits.clone().acquire_owned() => permit.ok()?,
+        };
+        self.full.store(false, Ordering::Relaxed);
+        Some(permit)
+    }
+}
+
 /// The HTTP settings shared by both listeners.
-pub(crate) fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -68,7 +144,7 @@ pub(crate) async fn serve_https(
     ctx: Arc<Context>,
 ) {
     while let Some((stream, addr)) = accept(&listener, &ctx).await {
-        let Some(permit) = take_slot(&ctx).await else {
+        let Some(permit) = ctx.https_budget.take(&ctx).await else {
             break;
         };
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
@@ -94,13 +170,18 @@ pub(crate) async fn serve_https(
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
                 _ => "unknown",
             };
-            let peer =
-                Arc::new(Peer::new(addr, proxy.trusted_proxies(), tls_version).holding(permit, open));
-            let service = service_fn(move |req| proxy.clone().handle(peer.clone(), req));
+            let activity = Activity::new();
+            let peer = Peer::new(addr, proxy.trusted_proxies(), tls_version, activity.clone());
+            let peer = Arc::new(peer.holding(permit, open));
+            let service = service_fn(move |req| {
+                let busy = peer.activity.busy();
+                let response = proxy.clone().handle(peer.clone(), req);
+                async move { Ok::<_, Infallible>(watched(response.await, busy)) }
+            });
             let conn = task_ctx
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service);
-            drive(conn, &task_ctx, addr).await;
+            drive(conn, &task_ctx, addr, &activity).await;
         });
     }
 }
@@ -140,17 +221,23 @@ pub(crate) async fn serve_http(
     ctx: Arc<Context>,
 ) {
     while let Some((stream, addr)) = accept(&listener, &ctx).await {
-        let Some(permit) = take_slot(&ctx).await else {
+        let Some(permit) = ctx.http_budget.take(&ctx).await else {
             break;
         };
         let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
         ctx.drain.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
-            let service = service_fn(move |req| redirector.clone().handle(req));
+            let activity = Activity::new();
+            let watched_activity = activity.clone();
+            let service = service_fn(move |req| {
+                let busy = watched_activity.busy();
+                let response = redirector.clone().handle(req);
+                async move { Ok::<_, Infallible>(watched(response.await, busy)) }
+            });
             let conn = task_ctx
                 .builder
                 .serve_connection(TokioIo::new(stream), service);
-            drive(conn, &task_ctx, addr).await;
+            drive(conn, &task_ctx, addr, &activity).await;
             drop(permit);
         });
     }
@@ -182,29 +269,6 @@ pub(crate) async fn accept(
     }
 }
 
-/// Waits for a client connection's place under `server.max_connections`; while the
-/// gateway is full its listener stops accepting and new clients wait in the kernel's
-/// backlog. Taken after `accept`, so idle listeners hold no place; the admin listener
-/// takes none, so probes answer when the gateway is full. `None` once draining starts.
-async fn take_slot(ctx: &Context) -> Option<OwnedSemaphorePermit> {
-    if let Ok(permit) = ctx.permits.clone().try_acquire_owned() {
-        return Some(permit);
-    }
-    // One warning per full period, not one per waiting client.
-    if !ctx.full.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            max = ctx.max_connections,
-            "server.max_connections reached; new connections wait until others close"
-        );
-    }
-    let permit = tokio::select! {
-        () = ctx.drain.draining.cancelled() => return None,
-        permit = ctx.permits.clone().acquire_owned() => permit.ok()?,
-    };
-    ctx.full.store(false, Ordering::Relaxed);
-    Some(permit)
-}
-
 fn is_per_connection(err: &io::Error) -> bool {
     matches!(
         err.kind(),
@@ -214,9 +278,19 @@ fn is_per_connection(err: &io::Error) -> bool {
     )
 }
 
-/// Runs a connection to completion; on shutdown asks it to finish gracefully, and drops it
-/// when the grace is over.
-async fn drive<C>(conn: C, ctx: &Context, addr: SocketAddr)
+/// A response whose body keeps its request in flight for the watchdog until it ends.
+fn watched(response: Result<Response<Body>, Infallible>, busy: Busy) -> Response<WatchedBody> {
+    let Ok(response) = response;
+    response.map(|body| WatchedBody::new(body, busy))
+}
+
+/// How long a connection closed for idling gets to say goodbye (HTTP/2 GOAWAY) before it
+/// is dropped.
+const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Runs a connection to completion. The watchdog closes it when it stalls; on shutdown it
+/// is asked to finish gracefully, and dropped when the grace is over.
+async fn drive<C>(conn: C, ctx: &Context, addr: SocketAddr, activity: &Activity)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
@@ -224,6 +298,19 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        stall = activity.stalled(ctx.limits) => {
+            ctx.metrics.connection_stalled(stall);
+            tracing::debug!(peer = %addr, reason = stall.as_str(), "connection closed by the watchdog");
+            if stall != Stall::Idle {
+                return;
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = tokio::time::sleep(IDLE_CLOSE_WAIT) => return,
+                () = ctx.drain.hard_stop.cancelled() => return,
+            }
+        }
         () = ctx.drain.draining.cancelled() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {

@@ -62,6 +62,25 @@ pub enum UpstreamFailure {
     Broken,
 }
 
+/// Why the watchdog closed a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// No request head within `proxy.header_read_timeout` of the connection opening.
+    NoRequest,
+    /// Idle (no request in flight) for `proxy.keepalive_timeout`.
+    Idle,
+    /// The client took no response data for `proxy.send_timeout`.
+    SlowReader,
+}
+
+const STALLS: [&str; 3] = ["no_request", "keepalive_idle", "send_timeout"];
+
+impl Stall {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        STALLS[self as usize]
+    }
+}
 const VERSIONS: [&str; 3] = ["HTTP/1.0", "HTTP/1.1", "HTTP/2"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const BACKENDS: [&str; 3] = ["redis", "local", "fallback"];
@@ -130,7 +149,11 @@ pub struct Metrics {
     /// TLS handshake failures, by reason.
     handshake_failures: [AtomicU64; 4],
     /// Upstream failures, by kind.
-    upstream_errors: [AtomicU64; 4],
+    upstream_errors: [AtomicU64; 3],
+    /// Connections the watchdog closed, by reason.
+    stalls: [AtomicU64; 3],
+    /// Connections that had to wait for a place under a connection limit.
+    connection_waits: AtomicU64,
     /// Rate-limit decisions, by backend and outcome.
     rate_limit: [[AtomicU64; 3]; 3],
     /// Redis commands that failed or timed out.
@@ -194,6 +217,16 @@ impl Metrics {
         self.connections_total.fetch_add(1, Ordering::Relaxed);
         self.connections_open.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard(self.clone())
+    }
+
+    /// Counts a connection the watchdog closed.
+    pub fn connection_stalled(&self, reason: Stall) {
+        self.stalls[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection that waited for a place under a connection limit.
+    pub fn connection_waited(&self) {
+        self.connection_waits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a completed TLS handshake.
@@ -315,6 +348,20 @@ impl Metrics {
             "reason",
             &HANDSHAKE_REASONS,
             &self.handshake_failures,
+        );
+        labelled(
+            &mut out,
+            "gatehouse_connections_closed_stalled_total",
+            "Client connections the watchdog closed, by reason.",
+            "reason",
+            &STALLS,
+            &self.stalls,
+        );
+        counter(
+            &mut out,
+            "gatehouse_connection_waits_total",
+            "Client connections that waited for a place under server.max_connections (or the plain-HTTP limit).",
+            &self.connection_waits,
         );
         labelled(
             &mut out,

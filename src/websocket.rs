@@ -120,8 +120,11 @@ impl Tunnels {
     fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, peer: Arc<Peer>, client: IpAddr) {
         let shutdown = self.drain.hard_stop.clone();
         let idle_timeout = self.idle_timeout;
+        // An RFC 8441 tunnel lives inside its HTTP/2 connection: it keeps the connection
+        // busy, so the watchdog does not close it as idle.
+        let busy = peer.activity.busy();
         self.drain.tunnels.spawn(async move {
-            let _peer = peer;
+            let _held = (peer, busy);
             let both = async { tokio::try_join!(downstream, upstream) };
             let (downstream, upstream) = tokio::select! {
                 both = both => match both {

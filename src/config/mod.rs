@@ -46,6 +46,13 @@ pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
 pub const MIN_MAX_HEADER_SIZE: usize = 8 * 1024;
 /// `proxy.header_read_timeout`.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `proxy.keepalive_timeout`: nginx `keepalive_timeout` is 75 s too.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// `proxy.send_timeout`: nginx `send_timeout` is 60 s too.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// `server.max_plain_http_connections`: the redirect port's own budget, so it cannot take
+/// the places of HTTPS clients.
+pub const DEFAULT_MAX_PLAIN_HTTP_CONNECTIONS: usize = 1_024;
 /// `proxy.max_concurrent_streams`: HTTP/2 streams per connection.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// `websocket.idle_timeout`: a tunnel with no frames either way for this long is closed.
@@ -183,9 +190,16 @@ pub struct Proxy {
     pub max_body_size: u64,
     /// Largest request head accepted (431 beyond).
     pub max_header_size: usize,
-    /// Time allowed for a client to send a complete request head (slowloris defence); hyper
-    /// also closes keep-alive connections idle this long.
+    /// Time allowed for a client to send a complete request head, counted from the
+    /// connection's opening (after TLS) for the first request (silent sockets and
+    /// slowloris), and from the first byte for later ones.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight (HTTP/1.1 keep-alive, HTTP/2 without an open
+    /// stream) is closed after this long.
+    pub keepalive_timeout: Duration,
+    /// A connection whose client takes no response data for this long is closed, and the
+    /// upstream connections its responses held are released.
+    pub send_timeout: Duration,
     /// Concurrent streams allowed on one HTTP/2 connection.
     pub max_concurrent_streams: u32,
 }
@@ -225,8 +239,10 @@ pub struct Admin {
 pub struct Server {
     /// Time in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
-    /// Connections accepted at once across listeners; more wait in the kernel backlog.
+    /// HTTPS connections (and WebSocket tunnels) at once; more wait in the kernel backlog.
     pub max_connections: usize,
+    /// Plain-HTTP (redirect, ACME) connections at once, counted apart from HTTPS.
+    pub max_plain_http_connections: usize,
     /// Runtime worker threads; 0 means one per CPU.
     pub worker_threads: usize,
 }
@@ -445,6 +461,8 @@ struct RawProxy {
     max_body_size: Option<bytesize::ByteSize>,
     max_header_size: Option<bytesize::ByteSize>,
     header_read_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
+    send_timeout: Option<String>,
     max_concurrent_streams: Option<u32>,
 }
 
@@ -478,6 +496,7 @@ struct RawAdmin {
 struct RawServer {
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
+    max_plain_http_connections: Option<usize>,
     worker_threads: Option<usize>,
 }
 
@@ -569,10 +588,20 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             .server
             .max_connections
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        max_plain_http_connections: raw
+            .server
+            .max_plain_http_connections
+            .unwrap_or(DEFAULT_MAX_PLAIN_HTTP_CONNECTIONS),
         worker_threads: raw.server.worker_threads.unwrap_or(0),
     };
     if server.max_connections == 0 {
         p.add("server.max_connections", "must be at least 1");
+    }
+    if server.max_plain_http_connections == 0 {
+        p.add(
+            "server.max_plain_http_connections",
+            "must be at least 1; to turn the plain-HTTP listener off, remove listen.http",
+        );
     }
     let log = validate_log(raw.log, p);
     Config {
@@ -815,7 +844,7 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
             "must be at least 8 KiB (browsers send large cookies); write e.g. \"64KiB\"",
         );
     }
-    Proxy {
+    let proxy = Proxy {
         trusted_proxies,
         max_body_size: raw
             .max_body_size
@@ -826,10 +855,33 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
             raw.header_read_timeout.as_deref(),
             DEFAULT_HEADER_READ_TIMEOUT,
         ),
+        keepalive_timeout: p.duration(
+            "proxy.keepalive_timeout",
+            raw.keepalive_timeout.as_deref(),
+            DEFAULT_KEEPALIVE_TIMEOUT,
+        ),
+        send_timeout: p.duration(
+            "proxy.send_timeout",
+            raw.send_timeout.as_deref(),
+            DEFAULT_SEND_TIMEOUT,
+        ),
         max_concurrent_streams: raw
             .max_concurrent_streams
             .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+    };
+    for (key, value) in [
+        ("proxy.header_read_timeout", proxy.header_read_timeout),
+        ("proxy.keepalive_timeout", proxy.keepalive_timeout),
+        ("proxy.send_timeout", proxy.send_timeout),
+    ] {
+        if value.is_zero() {
+            p.add(
+                key,
+                "must be above 0, or a client could hold its connection forever; write e.g. \"60s\"",
+            );
+        }
     }
+    proxy
 }
 
 fn validate_statics(raw: Vec<RawStatic>, p: &mut Problems) -> Vec<StaticDir> {
