@@ -354,3 +354,50 @@ fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(payload);
     frame
 }
+
+#[tokio::test]
+async fn client_chosen_sni_does_not_write_warnings() {
+    let site = setup("sni-flood").await;
+    let path = site.pki.dir.join("gateway.toml");
+    std::fs::write(&path, base_config(&site.files, site.upstream.addr)).unwrap();
+    let process = common::spawn_binary(&path);
+    let https = process.https;
+    let root = site.files.root.clone();
+
+    // wrk and curl against an IP send that IP as SNI, which RFC 6066 forbids; anyone can.
+    let handshakes = tokio::task::spawn_blocking(move || {
+        (0..3)
+            .map(|_| {
+                std::process::Command::new("openssl")
+                    .args(["s_client", "-connect", &https.to_string()])
+                    .args(["-servername", "127.0.0.1", "-CAfile"])
+                    .arg(&root)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+            .filter(|out| String::from_utf8_lossy(&out.stdout).contains("Verify return code: 0"))
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(handshakes, 3, "openssl could not complete its handshakes");
+
+    // SIGHUP logs a line once the reload ran: everything printed before it, the
+    // handshakes included, has reached the output by then.
+    process.signal("HUP");
+    let marker = "certificate reload requested";
+    let logged = tokio::task::spawn_blocking(move || {
+        let seen = process.wait_for_line(marker, PATIENCE);
+        (seen, process.output())
+    })
+    .await
+    .unwrap();
+    assert!(logged.0, "no reload line:\n{}", logged.1);
+    let warnings: Vec<&str> = logged
+        .1
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
