@@ -14,6 +14,7 @@ use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::client_limit::ClientPlace;
 use crate::error::{Body, BoxError};
 use crate::metrics::Metrics;
 
@@ -38,13 +39,15 @@ pub struct AccessRecord {
     pub upstream: Option<Duration>,
 }
 
-/// Wraps the response body so the request is counted (and logged) when it ends.
+/// Wraps the response body so the request is counted (and logged) when it ends, and the
+/// client's per-client request place (if any) is held until then.
 pub fn wrap(
     response: Response<Body>,
     metrics: Arc<Metrics>,
     version: Version,
     started: Instant,
     record: Option<AccessRecord>,
+    place: Option<ClientPlace>,
 ) -> Response<Body> {
     let status = response.status();
     response.map(|inner| {
@@ -57,6 +60,7 @@ pub fn wrap(
             metrics,
             done: false,
             record,
+            _place: place,
         }
         .boxed_unsync()
     })
@@ -71,6 +75,8 @@ struct FinishingBody {
     metrics: Arc<Metrics>,
     done: bool,
     record: Option<AccessRecord>,
+    /// Released with the body: `server.max_requests_per_client` counts until the end.
+    _place: Option<ClientPlace>,
 }
 
 impl FinishingBody {

@@ -23,6 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::client_limit::ClientPlace;
 use crate::metrics::ConnectionGuard;
 use crate::watchdog::Activity;
 
@@ -42,7 +43,7 @@ pub struct Peer {
     /// The connection's place under `server.max_connections` and in the open-connections
     /// gauge. WebSocket tunnels keep the `Peer` (and so both) after the HTTP connection
     /// has handed them its socket.
-    slot: Option<(OwnedSemaphorePermit, ConnectionGuard)>,
+    slot: Option<(OwnedSemaphorePermit, ConnectionGuard, Option<ClientPlace>)>,
 }
 
 impl Peer {
@@ -69,8 +70,13 @@ impl Peer {
     /// Holds `permit` and `open` for as long as this peer (its connection or a tunnel)
     /// lives.
     #[must_use]
-    pub fn holding(mut self, permit: OwnedSemaphorePermit, open: ConnectionGuard) -> Peer {
-        self.slot = Some((permit, open));
+    pub fn holding(
+        mut self,
+        permit: OwnedSemaphorePermit,
+        open: ConnectionGuard,
+        place: Option<ClientPlace>,
+    ) -> Peer {
+        self.slot = Some((permit, open, place));
         self
     }
 }

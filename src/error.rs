@@ -60,6 +60,12 @@ pub enum ProxyError {
         /// The limit.
         limit: u64,
     },
+    /// The client has `server.max_requests_per_client` requests in flight already.
+    #[error("client has {limit} requests in flight already (server.max_requests_per_client)")]
+    ClientRequestsInFlight {
+        /// The limit.
+        limit: usize,
+    },
     /// The request is malformed in a way hyper lets through.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -72,7 +78,9 @@ impl ProxyError {
     /// Who is at fault.
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::ClientRequestsInFlight { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Side::Upstream,
@@ -89,6 +97,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // nginx `limit_conn_status` is 503 too.
+            ProxyError::ClientRequestsInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -9,6 +9,7 @@
 
 pub(crate) mod access_log;
 pub mod admin;
+pub(crate) mod client_limit;
 pub(crate) mod clock;
 pub mod config;
 pub(crate) mod connection;

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
+use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
 use crate::config::Config;
 use crate::connection::{Drain, Peer};
 use crate::error::Body;
@@ -35,6 +36,8 @@ pub(crate) struct Context {
     pub https_budget: Budget,
     /// Places for plain-HTTP connections, apart so redirects cannot starve HTTPS.
     pub http_budget: Budget,
+    /// `server.max_connections_per_client`, when set (trusted proxies exempt).
+    pub per_client: Option<Arc<ClientLimit>>,
     /// The watchdog's time limits.
     pub limits: watchdog::Limits,
     /// Shutdown phases and the connection tasks they wait for.
@@ -53,6 +56,10 @@ impl Context {
                 "server.max_plain_http_connections",
                 config.server.max_plain_http_connections,
             ),
+            per_client: ClientLimit::new(
+                config.server.max_connections_per_client,
+                &[config.limit_exempt(), &config.proxy.trusted_proxies].concat(),
+            ),
             limits: watchdog::Limits {
                 first_request: config.proxy.header_read_timeout,
                 keepalive: config.proxy.keepalive_timeout,
@@ -61,6 +68,20 @@ impl Context {
             drain,
             metrics,
         }
+    }
+}
+
+impl Context {
+    /// The client's place under `server.max_connections_per_client`; a client over its
+    /// limit is refused (the socket is closed at once).
+    fn client_place(&self, addr: SocketAddr) -> Result<Option<ClientPlace>, LimitReached> {
+        let Some(limit) = &self.per_client else {
+            return Ok(None);
+        };
+        limit.take(addr.ip()).inspect_err(|_| {
+            self.metrics.client_connection_refused();
+            tracing::debug!(peer = %addr, max = limit.max(), "server.max_connections_per_client reached; connection closed");
+        })
     }
 }
 
@@ -147,6 +168,9 @@ pub(crate) async fn serve_https(
         let Some(permit) = ctx.https_budget.take(&ctx).await else {
             break;
         };
+        let Ok(place) = ctx.client_place(addr) else {
+            continue;
+        };
         let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
         ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
@@ -172,7 +196,7 @@ pub(crate) async fn serve_https(
             };
             let activity = Activity::new();
             let peer = Peer::new(addr, proxy.trusted_proxies(), tls_version, activity.clone());
-            let peer = Arc::new(peer.holding(permit, open));
+            let peer = Arc::new(peer.holding(permit, open, place));
             let service = service_fn(move |req| {
                 let busy = peer.activity.busy();
                 let response = proxy.clone().handle(peer.clone(), req);
@@ -224,6 +248,9 @@ pub(crate) async fn serve_http(
         let Some(permit) = ctx.http_budget.take(&ctx).await else {
             break;
         };
+        let Ok(place) = ctx.client_place(addr) else {
+            continue;
+        };
         let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
         ctx.drain.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
@@ -238,7 +265,7 @@ pub(crate) async fn serve_http(
                 .builder
                 .serve_connection(TokioIo::new(stream), service);
             drive(conn, &task_ctx, addr, &activity).await;
-            drop(permit);
+            drop((permit, place));
         });
     }
 }

@@ -154,6 +154,8 @@ pub struct Metrics {
     stalls: [AtomicU64; 3],
     /// Connections that had to wait for a place under a connection limit.
     connection_waits: AtomicU64,
+    /// Connections closed because their client held `server.max_connections_per_client`.
+    client_connections_refused: AtomicU64,
     /// Rate-limit decisions, by backend and outcome.
     rate_limit: [[AtomicU64; 3]; 3],
     /// Redis commands that failed or timed out.
@@ -227,6 +229,12 @@ impl Metrics {
     /// Counts a connection that waited for a place under a connection limit.
     pub fn connection_waited(&self) {
         self.connection_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection refused under `server.max_connections_per_client`.
+    pub fn client_connection_refused(&self) {
+        self.client_connections_refused
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a completed TLS handshake.
@@ -362,6 +370,12 @@ impl Metrics {
             "gatehouse_connection_waits_total",
             "Client connections that waited for a place under server.max_connections (or the plain-HTTP limit).",
             &self.connection_waits,
+        );
+        counter(
+            &mut out,
+            "gatehouse_client_connections_refused_total",
+            "Connections closed at once because their client held server.max_connections_per_client.",
+            &self.client_connections_refused,
         );
         labelled(
             &mut out,

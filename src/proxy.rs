@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::access_log::{self, AccessRecord};
+use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
 use crate::config::Config;
 use crate::connection::{Drain, Peer};
 use crate::error::{plain_response, Body, IntoResponse, ProxyError};
@@ -42,6 +43,8 @@ pub struct Proxy {
     hsts: Option<HeaderValue>,
     /// Whether one log line is written per request.
     access_log: bool,
+    /// `server.max_requests_per_client`, when set.
+    requests_per_client: Option<Arc<ClientLimit>>,
     /// WebSocket tunnels.
     pub(crate) tunnels: websocket::Tunnels,
     /// Request counters, shared with the admin listener.
@@ -82,6 +85,10 @@ impl Proxy {
             public_port: HeaderValue::from(config.listen.public_https_port),
             hsts,
             access_log: config.log.access_log,
+            requests_per_client: ClientLimit::new(
+                config.server.max_requests_per_client,
+                config.limit_exempt(),
+            ),
             tunnels: websocket::Tunnels::new(config.websocket.idle_timeout, drain),
             metrics,
         }
@@ -111,12 +118,24 @@ impl Proxy {
             upstream: None,
         });
 
+        let place = match self.requests_per_client.as_ref().map(|l| l.take(client)) {
+            Some(Err(LimitReached)) => {
+                let refused = ProxyError::ClientRequestsInFlight {
+                    limit: self.requests_per_client.as_ref().map_or(0, |l| l.max()),
+                };
+                return Ok(self.finish(refused.into_response(), version, started, record, None));
+            }
+            Some(Ok(place)) => place,
+            None => None,
+        };
+
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
             match limiter.check(client, req.method(), req.uri().path()).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
-                    return Ok(self.finish(rejection.into_response(), version, started, record));
+                    let response = rejection.into_response();
+                    return Ok(self.finish(response, version, started, record, place));
                 }
             }
         }
@@ -133,24 +152,32 @@ impl Proxy {
         if let Some(headers) = rate_headers {
             response.headers_mut().extend(headers);
         }
-        Ok(self.finish(response, version, started, record))
+        Ok(self.finish(response, version, started, record, place))
     }
 
     /// Adds HSTS to every response (429s included), then counts the request (and writes
-    /// its access log line) when the body ends.
+    /// its access log line) when the body ends, and gives back the client's place then.
     fn finish(
         &self,
         mut response: Response<Body>,
         version: Version,
         started: Instant,
         record: Option<AccessRecord>,
+        place: Option<ClientPlace>,
     ) -> Response<Body> {
         if let Some(hsts) = &self.hsts {
             response
                 .headers_mut()
                 .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
-        access_log::wrap(response, self.metrics.clone(), version, started, record)
+        access_log::wrap(
+            response,
+            self.metrics.clone(),
+            version,
+            started,
+            record,
+            place,
+        )
     }
 
     /// Static file or upstream; records the upstream's time for the access log.

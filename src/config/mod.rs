@@ -243,6 +243,12 @@ pub struct Server {
     pub max_connections: usize,
     /// Plain-HTTP (redirect, ACME) connections at once, counted apart from HTTPS.
     pub max_plain_http_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold per listener; 0 = no
+    /// limit. Trusted proxies and `rate_limit.allow` are exempt.
+    pub max_connections_per_client: usize,
+    /// Requests of one client (resolved through trusted forwarding) in flight at once;
+    /// 0 = no limit. More get 503.
+    pub max_requests_per_client: usize,
     /// Runtime worker threads; 0 means one per CPU.
     pub worker_threads: usize,
 }
@@ -497,6 +503,10 @@ struct RawServer {
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     max_plain_http_connections: Option<usize>,
+    #[serde(default)]
+    max_connections_per_client: usize,
+    #[serde(default)]
+    max_requests_per_client: usize,
     worker_threads: Option<usize>,
 }
 
@@ -509,6 +519,11 @@ struct RawLog {
 }
 
 impl Config {
+    /// Client networks no per-client limit applies to: `rate_limit.allow`.
+    pub fn limit_exempt(&self) -> &[IpNet] {
+        self.rate_limit.as_ref().map_or(&[], |rate| &rate.allow)
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let single = |key: &str, message: String| ConfigError {
@@ -592,6 +607,8 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             .server
             .max_plain_http_connections
             .unwrap_or(DEFAULT_MAX_PLAIN_HTTP_CONNECTIONS),
+        max_connections_per_client: raw.server.max_connections_per_client,
+        max_requests_per_client: raw.server.max_requests_per_client,
         worker_threads: raw.server.worker_threads.unwrap_or(0),
     };
     if server.max_connections == 0 {
