@@ -166,8 +166,9 @@ async fn write_then_rename_is_served_within_a_second() {
     let (old, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
     // Relative paths all the way, as with the default `--config gateway.toml` and
-    // `cert = "certs/site.crt"`: the binary runs in the package directory.
-    let relative = pki.dir.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap();
+    // `cert = "certs/site.crt"`: the binary runs in the package directory (the scratch
+    // directory may lie outside it, with CARGO_TARGET_DIR elsewhere).
+    let relative = relative_path(Path::new(env!("CARGO_MANIFEST_DIR")), &pki.dir);
     let name = |path: &Path| path.file_name().unwrap().to_str().unwrap().to_owned();
     let config = format!(
         "[listen]\nhttps = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\n[upstream]\nurl = \"http://{}\"\n",
@@ -188,6 +189,21 @@ async fn write_then_rename_is_served_within_a_second() {
         eprintln!("reload latency, write-then-rename #{round}: {latency:?}");
     }
     assert_eq!(count_lines(&process, "certificate reload refused"), 0);
+}
+
+/// `to` relative to `from` (both absolute), with `..` where needed.
+fn relative_path(from: &Path, to: &Path) -> std::path::PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut relative = std::path::PathBuf::new();
+    for _ in common..from.len() {
+        relative.push("..");
+    }
+    for component in &to[common..] {
+        relative.push(component);
+    }
+    relative
 }
 
 /// Publishes `leaf` the way the kubelet updates a mounted Secret: a new timestamped
