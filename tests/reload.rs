@@ -786,6 +786,7 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
         requests_done(CLIENTS),
     )
     .await;
+    let before_rotations = done.load(Ordering::Relaxed);
     for rotation in 0..ROTATIONS {
         let new = pki.leaf(NAMES);
         if rotation % 2 == 0 {
@@ -800,6 +801,7 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
     }
     // More requests after the last rotation, then stop.
     let mark = done.load(Ordering::Relaxed);
+    let during_rotations = mark - before_rotations;
     eventually(
         WAIT,
         "the clients keep loading the last chain",
@@ -832,7 +834,11 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
         process.count_lines("certificate reload refused")
     );
     assert!(failures.is_empty(), "failed requests: {failures:?}");
-    assert!(requests > 100, "only {requests} requests completed");
+    // The load overlapped the rotations (how much is a figure, printed above).
+    assert!(
+        during_rotations >= ROTATIONS,
+        "only {during_rotations} requests completed during {ROTATIONS} rotations"
+    );
     assert!(
         seen.len() > ROTATIONS / 2,
         "full handshakes saw only {} of {} chains",
