@@ -122,9 +122,9 @@ impl Budget {
         // One warning per full period, not one per waiting client.
         if !self.full.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                key = self.key,
                 max = self.max,
-                "connection limit reached; new connections wait until others close"
+                "{} reached; new connections wait until others close",
+                self.key
             );
         }
         let permit = tokio::select! {

@@ -9,14 +9,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
-
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use common::{
-    base_config, https_client, plain_client, run_binary, spawn_binary, start_gateway, Http, Pki,
-    Upstream,
+    base_config, capture_logs, eventually, free_port, https_client, plain_client, refused_addr,
+    run_binary, scrape, spawn_binary, start_gateway, Http, Pki, RedisServer, Upstream,
 };
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -40,18 +37,19 @@ async fn readyz(admin: SocketAddr) -> (u16, Value) {
 
 /// Polls `/readyz` until it answers `status` (the upstream result is cached ~1 s).
 async fn wait_readyz(admin: SocketAddr, status: u16) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (got, json) = readyz(admin).await;
-        if got == status {
-            return json;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed {got}, wanted {status}: {json}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        format!("/readyz answers {status}"),
+        || async {
+            let (got, json) = readyz(admin).await;
+            if got == status {
+                Ok(json)
+            } else {
+                Err(format!("{got}: {json}"))
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -156,15 +154,23 @@ async fn readyz_caches_the_upstream_check_so_probes_do_not_hammer_the_app() {
     let gateway = start_gateway(&base_config(&files, addr), &pki.dir).await;
     let admin = gateway.admin.unwrap();
 
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let probes = (0..50).map(|_| readyz(admin));
     for (status, json) in futures_util::future::join_all(probes).await {
         assert_eq!(status, 200, "{json}");
     }
+    // The allowance follows from the time the probes took (one check per second of
+    // probing, at most); it is not a threshold on that time.
     let elapsed = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
-    // One check per second of probing, at most.
+    let connections = eventually(
+        Duration::from_secs(10),
+        "the counting listener has accepted the check's connection",
+        || {
+            let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
+            async move { (connections >= 1).then_some(connections) }
+        },
+    )
+    .await;
     let allowed = 1 + usize::try_from(elapsed.as_secs()).unwrap() + 1;
     assert!(
         (1..=allowed).contains(&connections),
@@ -198,16 +204,8 @@ async fn readyz_reports_draining_during_shutdown() {
 // `gatehouse health` through the real binary
 // ---------------------------------------------------------------------------------------
 
-/// A port that was free a moment ago (the binary's config needs a fixed admin port, since
-/// `gatehouse health` reads the address from the config).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// The binary's config with a fixed admin port: `gatehouse health` reads the address from
+/// the config.
 fn write_binary_config(dir: &Path, files: &common::CertFiles, upstream: SocketAddr) -> String {
     let port = free_port();
     let config = base_config(files, upstream).replace(
@@ -238,7 +236,7 @@ async fn gatehouse_health_exits_0_when_ready_and_1_when_the_upstream_is_down() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 
-    let process = spawn_binary(Path::new(&config));
+    let process = spawn_binary(Path::new(&config)).await;
     let output = run_binary(&["health", "--config", &config]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
@@ -250,23 +248,23 @@ async fn gatehouse_health_exits_0_when_ready_and_1_when_the_upstream_is_down() {
     assert!(stdout.starts_with("gatehouse health: ready"), "{stdout}");
 
     upstream.stop().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stderr = loop {
-        let output = tokio::task::spawn_blocking({
+    let stderr = eventually(
+        Duration::from_secs(10),
+        "`gatehouse health` exits 1 with the upstream down",
+        || {
             let config = config.clone();
-            move || run_binary(&["health", "--config", &config])
-        })
-        .await
-        .unwrap();
-        if output.status.code() == Some(1) {
-            break String::from_utf8_lossy(&output.stderr).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health stayed 0 with the upstream down"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+            async move {
+                let output = tokio::task::spawn_blocking(move || {
+                    run_binary(&["health", "--config", &config])
+                })
+                .await
+                .unwrap();
+                (output.status.code() == Some(1))
+                    .then(|| String::from_utf8_lossy(&output.stderr).into_owned())
+            }
+        },
+    )
+    .await;
     assert!(
         stderr.starts_with(&format!(
             "gatehouse health: not ready: upstream (http://{upstream_addr}: "
@@ -281,48 +279,6 @@ async fn gatehouse_health_exits_0_when_ready_and_1_when_the_upstream_is_down() {
 // ---------------------------------------------------------------------------------------
 // /metrics after real traffic
 // ---------------------------------------------------------------------------------------
-
-/// `/metrics` as `series -> value` (`name{labels}` exactly as exposed), checking the text
-/// format on the way: every sample's metric has `# HELP` and `# TYPE` lines before it.
-async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
-    let response = plain_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.headers()["content-type"],
-        "text/plain; version=0.0.4; charset=utf-8"
-    );
-    let text = response.text().await.unwrap();
-    let mut typed = std::collections::HashSet::new();
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            typed.insert(rest.split(' ').next().unwrap().to_owned());
-            continue;
-        }
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let name = series.split('{').next().unwrap();
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| typed.contains(*f)))
-            .unwrap_or(name);
-        assert!(typed.contains(family), "no # TYPE before {line}");
-        samples.insert(series.to_owned(), value.parse::<f64>().unwrap());
-    }
-    samples
-}
-
-fn sample(samples: &HashMap<String, f64>, series: &str) -> f64 {
-    *samples
-        .get(series)
-        .unwrap_or_else(|| panic!("no series {series} in /metrics"))
-}
 
 #[tokio::test]
 async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_connections() {
@@ -348,22 +304,25 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
     assert!(untrusting.get(gateway.url("/")).send().await.is_err());
 
     // The access record (and its counters) is written when the body ends, just after the
-    // client has read it: poll briefly.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let metrics = loop {
-        let metrics = scrape(admin).await;
-        if sample(&metrics, "gatehouse_request_duration_seconds_count") >= 7.0
-            || Instant::now() > deadline
-        {
-            break metrics;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // client has read it: wait for the seventh.
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "7 requests counted in /metrics",
+        || async {
+            let metrics = scrape(admin).await;
+            let count = metrics.get("gatehouse_request_duration_seconds_count");
+            if count >= 7.0 {
+                Ok(metrics)
+            } else {
+                Err(count)
+            }
+        },
+    )
+    .await;
     let requests = |version: &str, class: &str| {
-        sample(
-            &metrics,
-            &format!("gatehouse_requests_total{{version=\"{version}\",status=\"{class}\"}}"),
-        )
+        metrics.get(&format!(
+            "gatehouse_requests_total{{version=\"{version}\",status=\"{class}\"}}"
+        ))
     };
     assert_eq!(requests("HTTP/1.1", "2xx"), 3.0);
     assert_eq!(requests("HTTP/1.1", "4xx"), 1.0);
@@ -374,9 +333,9 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
     // Latency histogram: cumulative buckets, +Inf = count = requests, the 30 ms request
     // above the 25 ms bucket.
     let histogram = "gatehouse_request_duration_seconds";
-    assert_eq!(sample(&metrics, &format!("{histogram}_count")), 7.0);
+    assert_eq!(metrics.get(&format!("{histogram}_count")), 7.0);
     assert_eq!(
-        sample(&metrics, &format!("{histogram}_bucket{{le=\"+Inf\"}}")),
+        metrics.get(&format!("{histogram}_bucket{{le=\"+Inf\"}}")),
         7.0
     );
     let mut buckets: Vec<(f64, f64)> = metrics
@@ -399,25 +358,22 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
         below(0.025) <= 6.0,
         "the /sleep/30 request is slower than 25 ms: {buckets:?}"
     );
-    assert!(sample(&metrics, &format!("{histogram}_sum")) >= 0.030);
+    assert!(metrics.get(&format!("{histogram}_sum")) >= 0.030);
     assert_eq!(
-        sample(&metrics, "gatehouse_upstream_duration_seconds_count"),
+        metrics.get("gatehouse_upstream_duration_seconds_count"),
         7.0
     );
-    assert!(sample(&metrics, "gatehouse_response_body_bytes_total") >= 100_000.0);
+    assert!(metrics.get("gatehouse_response_body_bytes_total") >= 100_000.0);
 
     // Connections: the two pooled clients hold one connection each.
-    assert_eq!(sample(&metrics, "gatehouse_connections_open"), 2.0);
-    assert!(sample(&metrics, "gatehouse_connections_total") >= 3.0);
-    assert!(sample(&metrics, "gatehouse_tls_handshakes_total") >= 2.0);
+    assert_eq!(metrics.get("gatehouse_connections_open"), 2.0);
+    assert!(metrics.get("gatehouse_connections_total") >= 3.0);
+    assert!(metrics.get("gatehouse_tls_handshakes_total") >= 2.0);
     assert_eq!(
-        sample(
-            &metrics,
-            "gatehouse_tls_handshake_failures_total{reason=\"client_alert\"}"
-        ),
+        metrics.get("gatehouse_tls_handshake_failures_total{reason=\"client_alert\"}"),
         1.0
     );
-    assert_eq!(sample(&metrics, "gatehouse_websockets_open"), 0.0);
+    assert_eq!(metrics.get("gatehouse_websockets_open"), 0.0);
 
     // The served certificate's expiry, labelled by name and serial.
     let serial_label = metrics
@@ -429,10 +385,9 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
         serial_label.contains("name=\"localhost\""),
         "{serial_label}"
     );
-    let days_left = sample(
-        &metrics,
-        &serial_label.replace("not_after_timestamp_seconds", "expiry_seconds"),
-    ) / 86_400.0;
+    let days_left = metrics
+        .get(&serial_label.replace("not_after_timestamp_seconds", "expiry_seconds"))
+        / 86_400.0;
     assert!((88.0..=90.0).contains(&days_left), "{days_left}");
     let serial = serial_label.split("serial=\"").nth(1).unwrap();
     assert!(
@@ -446,15 +401,19 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
 
     // Closing the clients closes their connections: the gauge goes back to 0.
     drop((h1, h2, untrusting));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let open = sample(&scrape(admin).await, "gatehouse_connections_open");
-        if open == 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{open} connections still open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "gatehouse_connections_open is back to 0",
+        || async {
+            let open = scrape(admin).await.get("gatehouse_connections_open");
+            if open == 0.0 {
+                Ok(())
+            } else {
+                Err(open)
+            }
+        },
+    )
+    .await;
 
     gateway.stop().await;
     upstream.stop().await;
@@ -464,61 +423,11 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
 // Redis state in /readyz (real redis-server)
 // ---------------------------------------------------------------------------------------
 
-/// A redis-server on a free port; killed on drop.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Redis {
-    fn start(name: &str) -> Redis {
-        let mut redis = Redis {
-            child: None,
-            port: free_port(),
-            dir: common::scratch_dir(name),
-        };
-        redis.spawn();
-        redis
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (.ci/test installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A gateway limiting through a redis-server of its own, with `extra` in `[rate_limit]`.
 struct RedisGateway {
     pki: Pki,
     upstream: Upstream,
-    redis: Redis,
+    redis: RedisServer,
     gateway: common::TestGateway,
 }
 
@@ -526,7 +435,7 @@ async fn gateway_with_redis(name: &str, extra: &str) -> RedisGateway {
     let pki = Pki::new(name);
     let (_, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    let redis = Redis::start(&format!("{name}-server"));
+    let redis = RedisServer::start(&format!("{name}-server"), &[]).await;
     let config = format!(
         "{}\n[rate_limit]\nrequests_per_second = 1000\nburst = 1000\nredis_url = \"redis://127.0.0.1:{}\"\n{extra}",
         base_config(&files, upstream.addr),
@@ -548,27 +457,28 @@ impl RedisGateway {
     async fn wait_redis_check(&self, ok: bool, traffic: bool) -> (u16, Value) {
         let admin = self.gateway.admin.unwrap();
         let client = https_client(&self.pki.root_pem(), Http::One, self.gateway.https);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if traffic {
-                let response = client.get(self.gateway.url("/")).send().await.unwrap();
-                assert_eq!(
-                    response.status(),
-                    200,
-                    "requests are served while Redis is away"
-                );
-            }
-            let (status, json) = readyz(admin).await;
-            if json["checks"]["redis"]["ok"] == ok {
-                return (status, json);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis check stayed {}: {json}",
-                !ok
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (client, url) = (&client, self.gateway.url("/"));
+        eventually(
+            Duration::from_secs(15),
+            format!("the /readyz redis check says ok = {ok}"),
+            || async {
+                if traffic {
+                    let response = client.get(&url).send().await.unwrap();
+                    assert_eq!(
+                        response.status(),
+                        200,
+                        "requests are served while Redis is away"
+                    );
+                }
+                let (status, json) = readyz(admin).await;
+                if json["checks"]["redis"]["ok"] == ok {
+                    Ok((status, json))
+                } else {
+                    Err(json)
+                }
+            },
+        )
+        .await
     }
 
     async fn stop(self) {
@@ -602,10 +512,10 @@ async fn readyz_reports_redis_down_as_degraded_and_recovers() {
         "{json}"
     );
     let metrics = scrape(admin).await;
-    assert_eq!(sample(&metrics, "gatehouse_redis_breaker_open"), 1.0);
+    assert_eq!(metrics.get("gatehouse_redis_breaker_open"), 1.0);
 
     // Redis returns on the same port: the limiter's probe reconnects, the check recovers.
-    site.redis.spawn();
+    site.redis.spawn().await;
     let (status, json) = site.wait_redis_check(true, true).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["degraded"], serde_json::json!([]));
@@ -618,7 +528,7 @@ async fn readyz_notices_redis_going_and_coming_back_without_traffic() {
     site.wait_redis_check(true, false).await;
 
     // Not one request: the limiter's idle check (every 2 s) is what notices.
-    let killed = Instant::now();
+    let killed = std::time::Instant::now();
     site.redis.kill();
     let (_, json) = site.wait_redis_check(false, false).await;
     assert_eq!(json["degraded"], serde_json::json!(["redis"]), "{json}");
@@ -627,7 +537,7 @@ async fn readyz_notices_redis_going_and_coming_back_without_traffic() {
         killed.elapsed()
     );
 
-    site.redis.spawn();
+    site.redis.spawn().await;
     site.wait_redis_check(true, false).await;
     site.stop().await;
 }
@@ -641,18 +551,23 @@ async fn readyz_fails_on_redis_down_when_on_redis_error_is_deny() {
     assert_eq!(readyz(admin).await.0, 200);
 
     site.redis.kill();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let json = loop {
-        // With "deny" the limiter refuses requests while Redis is away; they still trip
-        // the breaker.
-        let _ = client.get(gateway.url("/")).send().await.unwrap();
-        let (status, json) = readyz(admin).await;
-        if status == 503 {
-            break json;
-        }
-        assert!(Instant::now() < deadline, "still ready: {json}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (client, url) = (&client, gateway.url("/"));
+    let json = eventually(
+        Duration::from_secs(15),
+        "/readyz answers 503 with Redis down and on_redis_error = \"deny\"",
+        || async {
+            // With "deny" the limiter refuses requests while Redis is away; they still
+            // trip the breaker.
+            let _ = client.get(&url).send().await.unwrap();
+            let (status, json) = readyz(admin).await;
+            if status == 503 {
+                Ok(json)
+            } else {
+                Err(json)
+            }
+        },
+    )
+    .await;
     assert_eq!(json["failing"], serde_json::json!(["redis"]));
     assert_eq!(json["checks"]["redis"]["ok"], false);
     assert_eq!(json["checks"]["redis"]["on_redis_error"], "deny");
@@ -719,24 +634,31 @@ async fn metrics_count_open_websocket_tunnels() {
         sockets.push(ws);
     }
     let metrics = scrape(admin).await;
-    assert_eq!(sample(&metrics, "gatehouse_websockets_open"), 2.0);
+    assert_eq!(metrics.get("gatehouse_websockets_open"), 2.0);
     // An upgraded connection stays an open client connection while its tunnel lives.
-    assert_eq!(sample(&metrics, "gatehouse_connections_open"), 2.0);
+    assert_eq!(metrics.get("gatehouse_connections_open"), 2.0);
 
     for mut ws in sockets {
         ws.close(None).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = scrape(admin).await;
-        let open = sample(&metrics, "gatehouse_websockets_open");
-        if open == 0.0 && sample(&metrics, "gatehouse_connections_open") == 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{open} tunnels still counted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "no tunnel and no connection counted open",
+        || async {
+            let metrics = scrape(admin).await;
+            let open = (
+                metrics.get("gatehouse_websockets_open"),
+                metrics.get("gatehouse_connections_open"),
+            );
+            if open == (0.0, 0.0) {
+                Ok(())
+            } else {
+                Err(open)
+            }
+        },
+    )
+    .await;
 
     gateway.stop().await;
     upstream.stop().await;
@@ -751,20 +673,28 @@ async fn admin_answers_while_client_connections_are_at_max_connections() {
         "{}\n[server]\nmax_connections = 1\n",
         base_config(&files, upstream.addr)
     );
+    let logs = capture_logs();
     let gateway = start_gateway(&config, &pki.dir).await;
     let admin = gateway.admin.unwrap();
 
-    // One client holds the only place; a second one waits in the backlog.
+    // One client holds the only place (counted open); a second one is accepted and
+    // waits for a place, which the gateway logs.
     let holder = tokio::net::TcpStream::connect(gateway.https).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the holder is counted open",
+        || {
+            let open = gateway.samples().get("gatehouse_connections_open");
+            async move { open == 1.0 }
+        },
+    )
+    .await;
     let client = https_client(&pki.root_pem(), Http::One, gateway.https);
     let url = gateway.url("/");
     let waiting = tokio::spawn(async move { client.get(url).send().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "a second client was served past max_connections = 1"
-    );
+    logs.lines
+        .wait_for_line("server.max_connections reached", Duration::from_secs(10))
+        .await;
 
     // Probes and scrapes still answer.
     let (status, body) = tokio::time::timeout(Duration::from_secs(2), admin_get(admin, "/healthz"))
@@ -775,9 +705,21 @@ async fn admin_answers_while_client_connections_are_at_max_connections() {
         .await
         .expect("/readyz answers while the gateway is full");
     assert_eq!(status, 200);
+    // The waiting client is still not served: it waits for the holder's place.
+    assert!(
+        !waiting.is_finished(),
+        "a second client was served past max_connections = 1"
+    );
+    assert_eq!(upstream.seen().len(), 0, "no request reached the upstream");
 
-    waiting.abort();
+    // The holder leaves: the waiting client gets its place and is served.
     drop(holder);
+    let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client is served once the holder left")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
     gateway.stop().await;
     upstream.stop().await;
 }
@@ -787,12 +729,7 @@ async fn metrics_count_upstream_failures_by_kind() {
     let pki = Pki::new("admin-upstream-errors");
     let (_, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    // A port nothing listens on any more: connections to it are refused.
-    let down = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let down = refused_addr();
     let config =
         base_config(&files, down).replace("[upstream]", "[upstream]\nresponse_timeout = \"300ms\"");
     let gateway = start_gateway(&config, &pki.dir).await;
@@ -804,17 +741,11 @@ async fn metrics_count_upstream_failures_by_kind() {
     }
     let metrics = scrape(admin).await;
     assert_eq!(
-        sample(
-            &metrics,
-            "gatehouse_upstream_errors_total{kind=\"connect\"}"
-        ),
+        metrics.get("gatehouse_upstream_errors_total{kind=\"connect\"}"),
         2.0
     );
     assert_eq!(
-        sample(
-            &metrics,
-            "gatehouse_requests_total{version=\"HTTP/1.1\",status=\"5xx\"}"
-        ),
+        metrics.get("gatehouse_requests_total{version=\"HTTP/1.1\",status=\"5xx\"}"),
         2.0
     );
     gateway.stop().await;
@@ -828,10 +759,7 @@ async fn metrics_count_upstream_failures_by_kind() {
     assert_eq!(response.status(), 504);
     let metrics = scrape(gateway.admin.unwrap()).await;
     assert_eq!(
-        sample(
-            &metrics,
-            "gatehouse_upstream_errors_total{kind=\"timeout\"}"
-        ),
+        metrics.get("gatehouse_upstream_errors_total{kind=\"timeout\"}"),
         1.0
     );
     gateway.stop().await;

@@ -12,10 +12,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{scratch_dir, tls_client_config, Pki, Upstream};
+use common::{free_port, scrape, scratch_dir, tls_client_config, Pki, RedisServer, Upstream};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -869,14 +869,6 @@ fn the_mounted_config_passes_gatehouse_check() {
 // Unprivileged run
 // ---------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -907,16 +899,6 @@ fn unprivileged(binary: &Path, args: &[&str]) -> Command {
     command
 }
 
-/// A redis-server with the compose file's ACL (from make-secrets.sh); killed on drop.
-struct AclRedis(std::process::Child);
-
-impl Drop for AclRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
     if !is_root() {
@@ -935,27 +917,18 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
             .replace("http://web:8000", &format!("http://{upstream_addr}"))
             .replace("@redis:6379", &format!("@127.0.0.1:{redis_port}"))
     });
-    let redis = AclRedis(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--aclfile")
-            .arg(container.root.join("run/secrets/redis_users.acl"))
-            .arg("--dir")
-            .arg(&container.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (.ci/test installs it)"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // A Redis with the compose file's ACL (from make-secrets.sh).
+    let acl = container.root.join("run/secrets/redis_users.acl");
+    let redis = RedisServer::start_on(
+        redis_port,
+        container.root.clone(),
+        &["--aclfile", acl.to_str().unwrap()],
+    )
+    .await;
 
     let config = container.config.to_str().unwrap().to_owned();
-    let process = common::spawn_command(unprivileged(&container.binary, &["--config", &config]));
+    let process =
+        common::spawn_command(unprivileged(&container.binary, &["--config", &config])).await;
     assert_eq!(process.https, SocketAddr::from(([127, 0, 0, 1], https)));
     // setpriv execs gatehouse: the listening process itself runs as nobody.
     assert_eq!(uid_of(process.child.id()), "65534");
@@ -1034,19 +1007,12 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
         .unwrap();
     assert_eq!(readyz["ready"], true, "{readyz}");
     assert_eq!(readyz["checks"]["redis"]["ok"], true, "{readyz}");
-    let metrics = common::plain_client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     assert!(
-        metrics.lines().any(|l| l.starts_with(
-            "gatehouse_rate_limit_decisions_total{backend=\"redis\",outcome=\"allowed\"}"
-        ) && !l.ends_with(" 0")),
-        "{metrics}"
+        metrics
+            .count("gatehouse_rate_limit_decisions_total{backend=\"redis\",outcome=\"allowed\"}")
+            > 0,
+        "{metrics:?}"
     );
     assert!(
         !process.output().contains(
@@ -1070,7 +1036,7 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
     // SIGTERM (the image's STOPSIGNAL) stops it cleanly within the grace.
     let mut process = process;
     process.signal("TERM");
-    assert_eq!(process.wait_exit(Duration::from_secs(9)), Some(0));
+    assert_eq!(process.wait_exit(Duration::from_secs(9)).await, Some(0));
     drop(redis);
     upstream.stop().await;
 }

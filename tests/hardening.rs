@@ -41,18 +41,8 @@ async fn closed_by_peer<S: AsyncReadExt + Unpin>(stream: &mut S, what: &str) {
 }
 
 /// One sample of `/metrics`, e.g. `name{label="x"}`; 0 when absent.
-async fn metric(admin: SocketAddr, sample: &str) -> u64 {
-    let text = plain_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0, |value| value.trim().parse().unwrap())
+async fn metric(admin: SocketAddr, series: &str) -> u64 {
+    common::scrape(admin).await.count(series)
 }
 
 #[tokio::test]
@@ -245,13 +235,10 @@ async fn a_flood_on_the_redirect_port_leaves_https_its_places() {
     for _ in 0..3 {
         flood.push(TcpStream::connect(gateway.http.unwrap()).await.unwrap());
     }
-    let waited = tokio::time::timeout(PATIENCE, async {
-        while metric(admin, "gatehouse_connection_waits_total").await < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    common::eventually(PATIENCE, "the third plain-HTTP socket waits", || async {
+        metric(admin, "gatehouse_connection_waits_total").await == 1
     })
     .await;
-    assert!(waited.is_ok(), "the third plain-HTTP socket never waited");
 
     let client = https_client(&site.pki.root_pem(), Http::One, gateway.https);
     let response = client
@@ -360,7 +347,7 @@ async fn client_chosen_sni_does_not_write_warnings() {
     let site = setup("sni-flood").await;
     let path = site.pki.dir.join("gateway.toml");
     std::fs::write(&path, base_config(&site.files, site.upstream.addr)).unwrap();
-    let process = common::spawn_binary(&path);
+    let process = common::spawn_binary(&path).await;
     let https = process.https;
     let root = site.files.root.clone();
 
@@ -386,16 +373,11 @@ async fn client_chosen_sni_does_not_write_warnings() {
     // SIGHUP logs a line once the reload ran: everything printed before it, the
     // handshakes included, has reached the output by then.
     process.signal("HUP");
-    let marker = "certificate reload requested";
-    let logged = tokio::task::spawn_blocking(move || {
-        let seen = process.wait_for_line(marker, PATIENCE);
-        (seen, process.output())
-    })
-    .await
-    .unwrap();
-    assert!(logged.0, "no reload line:\n{}", logged.1);
-    let warnings: Vec<&str> = logged
-        .1
+    process
+        .wait_for_line("certificate reload requested", PATIENCE)
+        .await;
+    let output = process.output();
+    let warnings: Vec<&str> = output
         .lines()
         .filter(|line| line.contains("WARN") || line.contains("ERROR"))
         .collect();

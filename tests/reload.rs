@@ -1,22 +1,23 @@
 //! Certificate hot reload (issue 6), mostly through the real binary: rotation by in-place
 //! overwrite, write-then-rename, Kubernetes `..data` symlink swap, cert-then-key with a
-//! delay, SIGHUP and the poll fallback each make a new connection see the new serial
-//! within 1 s; broken files keep the last good chain served and are logged; SNI slots
-//! reload independently; continuous load with a new TLS connection per request sees no
-//! failure during 20 rotations. Latencies are printed (`--nocapture`) for the record.
+//! delay, SIGHUP and the poll fallback each make a new connection see the new serial;
+//! broken files keep the last good chain served and are logged; SNI slots reload
+//! independently; continuous load with a new TLS connection per request sees no failure
+//! during 20 rotations. Reload latencies are printed (`--nocapture`) for the record, not
+//! asserted: how fast a rotation is served is a figure for loadtest/.
 
 mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    base_config, served_serial, spawn_binary, tls_client_config, CertFiles, Leaf, Pki, Process,
-    Upstream,
+    base_config, eventually, served_serial, spawn_binary, start_gateway, tls_client_config,
+    CertFiles, Leaf, Pki, Process, Upstream,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -26,12 +27,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// New handshakes must see a rotation within 1 s of the last write; asserted with slack
-/// for a loaded CI machine (the measured latency is printed).
-const LIMIT: Duration = Duration::from_millis(1500);
-
-/// Generous wait for a log line that should appear within `LIMIT`.
-const LOG_WAIT: Duration = Duration::from_secs(5);
+/// Generous bound for a rotation to be served or logged: a deadline for the event on a
+/// loaded machine, not a latency requirement.
+const WAIT: Duration = Duration::from_secs(15);
 
 const NAMES: &[&str] = &["localhost", "127.0.0.1"];
 
@@ -42,10 +40,30 @@ fn with_tls(config: &str, lines: &str) -> String {
 }
 
 /// Writes `config` next to the certificates and starts the real binary on it.
-fn start(pki: &Pki, config: &str) -> Process {
+async fn start(pki: &Pki, config: &str) -> Process {
     let path = pki.dir.join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    spawn_binary(&path)
+    spawn_binary(&path).await
+}
+
+/// A serial as the gateway logs and exposes it: hex pairs joined by colons.
+fn colons(serial_hex: &str) -> String {
+    serial_hex
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| std::str::from_utf8(pair).unwrap())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The "certificate reloaded" lines printed so far.
+fn reloads(process: &Process) -> Vec<String> {
+    process
+        .output()
+        .lines()
+        .filter(|line| line.contains("certificate reloaded"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The served chain file for `leaf`: leaf, then intermediate.
@@ -72,54 +90,33 @@ fn write_renamed(pki: &Pki, files: &CertFiles, leaf: &Leaf) {
     }
 }
 
-/// Opens new TLS connections until `expected` is served; returns the time since `since`.
-/// Panics after `LIMIT`.
+/// Opens new TLS connections until `expected` is served; returns the time since `since`
+/// (printed by the tests for the record).
 async fn wait_serial(addr: SocketAddr, root: &str, expected: &str, since: Instant) -> Duration {
-    let mut last = Err(String::new());
-    while since.elapsed() < LIMIT {
-        last = served_serial(addr, "localhost", root).await;
-        if last.as_deref() == Ok(expected) {
-            return since.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("serial {expected} not served within {LIMIT:?} of the last write; last handshake gave {last:?}");
+    eventually(
+        WAIT,
+        format!("new connections are served serial {expected}"),
+        || async {
+            match served_serial(addr, "localhost", root).await {
+                Ok(serial) if serial == expected => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    since.elapsed()
 }
 
 async fn serial(addr: SocketAddr, root: &str) -> String {
     served_serial(addr, "localhost", root).await.unwrap()
 }
 
-/// Lines printed so far containing `needle`.
-fn count_lines(process: &Process, needle: &str) -> usize {
-    process
-        .output
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|line| line.contains(needle))
-        .count()
-}
-
-/// Waits until `count` printed lines contain `needle`.
-async fn wait_lines(process: &Process, needle: &str, count: usize) {
-    let deadline = Instant::now() + LOG_WAIT;
-    while count_lines(process, needle) < count {
-        assert!(
-            Instant::now() < deadline,
-            "no line containing {needle:?} within {LOG_WAIT:?}:\n{}",
-            process.output()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
-async fn in_place_overwrite_is_served_within_a_second_and_open_connections_continue() {
+async fn in_place_overwrite_is_served_to_new_connections_and_open_connections_continue() {
     let pki = Pki::new("reload-in-place");
     let (old, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
     let root = pki.root_pem();
     assert_eq!(serial(process.https, &root).await, old.serial_hex);
 
@@ -135,15 +132,7 @@ async fn in_place_overwrite_is_served_within_a_second_and_open_connections_conti
     write_in_place(&pki, &files, &new);
     let latency = wait_serial(process.https, &root, &new.serial_hex, Instant::now()).await;
     eprintln!("reload latency, in-place overwrite: {latency:?}");
-    wait_lines(&process, "certificate reloaded", 1).await;
-    let line = process
-        .output
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|line| line.contains("certificate reloaded"))
-        .cloned()
-        .unwrap();
+    let line = process.wait_for_line("certificate reloaded", WAIT).await;
     for field in [
         "subject=",
         "serial=",
@@ -161,13 +150,14 @@ async fn in_place_overwrite_is_served_within_a_second_and_open_connections_conti
 }
 
 #[tokio::test]
-async fn write_then_rename_is_served_within_a_second() {
+async fn write_then_rename_is_served() {
     let pki = Pki::new("reload-rename");
     let (old, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
     // Relative paths all the way, as with the default `--config gateway.toml` and
-    // `cert = "certs/site.crt"`: the binary runs in the package directory.
-    let relative = pki.dir.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap();
+    // `cert = "certs/site.crt"`: the binary runs in the package directory (the scratch
+    // directory may lie outside it, with CARGO_TARGET_DIR elsewhere).
+    let relative = relative_path(Path::new(env!("CARGO_MANIFEST_DIR")), &pki.dir);
     let name = |path: &Path| path.file_name().unwrap().to_str().unwrap().to_owned();
     let config = format!(
         "[listen]\nhttps = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\n[upstream]\nurl = \"http://{}\"\n",
@@ -177,7 +167,7 @@ async fn write_then_rename_is_served_within_a_second() {
         upstream.addr
     );
     std::fs::write(pki.dir.join("gateway.toml"), config).unwrap();
-    let process = spawn_binary(&relative.join("gateway.toml"));
+    let process = spawn_binary(&relative.join("gateway.toml")).await;
     let root = pki.root_pem();
     assert_eq!(serial(process.https, &root).await, old.serial_hex);
 
@@ -187,7 +177,22 @@ async fn write_then_rename_is_served_within_a_second() {
         let latency = wait_serial(process.https, &root, &new.serial_hex, Instant::now()).await;
         eprintln!("reload latency, write-then-rename #{round}: {latency:?}");
     }
-    assert_eq!(count_lines(&process, "certificate reload refused"), 0);
+    assert_eq!(process.count_lines("certificate reload refused"), 0);
+}
+
+/// `to` relative to `from` (both absolute), with `..` where needed.
+fn relative_path(from: &Path, to: &Path) -> std::path::PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut relative = std::path::PathBuf::new();
+    for _ in common..from.len() {
+        relative.push("..");
+    }
+    for component in &to[common..] {
+        relative.push(component);
+    }
+    relative
 }
 
 /// Publishes `leaf` the way the kubelet updates a mounted Secret: a new timestamped
@@ -216,7 +221,7 @@ fn kubernetes_publish(pki: &Pki, mount: &Path, generation: u32, leaf: &Leaf) {
 }
 
 #[tokio::test]
-async fn kubernetes_symlink_swap_is_served_within_a_second() {
+async fn kubernetes_symlink_swap_is_served() {
     let pki = Pki::new("reload-k8s");
     let (_, mut files) = pki.localhost("unused");
     let mount = pki.dir.join("secret");
@@ -226,7 +231,7 @@ async fn kubernetes_symlink_swap_is_served_within_a_second() {
     files.cert = mount.join("tls.crt");
     files.key = mount.join("tls.key");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
     let root = pki.root_pem();
     assert_eq!(serial(process.https, &root).await, first.serial_hex);
 
@@ -236,7 +241,7 @@ async fn kubernetes_symlink_swap_is_served_within_a_second() {
         let latency = wait_serial(process.https, &root, &new.serial_hex, Instant::now()).await;
         eprintln!("reload latency, Kubernetes ..data swap #{generation}: {latency:?}");
     }
-    assert_eq!(count_lines(&process, "certificate reload refused"), 0);
+    assert_eq!(process.count_lines("certificate reload refused"), 0);
 }
 
 #[tokio::test]
@@ -249,34 +254,43 @@ async fn cert_then_key_two_seconds_later_is_refused_once_then_swapped() {
         &base_config(&files, upstream.addr),
         "reload_poll_interval = \"200ms\"",
     );
-    let process = start(&pki, &config);
+    let process = start(&pki, &config).await;
     let root = pki.root_pem();
 
     let new = pki.leaf(NAMES);
     std::fs::write(&files.cert, chain_pem(&pki, &new)).unwrap();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(2) {
-        assert_eq!(
-            serial(process.https, &root).await,
-            old.serial_hex,
-            "the mismatched pair must not be served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_lines(&process, "does not match the certificate", 1).await;
+    let written = Instant::now();
+    // The mismatched pair was read and refused: the old chain is still served.
+    process
+        .wait_for_line("does not match the certificate", WAIT)
+        .await;
+    assert_eq!(
+        serial(process.https, &root).await,
+        old.serial_hex,
+        "the mismatched pair must not be served"
+    );
+    // The scenario: the key follows 2 s after the certificate. The 200 ms poll runs
+    // about ten times over the mismatched pair meanwhile, each one a chance to report
+    // it again (this is pacing, not a window an assertion depends on passing quickly).
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(written.elapsed())).await;
+    assert_eq!(
+        serial(process.https, &root).await,
+        old.serial_hex,
+        "the mismatched pair must not be served"
+    );
     std::fs::write(&files.key, &new.key_pem).unwrap();
     let latency = wait_serial(process.https, &root, &new.serial_hex, Instant::now()).await;
     eprintln!("reload latency, cert then key 2 s later (after the key): {latency:?}");
-    // Let a few more polls run: still one report of the mismatch.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mismatch = count_lines(&process, "does not match the certificate");
+    // The swap is logged, after any further report of the mismatch would have been.
+    process.wait_for_line("certificate reloaded", WAIT).await;
+    let mismatch = process.count_lines("does not match the certificate");
     assert_eq!(
         mismatch,
         1,
         "mismatch logged {mismatch} times:\n{}",
         process.output()
     );
-    assert_eq!(count_lines(&process, "certificate reloaded"), 1);
+    assert_eq!(process.count_lines("certificate reloaded"), 1);
 }
 
 #[tokio::test]
@@ -288,12 +302,15 @@ async fn sighup_reloads_when_nothing_else_would() {
         &base_config(&files, upstream.addr),
         "reload_watch = false\nreload_poll_interval = \"0s\"",
     );
-    let process = start(&pki, &config);
+    let process = start(&pki, &config).await;
     let root = pki.root_pem();
 
+    // The reloader says at startup that only SIGHUP will pick rotations up.
+    process
+        .wait_for_line("rotated certificates are only picked up on SIGHUP", WAIT)
+        .await;
     let new = pki.leaf(NAMES);
     write_in_place(&pki, &files, &new);
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         serial(process.https, &root).await,
         old.serial_hex,
@@ -303,19 +320,30 @@ async fn sighup_reloads_when_nothing_else_would() {
     process.signal("HUP");
     let latency = wait_serial(process.https, &root, &new.serial_hex, sent).await;
     eprintln!("reload latency, SIGHUP: {latency:?}");
-    wait_lines(
-        &process,
-        "certificate reload requested: every certificate is valid",
-        1,
-    )
-    .await;
+    process
+        .wait_for_line(
+            "certificate reload requested: every certificate is valid",
+            WAIT,
+        )
+        .await;
 
     // A SIGHUP with a broken file says so and keeps serving.
     std::fs::write(&files.key, "").unwrap();
     process.signal("HUP");
-    wait_lines(&process, "certificate(s) refused", 1).await;
-    wait_lines(&process, &format!("{} is empty", files.key.display()), 1).await;
+    process.wait_for_line("certificate(s) refused", WAIT).await;
+    process
+        .wait_for_line(&format!("{} is empty", files.key.display()), WAIT)
+        .await;
     assert_eq!(serial(process.https, &root).await, new.serial_hex);
+    // Neither write was picked up by anything but the SIGHUPs: up to the second one's
+    // report, the only reload is the first SIGHUP's (a watch or poll reload of the new
+    // pair would be a second line, with another cause).
+    let reloaded = reloads(&process);
+    assert_eq!(reloaded.len(), 1, "{reloaded:?}");
+    assert!(
+        reloaded[0].contains("cause=\"reload request\""),
+        "{reloaded:?}"
+    );
 }
 
 #[tokio::test]
@@ -327,20 +355,41 @@ async fn poll_picks_up_changes_without_file_system_events() {
         &base_config(&files, upstream.addr),
         "reload_watch = false\nreload_poll_interval = \"300ms\"",
     );
-    let process = start(&pki, &config);
+    let process = start(&pki, &config).await;
     let root = pki.root_pem();
 
-    // Rewriting the same contents (a touch) is not a reload.
+    // Rewriting the same contents (a touch) is not a reload. Shown with a later real
+    // change: the poll that picks that up has read the touched files before, so once the
+    // change is served, the log must hold exactly one reload, the change's.
     write_in_place(&pki, &files, &old);
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(count_lines(&process, "certificate reloaded"), 0);
-
     let new = pki.leaf(NAMES);
     write_renamed(&pki, &files, &new);
     let latency = wait_serial(process.https, &root, &new.serial_hex, Instant::now()).await;
     eprintln!("reload latency, poll every 300 ms: {latency:?}");
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(count_lines(&process, "certificate reloaded"), 1);
+    process.wait_for_line("certificate reloaded", WAIT).await;
+    let reloaded = reloads(&process);
+    assert_eq!(reloaded.len(), 1, "{reloaded:?}");
+    assert!(
+        reloaded[0].contains(&colons(&new.serial_hex)),
+        "{reloaded:?}"
+    );
+    assert!(reloaded[0].contains("cause=\"poll\""), "{reloaded:?}");
+
+    // Nor is the same certificate seen again by later polls: touched once more, then a
+    // third certificate; exactly one more reload, the third's.
+    write_in_place(&pki, &files, &new);
+    let third = pki.leaf(NAMES);
+    write_renamed(&pki, &files, &third);
+    wait_serial(process.https, &root, &third.serial_hex, Instant::now()).await;
+    process
+        .wait_for_lines("certificate reloaded", 2, WAIT)
+        .await;
+    let reloaded = reloads(&process);
+    assert_eq!(reloaded.len(), 2, "{reloaded:?}");
+    assert!(
+        reloaded[1].contains(&colons(&third.serial_hex)),
+        "{reloaded:?}"
+    );
 }
 
 /// Puts a broken file in place.
@@ -352,7 +401,7 @@ async fn broken_files_keep_the_last_good_chain_until_fixed() {
     let other = Pki::new("reload-broken-other-ca");
     let (first, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
     let root = pki.root_pem();
     let (cert, key) = (files.cert.display(), files.key.display());
     let now = time::OffsetDateTime::now_utc();
@@ -402,7 +451,7 @@ async fn broken_files_keep_the_last_good_chain_until_fixed() {
     let mut serving = first.serial_hex.clone();
     for (name, break_files, message) in &cases {
         break_files();
-        wait_lines(&process, message, 1).await;
+        process.wait_for_line(message, WAIT).await;
         assert_eq!(
             serial(process.https, &root).await,
             serving,
@@ -412,11 +461,11 @@ async fn broken_files_keep_the_last_good_chain_until_fixed() {
         write_in_place(&pki, &files, &fixed);
         let latency = wait_serial(process.https, &root, &fixed.serial_hex, Instant::now()).await;
         eprintln!("{name}: refused and logged; fixed files served after {latency:?}");
-        assert_eq!(count_lines(&process, message), 1, "{name} logged once");
+        assert_eq!(process.count_lines(message), 1, "{name} logged once");
         serving = fixed.serial_hex;
     }
     assert_eq!(
-        count_lines(&process, "certificate reload refused"),
+        process.count_lines("certificate reload refused"),
         cases.len()
     );
 
@@ -446,12 +495,7 @@ async fn broken_files_keep_the_last_good_chain_until_fixed() {
         .lines()
         .find(|line| line.starts_with("gatehouse_certificate_expiry_seconds{"))
         .unwrap_or_default();
-    let served: String = serving
-        .as_bytes()
-        .chunks(2)
-        .map(|pair| std::str::from_utf8(pair).unwrap())
-        .collect::<Vec<_>>()
-        .join(":");
+    let served = colons(&serving);
     assert!(expiry.contains(&served), "{served} in {expiry}");
 }
 
@@ -523,16 +567,23 @@ async fn serial_for(addr: SocketAddr, sni: Option<&str>) -> String {
     common::serial_hex(&tls.get_ref().1.peer_certificates().unwrap()[0])
 }
 
-/// Polls until `sni` is served `expected`; panics after `LIMIT`.
+/// Waits until `sni` is served `expected`; returns how long that took (for the record).
 async fn wait_serial_for(addr: SocketAddr, sni: &str, expected: &str) -> Duration {
     let since = Instant::now();
-    while since.elapsed() < LIMIT {
-        if serial_for(addr, Some(sni)).await == expected {
-            return since.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{sni}: serial {expected} not served within {LIMIT:?}");
+    eventually(
+        WAIT,
+        format!("{sni} is served serial {expected}"),
+        || async {
+            let served = serial_for(addr, Some(sni)).await;
+            if served == expected {
+                Ok(())
+            } else {
+                Err(served)
+            }
+        },
+    )
+    .await;
+    since.elapsed()
 }
 
 #[tokio::test]
@@ -574,16 +625,8 @@ access_log = false
         upstream = upstream.addr,
     );
     // In-process: the binary adds nothing here, and the metrics are at hand.
-    common::init();
-    let path = pki.dir.join("gateway.toml");
-    std::fs::write(&path, config).unwrap();
-    let gateway = gatehouse::Gateway::bind(gatehouse::Config::load(&path).unwrap())
-        .await
-        .unwrap();
-    let addr = gateway.https_addr();
-    let metrics = gateway.metrics();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(gateway.run(shutdown.clone()));
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let addr = gateway.https;
 
     let expect = |a: &Leaf, b: &Leaf| {
         let (a, b) = (a.serial_hex.clone(), b.serial_hex.clone());
@@ -620,23 +663,22 @@ access_log = false
     let a_third = pki.leaf(&["a.test", "127.0.0.1"]);
     write_in_place(&pki, &a, &a_third);
     wait_serial_for(addr, "a.test", &a_third.serial_hex).await;
-    let deadline = Instant::now() + LOG_WAIT;
-    let mut rendered = metrics.render(0);
-    while !rendered.contains("gatehouse_certificate_reloads_total{outcome=\"failure\"} 1\n") {
-        assert!(Instant::now() < deadline, "{rendered}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        rendered = metrics.render(0);
-    }
-    assert!(
-        rendered.contains("gatehouse_certificate_reloads_total{outcome=\"success\"} 3\n"),
-        "{rendered}"
-    );
+    let reloads = |outcome: &str| {
+        gateway.samples().count(&format!(
+            "gatehouse_certificate_reloads_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    eventually(WAIT, "b's refusal is counted", || {
+        let failures = reloads("failure");
+        async move { (failures == 1).then_some(()).ok_or(failures) }
+    })
+    .await;
+    assert_eq!(reloads("success"), 3);
     expect(&a_third, &b_second).await;
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
+    gateway.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), gateway.task)
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
 }
@@ -686,12 +728,14 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
     let pki = Pki::new("reload-load");
     let (first, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
     let root = pki.root_pem();
     let addr = process.https;
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Requests completed so far, by all clients.
+    let done = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
     for client in 0..CLIENTS {
         // Even clients do full handshakes (the resolver picks the chain every time); odd
@@ -701,7 +745,7 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
             config.resumption = rustls::client::Resumption::disabled();
         }
         let connector = TlsConnector::from(Arc::new(config));
-        let (stop, failures) = (stop.clone(), failures.clone());
+        let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
         clients.push(tokio::spawn(async move {
             let mut ok = 0usize;
             let mut serials = HashSet::new();
@@ -713,6 +757,7 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
                     }
                     Err(err) => failures.lock().unwrap().push(err),
                 }
+                done.fetch_add(1, Ordering::Relaxed);
             }
             (
                 ok,
@@ -727,7 +772,21 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
 
     let mut latencies = Vec::new();
     let mut expected = vec![first.serial_hex.clone()];
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Load is on once every client has completed a request, on average.
+    let requests_done = |at_least: usize| {
+        let done = done.clone();
+        move || {
+            let now = done.load(Ordering::Relaxed);
+            async move { (now >= at_least).then_some(()).ok_or(now) }
+        }
+    };
+    eventually(
+        WAIT,
+        "the clients are loading the gateway",
+        requests_done(CLIENTS),
+    )
+    .await;
+    let before_rotations = done.load(Ordering::Relaxed);
     for rotation in 0..ROTATIONS {
         let new = pki.leaf(NAMES);
         if rotation % 2 == 0 {
@@ -737,9 +796,18 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
         }
         latencies.push(wait_serial(addr, &root, &new.serial_hex, Instant::now()).await);
         expected.push(new.serial_hex);
+        // Pacing: some traffic between two rotations.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // More requests after the last rotation, then stop.
+    let mark = done.load(Ordering::Relaxed);
+    let during_rotations = mark - before_rotations;
+    eventually(
+        WAIT,
+        "the clients keep loading the last chain",
+        requests_done(mark + CLIENTS),
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut requests = 0;
     let mut seen = HashSet::new();
@@ -763,10 +831,14 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
     // invisible to clients; reported for the record.
     eprintln!(
         "under load: {} reload(s) refused",
-        count_lines(&process, "certificate reload refused")
+        process.count_lines("certificate reload refused")
     );
     assert!(failures.is_empty(), "failed requests: {failures:?}");
-    assert!(requests > 100, "only {requests} requests completed");
+    // The load overlapped the rotations (how much is a figure, printed above).
+    assert!(
+        during_rotations >= ROTATIONS,
+        "only {during_rotations} requests completed during {ROTATIONS} rotations"
+    );
     assert!(
         seen.len() > ROTATIONS / 2,
         "full handshakes saw only {} of {} chains",
@@ -777,7 +849,7 @@ async fn continuous_load_sees_no_failure_during_20_rotations() {
         seen.iter().all(|serial| expected.contains(serial)),
         "an unexpected certificate was served"
     );
-    assert_eq!(count_lines(&process, "certificate reloaded"), ROTATIONS);
+    assert_eq!(process.count_lines("certificate reloaded"), ROTATIONS);
 }
 
 #[test]
@@ -814,8 +886,8 @@ async fn certificates_near_expiry_are_warned_about_at_startup_and_on_reload() {
     let first = soon(time::Duration::days(5) + time::Duration::hours(1));
     let files = pki.write("site", &first);
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
-    wait_lines(&process, "expires in 5 days", 1).await;
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
+    process.wait_for_line("expires in 5 days", WAIT).await;
 
     let next = soon(time::Duration::days(3) + time::Duration::hours(1));
     write_renamed(&pki, &files, &next);
@@ -827,7 +899,7 @@ async fn certificates_near_expiry_are_warned_about_at_startup_and_on_reload() {
     )
     .await;
     // Still served (renewing late beats not renewing), with a warning.
-    wait_lines(&process, "expires in 3 days", 1).await;
+    process.wait_for_line("expires in 3 days", WAIT).await;
 }
 
 /// Writes `leaf` as `dir/site.crt` and `dir/site.key`.
@@ -847,7 +919,7 @@ async fn a_replaced_certificate_directory_is_watched_again() {
     files.cert = live.join("site.crt");
     files.key = live.join("site.key");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
     let root = pki.root_pem();
     assert_eq!(serial(process.https, &root).await, first.serial_hex);
 
@@ -859,9 +931,13 @@ async fn a_replaced_certificate_directory_is_watched_again() {
     let latency = wait_serial(process.https, &root, &second.serial_hex, Instant::now()).await;
     eprintln!("reload latency, directory replaced by rename: {latency:?}");
 
-    // Deleted and created again.
+    // Deleted and created again. The deletion is read (the files are gone: refused) and
+    // the last good chain stays served.
+    let refused = process.count_lines("certificate reload refused");
     std::fs::remove_dir_all(&live).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    process
+        .wait_for_lines("certificate reload refused", refused + 1, WAIT)
+        .await;
     assert_eq!(serial(process.https, &root).await, second.serial_hex);
     let third = pki.leaf(NAMES);
     write_into(&pki, &live, &third);
@@ -885,7 +961,7 @@ async fn a_swapped_directory_symlink_is_followed() {
     files.cert = current.join("site.crt");
     files.key = current.join("site.key");
     let upstream = Upstream::start().await;
-    let process = start(&pki, &base_config(&files, upstream.addr));
+    let process = start(&pki, &base_config(&files, upstream.addr)).await;
     let root = pki.root_pem();
     assert_eq!(serial(process.https, &root).await, first.serial_hex);
 

@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{binary, spawn_binary, tls_client_config, Leaf, Pki};
+use common::{binary, spawn_binary_blocking, tls_client_config, wait_child, Leaf, Pki};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use time::OffsetDateTime;
@@ -45,22 +45,16 @@ fn run_in(dir: &Path, args: &[&str]) -> Run {
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "gatehouse {args:?} still running after 20 s; it must exit instead:\n{}{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default(),
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_child(&mut child, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "gatehouse {args:?} still running after 20 s; it must exit instead:\n{}{}",
+            std::fs::read_to_string(&out_path).unwrap_or_default(),
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
     };
+    let code = status.code();
     let output = format!(
         "{}{}",
         std::fs::read_to_string(&out_path).unwrap(),
@@ -605,7 +599,7 @@ fn incomplete_chain_is_completed_from_the_ca_bundle() {
         check.output
     );
 
-    let gateway = spawn_binary(&config);
+    let gateway = spawn_binary_blocking(&config);
     let chain = served_chain(gateway.https, &pki.root_pem())
         .unwrap_or_else(|err| panic!("a client trusting only the root must connect: {err}"));
     assert_eq!(chain.len(), 2, "served chain: leaf + intermediate");
@@ -701,7 +695,7 @@ fn certificate_expiring_within_14_days_warns_and_starts() {
         check.output
     );
 
-    let gateway = spawn_binary(&config);
+    let gateway = spawn_binary_blocking(&config);
     assert!(
         gateway.output().contains("expires in 10 days"),
         "the gateway must warn at startup:\n{}",

@@ -1,0 +1,279 @@
+//! A real upstream app (hyper, HTTP/1.1 with upgrades) that records what it receives.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::init;
+
+/// What the upstream received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+/// A real upstream app. Routes:
+/// - `/ws/echo`: WebSocket echo (text and binary);
+/// - `/ws/room/NAME`: WebSocket room; each message goes to the room's other members;
+/// - `/ws/refuse`: refuses the WebSocket handshake with 403;
+/// - `/ws/close`: accepts, sends "bye" and closes from the server side;
+/// - `/status/CODE`: answers CODE;
+/// - `/sleep/MS`: waits MS milliseconds, then 200;
+/// - `/bytes/N`: streams N bytes in 64 KiB chunks;
+/// - anything else: reads the whole body and answers 200 `seen METHOD PATH LEN`.
+///
+/// Every request is recorded in `seen`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    rooms: Rooms,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        init();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener)
+    }
+
+    /// Serves on an already bound listener (to restart on the same port).
+    pub fn serve(listener: TcpListener) -> Upstream {
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rooms: Rooms = Arc::new(Mutex::new(HashMap::new()));
+        let stop = CancellationToken::new();
+        let task = {
+            let (seen, rooms, stop) = (seen.clone(), rooms.clone(), stop.clone());
+            tokio::spawn(async move {
+                let connections = tokio_util::task::TaskTracker::new();
+                loop {
+                    let (stream, _) = tokio::select! {
+                        () = stop.cancelled() => break,
+                        accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    };
+                    let (seen, rooms, stop) = (seen.clone(), rooms.clone(), stop.clone());
+                    connections.spawn(async move {
+                        let service = service_fn(move |req| {
+                            upstream_handle(req, seen.clone(), rooms.clone())
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades();
+                        tokio::select! {
+                            _ = conn => {}
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
+            })
+        };
+        Upstream {
+            addr,
+            seen,
+            rooms,
+            stop,
+            task,
+        }
+    }
+
+    /// Requests seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The last request seen.
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw no request")
+    }
+
+    /// Members of WebSocket room `name` right now (they join once their upgrade is done).
+    pub fn room_members(&self, name: &str) -> usize {
+        self.rooms
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Stops accepting and drops open connections.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+type Rooms = Arc<Mutex<HashMap<String, broadcast::Sender<(u64, Message)>>>>;
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<UpBody> {
+    let mut response = Response::new(Full::new(body.into()).boxed());
+    *response.status_mut() = status;
+    response
+}
+
+async fn upstream_handle(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    rooms: Rooms,
+) -> Result<Response<UpBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let record = |len| Seen {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+        body_len: len,
+    };
+    if let Some(rest) = path.strip_prefix("/ws/") {
+        seen.lock().unwrap().push(record(0));
+        return Ok(websocket_route(req, rest.to_owned(), rooms));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        seen.lock().unwrap().push(record(0));
+        let code = StatusCode::from_u16(code.parse().unwrap_or(500))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Ok(text(code, ""));
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/") {
+        seen.lock().unwrap().push(record(0));
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(text(StatusCode::OK, "slept"));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        seen.lock().unwrap().push(record(0));
+        let total: usize = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let chunks = (0..total.div_ceil(chunk.len())).map(move |i| {
+            let len = (total - i * chunk.len()).min(chunk.len());
+            Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+        });
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    let method = req.method().clone();
+    let (parts, body) = req.into_parts();
+    let mut len = 0;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => len += frame.data_ref().map_or(0, Bytes::len),
+            Err(_) => break,
+        }
+    }
+    seen.lock().unwrap().push(Seen {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body_len: len,
+    });
+    let mut response = text(StatusCode::OK, format!("seen {method} {path} {len}"));
+    response
+        .headers_mut()
+        .insert("x-upstream", http::HeaderValue::from_static("1"));
+    Ok(response)
+}
+
+fn websocket_route(mut req: Request<Incoming>, route: String, rooms: Rooms) -> Response<UpBody> {
+    if route == "refuse" {
+        return text(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return text(StatusCode::BAD_REQUEST, "not a websocket handshake");
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        if route == "echo" {
+            let (mut sink, mut stream) = ws.split();
+            while let Some(Ok(message)) = stream.next().await {
+                if message.is_close() {
+                    break;
+                }
+                if (message.is_text() || message.is_binary()) && sink.send(message).await.is_err() {
+                    break;
+                }
+            }
+        } else if route == "close" {
+            let mut ws = ws;
+            let _ = ws.send(Message::text("bye")).await;
+            let _ = ws.close(None).await;
+        } else if let Some(room) = route.strip_prefix("room/") {
+            room_member(ws, room.to_owned(), rooms).await;
+        }
+    });
+    let mut response = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let headers = response.headers_mut();
+    headers.insert("connection", http::HeaderValue::from_static("upgrade"));
+    headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    headers.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+    );
+    response
+}
+
+async fn room_member(
+    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    room: String,
+    rooms: Rooms,
+) {
+    static MEMBER: AtomicU64 = AtomicU64::new(0);
+    let me = MEMBER.fetch_add(1, Ordering::Relaxed);
+    let sender = rooms
+        .lock()
+        .unwrap()
+        .entry(room)
+        .or_insert_with(|| broadcast::channel(1024).0)
+        .clone();
+    let mut receiver = sender.subscribe();
+    let (mut sink, mut stream) = ws.split();
+    loop {
+        tokio::select! {
+            incoming = stream.next() => match incoming {
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => { let _ = sender.send((me, message)); }
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            outgoing = receiver.recv() => match outgoing {
+                // The collaborative-form pattern: never echo to the sender.
+                Ok((from, message)) if from != me => { if sink.send(message).await.is_err() { break; } }
+                Ok(_) => {}
+                Err(_) => break,
+            },
+        }
+    }
+}
