@@ -383,3 +383,72 @@ async fn client_chosen_sni_does_not_write_warnings() {
         .collect();
     assert!(warnings.is_empty(), "{warnings:#?}");
 }
+
+#[tokio::test]
+async fn one_client_cannot_take_more_than_its_connections() {
+    let site = setup("per-client-conns").await;
+    let config = format!(
+        "{}\n[server]\nmax_connections_per_client = 2\n",
+        base_config(&site.files, site.upstream.addr)
+    );
+    let gateway = start_gateway(&config, &site.pki.dir).await;
+    let root = site.pki.root_pem();
+    let first = tls_connect(&root, gateway.https, &[b"http/1.1"]).await;
+    let _second = tls_connect(&root, gateway.https, &[b"http/1.1"]).await;
+
+    let mut third = TcpStream::connect(gateway.https).await.unwrap();
+    closed_by_peer(&mut third, "a third connection from the same address").await;
+    let admin = gateway.admin.unwrap();
+    assert_eq!(
+        metric(admin, "gatehouse_client_connections_refused_total").await,
+        1
+    );
+
+    // A place given back is a place to take again.
+    drop(first);
+    let client = https_client(&root, Http::One, gateway.https);
+    common::eventually(PATIENCE, "a new connection is served", || async {
+        client
+            .get(gateway.url("/again"))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 200)
+    })
+    .await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn one_client_cannot_have_more_than_its_requests_in_flight() {
+    let site = setup("per-client-requests").await;
+    let config = format!(
+        "{}\n[server]\nmax_requests_per_client = 1\n",
+        base_config(&site.files, site.upstream.addr)
+    );
+    let gateway = start_gateway(&config, &site.pki.dir).await;
+    let client = https_client(&site.pki.root_pem(), Http::Two, gateway.https);
+
+    // The app holds the first request; it is in flight until the client gives up.
+    let slow = tokio::spawn({
+        let (client, url) = (client.clone(), gateway.url("/sleep/60000"));
+        async move { client.get(url).send().await }
+    });
+    common::eventually(PATIENCE, "the upstream holds the first request", || async {
+        site.upstream.seen().len() == 1
+    })
+    .await;
+    let refused = client.get(gateway.url("/second")).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(site.upstream.seen().len(), 1, "the second reached the app");
+
+    slow.abort();
+    common::eventually(PATIENCE, "the place is given back", || async {
+        client
+            .get(gateway.url("/third"))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 200)
+    })
+    .await;
+    gateway.stop().await;
+}
