@@ -1,6 +1,7 @@
-//! The HTTPS request path: `handle(req)` runs rate limiting, then serves a static file, a
-//! WebSocket tunnel, or forwards to the upstream over a pooled HTTP/1.1 client. Every
-//! failure becomes a response in [`crate::error`]; nothing here panics or hangs a client.
+//! The HTTPS request path: `handle(req)` normalizes the path once (see [`crate::path`]),
+//! runs rate limiting, then serves a static file, a WebSocket tunnel, or forwards to the
+//! upstream over a pooled HTTP/1.1 client. Every failure becomes a response in
+//! [`crate::error`]; nothing here panics or hangs a client.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -20,7 +21,7 @@ use crate::error::{plain_response, Body, IntoResponse, ProxyError};
 use crate::forwarding;
 use crate::metrics::{Metrics, UpstreamFailure};
 use crate::ratelimit::RateLimiter;
-use crate::static_files::StaticFiles;
+use crate::static_files::{StaticFiles, StaticTarget};
 use crate::upstream::Upstreams;
 use crate::websocket;
 
@@ -111,19 +112,24 @@ impl Proxy {
             upstream: None,
         });
 
+        // Decisions (rate-limit rules, static prefixes) use the normalized path, computed
+        // once; the request keeps its original path on the way upstream.
+        let path = crate::path::normalize(req.uri().path());
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
-            match limiter.check(client, req.method(), req.uri().path()).await {
+            match limiter.check(client, req.method(), &path).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
                     return Ok(self.finish(rejection.into_response(), version, started, record));
                 }
             }
         }
+        let target = self.statics.find(req.uri().path(), &path);
+        drop(path);
 
         // Boxed: hyper keeps one slot per HTTP/1.1 connection sized to this future, idle
         // or not, so the large routing state lives only while a request is in flight.
-        let result = Box::pin(self.route(&peer, client, req, record.as_mut())).await;
+        let result = Box::pin(self.route(&peer, client, req, target, record.as_mut())).await;
         let mut response = result.unwrap_or_else(|err| {
             if let Some(kind) = upstream_failure(&err) {
                 self.metrics.upstream_error(kind);
@@ -159,12 +165,12 @@ impl Proxy {
         peer: &Arc<Peer>,
         client: IpAddr,
         req: Request<Incoming>,
+        target: Option<StaticTarget>,
         record: Option<&mut AccessRecord>,
     ) -> Result<Response<Body>, ProxyError> {
-        let req = match self.statics.serve(req).await {
-            Ok(served) => return served,
-            Err(req) => req,
-        };
+        if let Some(target) = target {
+            return self.statics.serve(target, req).await;
+        }
         let upstream_started = Instant::now();
         let result = self.forward(peer, client, req).await;
         let upstream_time = upstream_started.elapsed();

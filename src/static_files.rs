@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use tower::ServiceExt;
 use tower_http::services::ServeDir;
 
@@ -24,6 +25,39 @@ struct Route {
     root: PathBuf,
     files: ServeDir,
 }
+
+/// Where a request under a static prefix goes, decided on its normalized path.
+pub enum StaticTarget {
+    /// Serve `path` (normalized, re-encoded, relative to the route's directory) from the
+    /// route at this index.
+    Serve {
+        /// Index into the routes.
+        route: usize,
+        /// `/`-led path inside the directory, percent-encoded for a URI.
+        path: String,
+    },
+    /// The raw path names a static prefix but its normalized form leaves it
+    /// (`/static/../x`): a traversal attempt, answered 404 and never forwarded.
+    Refuse,
+}
+
+/// Characters re-encoded when a normalized path becomes a URI again. `%` is not among
+/// them: the normalized form already writes a literal `%` as `%25`.
+const PATH_ENCODE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'|')
+    .add(b'[')
+    .add(b']');
 
 impl StaticFiles {
     /// The routes of `[[static]]`.
@@ -43,34 +77,61 @@ impl StaticFiles {
         StaticFiles { routes }
     }
 
-    /// Serves `req` when its path is under a static prefix; gives it back otherwise.
-    pub async fn serve(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Result<Response<Body>, ProxyError>, Request<Incoming>> {
-        let path = req.uri().path();
-        let Some(route) = self
+    /// The static route for a request: matched on `normalized` (see [`crate::path`]);
+    /// `raw` is the path as sent. `None`: not a static request.
+    pub fn find(&self, raw: &str, normalized: &str) -> Option<StaticTarget> {
+        if let Some((route, entry)) = self
             .routes
             .iter()
-            .find(|route| path.starts_with(route.prefix.as_str()))
-        else {
-            return Err(req);
+            .enumerate()
+            .find(|(_, route)| normalized.starts_with(route.prefix.as_str()))
+        {
+            let inside = &normalized[entry.prefix.len() - 1..];
+            return Some(StaticTarget::Serve {
+                route,
+                path: utf8_percent_encode(inside, PATH_ENCODE).to_string(),
+            });
+        }
+        self.routes
+            .iter()
+            .any(|route| raw.starts_with(route.prefix.as_str()))
+            .then_some(StaticTarget::Refuse)
+    }
+
+    /// Serves a request [`find`](Self::find) matched.
+    pub async fn serve(
+        &self,
+        target: StaticTarget,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let StaticTarget::Serve { route, path } = target else {
+            return Ok(not_found());
         };
-        Ok(serve(route, req).await)
+        let Some(route) = self.routes.get(route) else {
+            return Ok(not_found());
+        };
+        serve(route, path, req).await
     }
 }
 
-async fn serve(route: &Route, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+fn not_found() -> Response<Body> {
+    plain_response(StatusCode::NOT_FOUND, "404 Not Found\n")
+}
+
+async fn serve(
+    route: &Route,
+    path: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let rest = &parts.uri.path()[route.prefix.len() - 1..];
-    if !stays_inside(&route.root, rest).await {
-        return Ok(plain_response(StatusCode::NOT_FOUND, "404 Not Found\n"));
+    if !stays_inside(&route.root, &path).await {
+        return Ok(not_found());
     }
-    let rest = match parts.uri.query() {
-        Some(query) => format!("{rest}?{query}"),
-        None => rest.to_owned(),
+    let target = match parts.uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
     };
-    parts.uri = rest
+    parts.uri = target
         .parse()
         .map_err(|_| ProxyError::BadRequest("invalid path"))?;
     let response = route
@@ -86,7 +147,7 @@ async fn serve(route: &Route, req: Request<Incoming>) -> Result<Response<Body>, 
 /// after percent-decoding, and no symlink that leads out of the directory (nginx
 /// `alias` would follow it; a static folder must not expose the rest of the disk).
 async fn stays_inside(root: &Path, rest: &str) -> bool {
-    let Ok(decoded) = percent_encoding::percent_decode_str(rest).decode_utf8() else {
+    let Ok(decoded) = percent_decode_str(rest).decode_utf8() else {
         return false;
     };
     let safe = decoded
