@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use http::{Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
@@ -58,6 +58,9 @@ const PATH_ENCODE: &AsciiSet = &CONTROLS
     .add(b'|')
     .add(b'[')
     .add(b']');
+
+/// Precompressed siblings `ServeDir` may open instead of the file itself.
+const SIBLINGS: &[&str] = &[".br", ".gz"];
 
 impl StaticFiles {
     /// The routes of `[[static]]`.
@@ -124,8 +127,18 @@ async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    if !stays_inside(&route.root, &path).await {
+    let Ok(decoded) = percent_decode_str(&path).decode_utf8() else {
         return Ok(not_found());
+    };
+    match confine(&route.root, &decoded, SIBLINGS).await {
+        Confinement::Outside => return Ok(not_found()),
+        Confinement::Inside { siblings_inside } => {
+            if !siblings_inside {
+                // A `.br`/`.gz` sibling leads out: serve the file itself, uncompressed.
+                tracing::debug!(path = %decoded, "precompressed sibling outside the static directory ignored");
+                parts.headers.remove(header::ACCEPT_ENCODING);
+            }
+        }
     }
     let target = match parts.uri.query() {
         Some(query) => format!("{path}?{query}"),
@@ -143,23 +156,55 @@ async fn serve(
     Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
 }
 
-/// Whether the URL path `rest` names a file inside `root`: no `..`, backslash or NUL
-/// after percent-decoding, and no symlink that leads out of the directory (nginx
-/// `alias` would follow it; a static folder must not expose the rest of the disk).
-async fn stays_inside(root: &Path, rest: &str) -> bool {
-    let Ok(decoded) = percent_decode_str(rest).decode_utf8() else {
-        return false;
-    };
-    let safe = decoded
+/// Whether a file may be served from a directory.
+pub(crate) enum Confinement {
+    /// It resolves (symlinks followed) outside the directory, cannot be resolved, or its
+    /// path holds `..`, a backslash or NUL.
+    Outside,
+    /// It resolves inside (or does not exist: nothing is opened then).
+    Inside {
+        /// Whether every sibling asked about resolves inside too (or does not exist).
+        siblings_inside: bool,
+    },
+}
+
+/// The promise that no request reads a file outside its directory, for every file that
+/// may actually be opened: `relative` (a decoded path under `root`, which is already
+/// canonical) and each `relative + sibling` (precompressed variants). nginx `alias` would
+/// follow a symlink out; a static or challenge folder must not expose the rest of the disk.
+pub(crate) async fn confine(
+    root: &Path,
+    relative: &str,
+    siblings: &'static [&'static str],
+) -> Confinement {
+    let safe = relative
         .split('/')
         .all(|segment| segment != ".." && !segment.contains(['\\', '\0']));
     if !safe {
-        return false;
+        return Confinement::Outside;
     }
-    let candidate = root.join(decoded.trim_start_matches('/'));
-    match tokio::fs::canonicalize(&candidate).await {
+    let root = root.to_path_buf();
+    let candidate = root.join(relative.trim_start_matches('/'));
+    // One blocking hop for the file and its siblings.
+    tokio::task::spawn_blocking(move || {
+        if !resolves_inside(&root, &candidate) {
+            return Confinement::Outside;
+        }
+        let siblings_inside = siblings.iter().all(|suffix| {
+            let mut sibling = candidate.clone().into_os_string();
+            sibling.push(suffix);
+            resolves_inside(&root, Path::new(&sibling))
+        });
+        Confinement::Inside { siblings_inside }
+    })
+    .await
+    .unwrap_or(Confinement::Outside)
+}
+
+/// Whether `path` resolves inside `root`, or does not exist (then nothing is opened).
+fn resolves_inside(root: &Path, path: &Path) -> bool {
+    match std::fs::canonicalize(path) {
         Ok(resolved) => resolved.starts_with(root),
-        // Missing files are ServeDir's to answer (404, or a precompressed sibling).
-        Err(_) => true,
+        Err(err) => err.kind() == std::io::ErrorKind::NotFound,
     }
 }

@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use common::{base_config, setup, start_gateway, tls_client_config};
+use common::{base_config, plain_client, setup, start_gateway, tls_client_config};
 use common::{Setup, TestGateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -175,5 +175,82 @@ async fn static_prefixes_match_the_normalized_path() {
         assert_eq!(status(&answer), 404, "{target} -> {answer}");
     }
     assert!(s.upstream.seen().is_empty(), "{:?}", s.upstream.seen());
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn precompressed_siblings_that_lead_outside_are_never_served() {
+    let s = setup("paths-precompressed").await;
+    let (dir, outside) = static_dir(&s);
+    std::fs::write(outside.join("secret.txt.gz"), b"\x1f\x8bsecret-gzip").unwrap();
+    std::fs::write(outside.join("secret.txt.br"), b"secret-brotli").unwrap();
+    std::fs::write(outside.join("only.txt.gz"), b"\x1f\x8bonly-gzip").unwrap();
+    // app.js is inside; its precompressed siblings are symlinks out of the directory.
+    std::os::unix::fs::symlink(outside.join("secret.txt.gz"), dir.join("app.js.gz")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt.br"), dir.join("app.js.br")).unwrap();
+    // A symlinked directory leading out, where only a precompressed file exists.
+    std::os::unix::fs::symlink(&outside, dir.join("linked")).unwrap();
+    let gateway = gateway(&s, &static_config(&dir)).await;
+    let root = s.pki.root_pem();
+    for encoding in ["gzip", "br", "gzip, br"] {
+        let answer = get(
+            gateway.https,
+            &root,
+            "/static/app.js",
+            &format!("Accept-Encoding: {encoding}\r\n"),
+        )
+        .await;
+        assert!(!answer.contains("secret"), "{encoding} -> {answer}");
+        assert_eq!(status(&answer), 200, "{encoding} -> {answer}");
+        assert!(answer.ends_with("console.log('plain')"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("content-encoding"),
+            "{answer}"
+        );
+    }
+    for target in ["/static/linked/only.txt", "/static/linked/secret.txt"] {
+        let answer = get(gateway.https, &root, target, "Accept-Encoding: gzip\r\n").await;
+        assert!(!answer.contains("gzip"), "{target} -> {answer}");
+        assert!(!answer.contains("secret"), "{target} -> {answer}");
+        assert_eq!(status(&answer), 404, "{target} -> {answer}");
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn acme_challenge_symlinks_out_of_the_directory_are_refused() {
+    let s = setup("paths-acme").await;
+    let acme = s.pki.dir.join("acme");
+    let outside = s.pki.dir.join("outside");
+    std::fs::create_dir_all(&acme).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(acme.join("good-token"), "good-token.thumbprint").unwrap();
+    std::fs::write(outside.join("secret"), "top secret").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), acme.join("evil-token")).unwrap();
+    let gateway = gateway(
+        &s,
+        &format!("[redirect]\nacme_challenge_dir = \"{}\"", acme.display()),
+    )
+    .await;
+    let http = gateway.http.unwrap();
+    let client = plain_client();
+    let good = client
+        .get(format!(
+            "http://{http}/.well-known/acme-challenge/good-token"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), 200);
+    assert_eq!(good.text().await.unwrap(), "good-token.thumbprint");
+    let evil = client
+        .get(format!(
+            "http://{http}/.well-known/acme-challenge/evil-token"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(evil.status(), 404);
+    assert!(!evil.text().await.unwrap().contains("secret"));
     gateway.stop().await;
 }
