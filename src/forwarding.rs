@@ -5,6 +5,8 @@
 //! Client-sent forwarding headers are replaced, never trusted, unless the peer is one of
 //! `proxy.trusted_proxies`: then the client address is the right-most untrusted entry of
 //! its `X-Forwarded-For` and the peer is appended to the list.
+//!
+//! Hygiene: only allowed `Upgrade` protocols are tunnelled.
 
 use std::net::IpAddr;
 
@@ -27,6 +29,7 @@ pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 static HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// The client address for logs and rate limiting: the peer, or behind trusted proxies the
@@ -99,8 +102,8 @@ pub fn prepare_request(
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
-/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless
-/// this is a protocol upgrade being tunnelled.
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` and
+/// `HTTP2-Settings` unless this is a protocol upgrade being tunnelled.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if let Some(connection) = headers.remove(header::CONNECTION) {
         if let Ok(text) = connection.to_str() {
@@ -123,7 +126,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(header::PROXY_AUTHENTICATE);
     if !upgrade {
         headers.remove(header::UPGRADE);
+        headers.remove(&HTTP2_SETTINGS);
     }
+}
+
+/// Whether every protocol an `Upgrade` request names is in `allowed` (lowercase names;
+/// `websocket` by default). Others are forwarded as plain requests without the upgrade.
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::UPGRADE) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for protocol in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let name = protocol.split_once('/').map_or(protocol, |(name, _)| name);
+            let listed = allowed.iter().any(|entry| {
+                entry.eq_ignore_ascii_case(protocol) || entry.eq_ignore_ascii_case(name)
+            });
+            if !listed {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 /// Whether the request asks for a WebSocket (or other) upgrade over HTTP/1.1.
@@ -232,5 +258,21 @@ mod tests {
         assert!(is_upgrade_request(&headers));
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn only_listed_upgrades_are_allowed() {
+        let allowed = vec!["websocket".to_owned()];
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::UPGRADE, HeaderValue::from_static(value));
+            upgrade_allowed(&headers, &allowed)
+        };
+        assert!(with("websocket"));
+        assert!(with("WebSocket"));
+        assert!(!with("h2c"));
+        assert!(!with("websocket, h2c"));
+        assert!(!with(""));
+        assert!(!upgrade_allowed(&HeaderMap::new(), &allowed));
     }
 }

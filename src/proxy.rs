@@ -43,6 +43,8 @@ pub struct Proxy {
     hsts: Option<HeaderValue>,
     /// Whether one log line is written per request.
     access_log: bool,
+    /// `websocket.allowed_upgrades`.
+    allowed_upgrades: Vec<String>,
     /// WebSocket tunnels.
     pub(crate) tunnels: websocket::Tunnels,
     /// Request counters, shared with the admin listener.
@@ -83,6 +85,7 @@ impl Proxy {
             public_port: HeaderValue::from(config.listen.public_https_port),
             hsts,
             access_log: config.log.access_log,
+            allowed_upgrades: config.websocket.allowed_upgrades.clone(),
             tunnels: websocket::Tunnels::new(config.websocket.idle_timeout, drain),
             metrics,
         }
@@ -198,8 +201,13 @@ impl Proxy {
                 "405 Method Not Allowed: this is not a forward proxy\n",
             ));
         }
+        // Only allowed protocols (WebSocket by default) are tunnelled; any other upgrade
+        // (h2c would hand the client a raw HTTP/2 connection to the app, past every check
+        // here) goes upstream as a plain request without its upgrade headers.
         let upgrade = h2_websocket
-            || (req.version() == Version::HTTP_11 && forwarding::is_upgrade_request(req.headers()));
+            || (req.version() == Version::HTTP_11
+                && forwarding::is_upgrade_request(req.headers())
+                && forwarding::upgrade_allowed(req.headers(), &self.allowed_upgrades));
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let body = if h2_websocket {

@@ -55,6 +55,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// `server.max_connections`: client connections (and tunnels) at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 
+// Request hygiene (see docs/operations.md, "Hardening").
+
+/// `websocket.allowed_upgrades`: the `Upgrade` protocols tunnelled.
+pub const DEFAULT_ALLOWED_UPGRADES: &[&str] = &["websocket"];
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -211,6 +216,9 @@ pub struct StaticDir {
 pub struct WebSocket {
     /// A tunnel with no bytes in either direction for this long is closed.
     pub idle_timeout: Duration,
+    /// `Upgrade` protocols tunnelled (lowercase); requests asking for any other upgrade
+    /// are forwarded as plain requests without their upgrade headers.
+    pub allowed_upgrades: Vec<String>,
 }
 
 /// `[admin]`
@@ -465,6 +473,7 @@ struct RawStatic {
 #[serde(deny_unknown_fields)]
 struct RawWebSocket {
     idle_timeout: Option<String>,
+    allowed_upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -551,6 +560,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             raw.websocket.idle_timeout.as_deref(),
             DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
         ),
+        allowed_upgrades: validate_upgrades(raw.websocket.allowed_upgrades, p),
     };
     let rate_limit = raw
         .rate_limit
@@ -830,6 +840,30 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
             .max_concurrent_streams
             .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
     }
+}
+
+fn validate_upgrades(value: Option<Vec<String>>, p: &mut Problems) -> Vec<String> {
+    let Some(list) = value else {
+        return DEFAULT_ALLOWED_UPGRADES
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect();
+    };
+    list.into_iter()
+        .filter_map(|name| {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if !valid {
+                p.add(
+                    "websocket.allowed_upgrades",
+                    format!("`{name}` is not a protocol name; write e.g. [\"websocket\"]"),
+                );
+            }
+            valid.then(|| name.to_ascii_lowercase())
+        })
+        .collect()
 }
 
 fn validate_statics(raw: Vec<RawStatic>, p: &mut Problems) -> Vec<StaticDir> {
