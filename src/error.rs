@@ -66,13 +66,18 @@ pub enum ProxyError {
     /// Serving a static file failed.
     #[error("static file: {0}")]
     Static(String),
+    /// A header name with `_` and `proxy.underscores_in_headers = "reject"`.
+    #[error("header name with an underscore: {0} (proxy.underscores_in_headers)")]
+    UnderscoreHeader(http::HeaderName),
 }
 
 impl ProxyError {
     /// Who is at fault.
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::UnderscoreHeader(_) => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Side::Upstream,
@@ -88,7 +93,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::UnderscoreHeader(_) => StatusCode::BAD_REQUEST,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,6 +119,9 @@ impl IntoResponse for ProxyError {
         let status = self.status();
         let text = match &self {
             ProxyError::BadRequest(reason) => format!("400 Bad Request: {reason}\n"),
+            ProxyError::UnderscoreHeader(name) => {
+                format!("400 Bad Request: header names with an underscore are refused: {name}\n")
+            }
             _ => format!(
                 "{} {}\n",
                 status.as_u16(),

@@ -6,7 +6,8 @@
 //! `proxy.trusted_proxies`: then the client address is the right-most untrusted entry of
 //! its `X-Forwarded-For` and the peer is appended to the list.
 //!
-//! Hygiene: only allowed `Upgrade` protocols are tunnelled.
+//! Hygiene: header names with `_` are dropped (or refused), and only allowed `Upgrade`
+//! protocols are tunnelled.
 
 use std::net::IpAddr;
 
@@ -14,7 +15,9 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
+use crate::config::Underscores;
 use crate::connection::{canonical_ip, is_trusted, Peer};
+use crate::error::ProxyError;
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -152,6 +155,32 @@ pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     any
 }
 
+/// Applies `proxy.underscores_in_headers` to request headers: names with `_` are
+/// removed (`Drop`), refused (`Reject`) or kept (`Allow`). Django's `HTTP_*` mapping turns
+/// `X_Forwarded_For` and `X-Forwarded-For` into the same key, so such a header could
+/// shadow one the gateway sets. Logged at debug only: the input is the client's.
+pub fn underscore_headers(headers: &mut HeaderMap, policy: Underscores) -> Result<(), ProxyError> {
+    if policy == Underscores::Allow {
+        return Ok(());
+    }
+    let Some(first) = headers.keys().find(|name| name.as_str().contains('_')) else {
+        return Ok(());
+    };
+    if policy == Underscores::Reject {
+        return Err(ProxyError::UnderscoreHeader(first.clone()));
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        tracing::debug!(header = %name, "dropped a request header whose name has an underscore");
+        headers.remove(&name);
+    }
+    Ok(())
+}
+
 /// Whether the request asks for a WebSocket (or other) upgrade over HTTP/1.1.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -274,5 +303,28 @@ mod tests {
         assert!(!with("websocket, h2c"));
         assert!(!with(""));
         assert!(!upgrade_allowed(&HeaderMap::new(), &allowed));
+    }
+
+    #[test]
+    fn underscore_header_names_follow_the_policy() {
+        let headers = || {
+            let mut headers = HeaderMap::new();
+            headers.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+            headers.insert("x_other", HeaderValue::from_static("1"));
+            headers.insert("x-kept", HeaderValue::from_static("1"));
+            headers
+        };
+        let mut dropped = headers();
+        underscore_headers(&mut dropped, Underscores::Drop).unwrap();
+        assert_eq!(
+            dropped.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-kept"]
+        );
+        let mut rejected = headers();
+        let err = underscore_headers(&mut rejected, Underscores::Reject).unwrap_err();
+        assert!(err.to_string().contains("x_"), "{err}");
+        let mut allowed = headers();
+        underscore_headers(&mut allowed, Underscores::Allow).unwrap();
+        assert_eq!(allowed.len(), 3);
     }
 }

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::access_log::{self, AccessRecord};
-use crate::config::Config;
+use crate::config::{Config, Underscores};
 use crate::connection::{Drain, Peer};
 use crate::error::{plain_response, Body, IntoResponse, ProxyError};
 use crate::forwarding;
@@ -43,6 +43,8 @@ pub struct Proxy {
     hsts: Option<HeaderValue>,
     /// Whether one log line is written per request.
     access_log: bool,
+    /// `proxy.underscores_in_headers`.
+    underscores: Underscores,
     /// `websocket.allowed_upgrades`.
     allowed_upgrades: Vec<String>,
     /// WebSocket tunnels.
@@ -85,6 +87,7 @@ impl Proxy {
             public_port: HeaderValue::from(config.listen.public_https_port),
             hsts,
             access_log: config.log.access_log,
+            underscores: config.proxy.underscores_in_headers,
             allowed_upgrades: config.websocket.allowed_upgrades.clone(),
             tunnels: websocket::Tunnels::new(config.websocket.idle_timeout, drain),
             metrics,
@@ -225,6 +228,7 @@ impl Proxy {
             let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
             Either::Left(Limited::new(body, limit))
         };
+        forwarding::underscore_headers(&mut parts.headers, self.underscores)?;
         let host = request_host(&mut parts)?;
         forwarding::prepare_request(
             &mut parts.headers,

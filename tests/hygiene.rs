@@ -8,11 +8,13 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{base_config, setup, start_gateway, tls_client_config};
-use common::{Setup, TestGateway};
+use common::{base_config, https_client, setup, start_gateway, tls_client_config};
+use common::{Http, Setup, TestGateway};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+const BOTH: [Http; 2] = [Http::One, Http::Two];
 
 async fn gateway(s: &Setup, extra: &str) -> TestGateway {
     let config = format!("{}\n{extra}", base_config(&s.files, s.upstream.addr));
@@ -156,4 +158,67 @@ async fn allowed_upgrades_lets_an_operator_tunnel_more_protocols() {
     assert_eq!(answer.status(), 200, "{}", answer.head);
     assert_eq!(s.upstream.last().headers["upgrade"], "h2c");
     gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Header names with underscores
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn underscore_header_names_are_dropped_by_default() {
+    let s = setup("hygiene-underscore").await;
+    let gateway = gateway(&s, "").await;
+    for version in BOTH {
+        let client = https_client(&s.pki.root_pem(), version, gateway.https);
+        let response = client
+            .get(gateway.url("/underscore"))
+            .header("X_Forwarded_For", "6.6.6.6")
+            .header("x_custom", "1")
+            .header("x-kept", "yes")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{version:?}");
+        let seen = s.upstream.last();
+        assert!(
+            !seen.headers.keys().any(|name| name.as_str().contains('_')),
+            "{version:?}: {:?}",
+            seen.headers
+        );
+        assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(seen.headers["x-kept"], "yes");
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn underscore_header_names_can_be_rejected_or_allowed() {
+    let s = setup("hygiene-underscore-modes").await;
+    let reject = gateway(&s, "[proxy]\nunderscores_in_headers = \"reject\"").await;
+    for version in BOTH {
+        let client = https_client(&s.pki.root_pem(), version, reject.https);
+        let response = client
+            .get(reject.url("/underscore"))
+            .header("X_Forwarded_For", "6.6.6.6")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{version:?}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains("x_forwarded_for"), "{text}");
+    }
+    assert!(s.upstream.seen().is_empty(), "{:?}", s.upstream.seen());
+    reject.stop().await;
+
+    let allow = gateway(&s, "[proxy]\nunderscores_in_headers = \"allow\"").await;
+    let client = https_client(&s.pki.root_pem(), Http::One, allow.https);
+    let response = client
+        .get(allow.url("/underscore"))
+        .header("x_custom", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(s.upstream.last().headers["x_custom"], "1");
+    allow.stop().await;
 }

@@ -193,6 +193,20 @@ pub struct Proxy {
     pub header_read_timeout: Duration,
     /// Concurrent streams allowed on one HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// What happens to request header names containing `_`.
+    pub underscores_in_headers: Underscores,
+}
+
+/// `proxy.underscores_in_headers`: request header names with `_`, which Django's
+/// `HTTP_*` mapping cannot tell from their `-` twins (nginx `underscores_in_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Removed before forwarding (the default, like nginx).
+    Drop,
+    /// The request is answered 400, naming the header.
+    Reject,
+    /// Forwarded unchanged.
+    Allow,
 }
 
 /// `[redirect]`
@@ -454,6 +468,8 @@ struct RawProxy {
     max_header_size: Option<bytesize::ByteSize>,
     header_read_timeout: Option<String>,
     max_concurrent_streams: Option<u32>,
+    // Request hygiene.
+    underscores_in_headers: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -839,6 +855,22 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
         max_concurrent_streams: raw
             .max_concurrent_streams
             .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+        underscores_in_headers: validate_underscores(raw.underscores_in_headers.as_deref(), p),
+    }
+}
+
+fn validate_underscores(value: Option<&str>, p: &mut Problems) -> Underscores {
+    match value {
+        None | Some("drop") => Underscores::Drop,
+        Some("reject") => Underscores::Reject,
+        Some("allow") => Underscores::Allow,
+        Some(other) => {
+            p.add(
+                "proxy.underscores_in_headers",
+                format!("`{other}` is not a choice; write \"drop\" (default, like nginx), \"reject\" (answer 400) or \"allow\""),
+            );
+            Underscores::Drop
+        }
     }
 }
 
