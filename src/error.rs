@@ -66,6 +66,15 @@ pub enum ProxyError {
     /// Serving a static file failed.
     #[error("static file: {0}")]
     Static(String),
+    /// The request target is longer than `proxy.max_uri_size`.
+    #[error("request target longer than {limit} bytes (proxy.max_uri_size)")]
+    UriTooLong {
+        /// The limit.
+        limit: usize,
+    },
+    /// A method the gateway does not forward (`TRACE` unless `proxy.allow_trace`).
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(http::Method),
     /// A header name with `_` and `proxy.underscores_in_headers = "reject"`.
     #[error("header name with an underscore: {0} (proxy.underscores_in_headers)")]
     UnderscoreHeader(http::HeaderName),
@@ -77,6 +86,8 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed(_)
             | ProxyError::UnderscoreHeader(_) => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -94,6 +105,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) | ProxyError::UnderscoreHeader(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

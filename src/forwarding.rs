@@ -6,8 +6,9 @@
 //! `proxy.trusted_proxies`: then the client address is the right-most untrusted entry of
 //! its `X-Forwarded-For` and the peer is appended to the list.
 //!
-//! Hygiene: header names with `_` are dropped (or refused), and only allowed `Upgrade`
-//! protocols are tunnelled.
+//! Hygiene: header names with `_` are dropped (or refused), `Connection` cannot declare
+//! the headers the gateway relies on hop-by-hop, and only allowed `Upgrade` protocols
+//! are tunnelled.
 
 use std::net::IpAddr;
 
@@ -104,19 +105,42 @@ pub fn prepare_request(
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
-/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` and
-/// `HTTP2-Settings` unless this is a protocol upgrade being tunnelled.
+/// Headers a `Connection` token may not remove: framing, the host, and the forwarding
+/// set (a trusted proxy's `X-Forwarded-For` chain would otherwise be lost). Lowercase.
+const NEVER_HOP_BY_HOP: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names
+/// (except [`NEVER_HOP_BY_HOP`]), `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`,
+/// `Proxy-*`, and `Upgrade` and `HTTP2-Settings` unless this is a protocol upgrade being
+/// tunnelled.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        if let Ok(text) = connection.to_str() {
-            for name in text.split(',').map(str::trim) {
-                if upgrade && name.eq_ignore_ascii_case("upgrade") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(name);
-                }
+    match headers.get_all(header::CONNECTION).iter().take(2).count() {
+        0 => {}
+        1 => {
+            if let Some(value) = headers.remove(header::CONNECTION) {
+                remove_named(headers, &value, upgrade);
+            }
+        }
+        _ => {
+            // Several `Connection` lines (rare): each one's tokens count.
+            let values: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            headers.remove(header::CONNECTION);
+            for value in &values {
+                remove_named(headers, value, upgrade);
             }
         }
     }
@@ -130,6 +154,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade {
         headers.remove(header::UPGRADE);
         headers.remove(&HTTP2_SETTINGS);
+    }
+}
+
+/// Removes the headers one `Connection` value names, except those the gateway relies on.
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue, upgrade: bool) {
+    let Ok(text) = connection.to_str() else {
+        return;
+    };
+    for name in text.split(',').map(str::trim) {
+        let kept = name.is_empty()
+            || (upgrade && name.eq_ignore_ascii_case("upgrade"))
+            || NEVER_HOP_BY_HOP
+                .iter()
+                .any(|never| name.eq_ignore_ascii_case(never));
+        if !kept {
+            // A `&str` key is lowercased on the stack: no allocation per token.
+            headers.remove(name);
+        }
     }
 }
 
@@ -287,6 +329,27 @@ mod tests {
         assert!(is_upgrade_request(&headers));
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn connection_cannot_declare_host_framing_or_forwarding_headers_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, Content-Length"),
+        );
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Forwarded-For, x-secret"),
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        let mut names: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "host", "x-forwarded-for"]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! The HTTPS request path: `handle(req)` normalizes the path once (see [`crate::path`]),
-//! runs rate limiting, then serves a static file, a WebSocket tunnel, or forwards to the
-//! upstream over a pooled HTTP/1.1 client. Every failure becomes a response in
-//! [`crate::error`]; nothing here panics or hangs a client.
+//! The HTTPS request path: `handle(req)` checks request hygiene, normalizes the path once
+//! (see [`crate::path`]), runs rate limiting, then serves a static file, a WebSocket
+//! tunnel, or forwards to the upstream over a pooled HTTP/1.1 client. Every failure
+//! becomes a response in [`crate::error`]; nothing here panics or hangs a client.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::access_log::{self, AccessRecord};
-use crate::config::{Config, Underscores};
+use crate::config::{Config, Underscores, MAX_METHOD_LEN};
 use crate::connection::{Drain, Peer};
 use crate::error::{plain_response, Body, IntoResponse, ProxyError};
 use crate::forwarding;
@@ -45,6 +45,10 @@ pub struct Proxy {
     access_log: bool,
     /// `proxy.underscores_in_headers`.
     underscores: Underscores,
+    /// `proxy.allow_trace`.
+    allow_trace: bool,
+    /// `proxy.max_uri_size`.
+    max_uri_size: usize,
     /// `websocket.allowed_upgrades`.
     allowed_upgrades: Vec<String>,
     /// WebSocket tunnels.
@@ -88,6 +92,8 @@ impl Proxy {
             hsts,
             access_log: config.log.access_log,
             underscores: config.proxy.underscores_in_headers,
+            allow_trace: config.proxy.allow_trace,
+            max_uri_size: config.proxy.max_uri_size,
             allowed_upgrades: config.websocket.allowed_upgrades.clone(),
             tunnels: websocket::Tunnels::new(config.websocket.idle_timeout, drain),
             metrics,
@@ -117,6 +123,10 @@ impl Proxy {
             started,
             upstream: None,
         });
+
+        if let Err(err) = self.check_request(&req) {
+            return Ok(self.finish(err.into_response(), version, started, record));
+        }
 
         // Decisions (rate-limit rules, static prefixes) use the normalized path, computed
         // once; the request keeps its original path on the way upstream.
@@ -163,6 +173,37 @@ impl Proxy {
                 .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
         access_log::wrap(response, self.metrics.clone(), version, started, record)
+    }
+
+    /// Refuses what hyper lets through but the gateway must not forward: a method name
+    /// longer than [`MAX_METHOD_LEN`], `TRACE` (unless `proxy.allow_trace`), a target longer
+    /// than `proxy.max_uri_size`, two `Host` headers, or a `Host` that differs from the
+    /// target's authority (HTTP/2 `:authority`, HTTP/1.1 absolute form).
+    fn check_request(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        if req.method().as_str().len() > MAX_METHOD_LEN {
+            return Err(ProxyError::BadRequest("method name too long"));
+        }
+        if req.method() == Method::TRACE && !self.allow_trace {
+            return Err(ProxyError::MethodNotAllowed(Method::TRACE));
+        }
+        let target = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target > self.max_uri_size {
+            return Err(ProxyError::UriTooLong {
+                limit: self.max_uri_size,
+            });
+        }
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next(), req.uri().authority()) {
+            (Some(_), Some(_), _) => Err(ProxyError::BadRequest("more than one Host header")),
+            (Some(host), None, Some(authority))
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+            {
+                Err(ProxyError::BadRequest("Host differs from :authority"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Static file or upstream; records the upstream's time for the access log.

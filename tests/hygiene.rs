@@ -222,3 +222,174 @@ async fn underscore_header_names_can_be_rejected_or_allowed() {
     assert_eq!(s.upstream.last().headers["x_custom"], "1");
     allow.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Host, Connection, methods, target length
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_host_headers_get_400() {
+    let s = setup("hygiene-two-hosts").await;
+    let gateway = gateway(&s, "").await;
+    let answer = exchange(
+        &s,
+        &gateway,
+        b"GET /hosts HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.status(), 400, "{}", answer.head);
+    assert!(s.upstream.seen().is_empty(), "{:?}", s.upstream.seen());
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn h2_authority_that_differs_from_host_gets_400() {
+    let s = setup("hygiene-authority").await;
+    let gateway = gateway(&s, "").await;
+    let stream = tls(gateway.https, &s.pki.root_pem(), &[b"h2"]).await;
+    let (send, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let port = gateway.https.port();
+    for (host, expected) in [("evil.example", 400), ("", 200)] {
+        let mut request = http::Request::get(format!("https://localhost:{port}/authority"));
+        if !host.is_empty() {
+            request = request.header("host", host);
+        }
+        let (response, _) = send.send_request(request.body(()).unwrap(), true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), expected, "host {host:?}");
+        send = send.ready().await.unwrap();
+    }
+    let seen = s.upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].headers["host"], format!("localhost:{port}"));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn connection_cannot_remove_host_length_or_forwarding_headers() {
+    let s = setup("hygiene-connection").await;
+    let gateway = gateway(&s, "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]").await;
+    let port = gateway.https.port();
+    let request = format!(
+        "POST /connection HTTP/1.1\r\nHost: localhost:{port}\r\n\
+         Connection: close, Host, Content-Length, Transfer-Encoding, X-Forwarded-For, X-Real-IP, X-Forwarded-Proto, X-Secret\r\n\
+         X-Forwarded-For: 198.51.100.7\r\nX-Secret: 1\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    let answer = exchange(&s, &gateway, request.as_bytes()).await;
+    assert_eq!(answer.status(), 200, "{}", answer.head);
+    assert_eq!(answer.text(), "seen POST /connection 5");
+    let seen = s.upstream.last();
+    assert_eq!(seen.headers["host"], format!("localhost:{port}"));
+    assert_eq!(seen.headers["content-length"], "5");
+    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+    assert_eq!(seen.headers["x-real-ip"], "198.51.100.7");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert!(
+        !seen.headers.contains_key("x-secret"),
+        "other named headers are still hop-by-hop"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn trace_gets_405_unless_allowed() {
+    let s = setup("hygiene-trace").await;
+    let trace = b"TRACE /trace HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let gateway = gateway(&s, "").await;
+    let answer = exchange(&s, &gateway, trace).await;
+    assert_eq!(answer.status(), 405, "{}", answer.head);
+    assert!(s.upstream.seen().is_empty(), "{:?}", s.upstream.seen());
+    gateway.stop().await;
+
+    let allowed = self::gateway(&s, "[proxy]\nallow_trace = true").await;
+    let answer = exchange(&s, &allowed, trace).await;
+    assert_eq!(answer.status(), 200, "{}", answer.head);
+    assert_eq!(s.upstream.last().method, "TRACE");
+    allowed.stop().await;
+}
+
+#[tokio::test]
+async fn long_methods_and_targets_are_refused() {
+    let s = setup("hygiene-lengths").await;
+    let gateway = gateway(&s, "").await;
+    let method = "A".repeat(60 * 1024);
+    let answer = exchange(
+        &s,
+        &gateway,
+        format!("{method} / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status(), 400, "{}", answer.head);
+    let long = format!("/long?q={}", "x".repeat(9 * 1024));
+    let answer = exchange(
+        &s,
+        &gateway,
+        format!("GET {long} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status(), 414, "{}", answer.head);
+    assert!(s.upstream.seen().is_empty(), "{:?}", s.upstream.seen());
+
+    // Up to the limit is fine, and a method of 32 bytes too.
+    let fits = format!("/long?q={}", "x".repeat(8 * 1024 - 8));
+    let answer = exchange(
+        &s,
+        &gateway,
+        format!("GET {fits} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status(), 200, "{}", answer.head);
+    let method = "M".repeat(32);
+    let answer = exchange(
+        &s,
+        &gateway,
+        format!("{method} /m HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status(), 200, "{}", answer.head);
+    assert_eq!(s.upstream.last().method.as_str(), method);
+    gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------
+
+fn parse(extra: &str) -> Result<gatehouse::Config, gatehouse::config::ConfigError> {
+    let text = format!(
+        "[listen]\nhttps = \"127.0.0.1:8443\"\n[tls]\ncert = \"a.crt\"\nkey = \"a.key\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n{extra}"
+    );
+    gatehouse::Config::parse(&text, std::path::Path::new("/tmp/g.toml"))
+}
+
+#[test]
+fn hardening_keys_have_safe_defaults_and_bad_values_are_named() {
+    let config = parse("").unwrap();
+    assert_eq!(
+        config.proxy.underscores_in_headers,
+        gatehouse::config::Underscores::Drop
+    );
+    assert!(!config.proxy.allow_trace);
+    assert_eq!(config.proxy.max_uri_size, 8 * 1024);
+    assert_eq!(config.websocket.allowed_upgrades, ["websocket"]);
+
+    let config = parse("[websocket]\nallowed_upgrades = [\"WebSocket\", \"h2c\"]").unwrap();
+    assert_eq!(config.websocket.allowed_upgrades, ["websocket", "h2c"]);
+
+    let err = parse(
+        "[proxy]\nunderscores_in_headers = \"strip\"\nmax_uri_size = \"10B\"\n[websocket]\nallowed_upgrades = [\"web socket\"]",
+    )
+    .unwrap_err()
+    .to_string();
+    for key in [
+        "proxy.underscores_in_headers",
+        "proxy.max_uri_size",
+        "websocket.allowed_upgrades",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+}

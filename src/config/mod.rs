@@ -57,6 +57,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 
 // Request hygiene (see docs/operations.md, "Hardening").
 
+/// `proxy.max_uri_size`: longest request target (414 beyond); nginx's
+/// `large_client_header_buffers` line limit is 8k.
+pub const DEFAULT_MAX_URI_SIZE: usize = 8 * 1024;
+/// Longest method name accepted (400 beyond); not configurable, real methods are short.
+pub const MAX_METHOD_LEN: usize = 32;
 /// `websocket.allowed_upgrades`: the `Upgrade` protocols tunnelled.
 pub const DEFAULT_ALLOWED_UPGRADES: &[&str] = &["websocket"];
 
@@ -195,6 +200,10 @@ pub struct Proxy {
     pub max_concurrent_streams: u32,
     /// What happens to request header names containing `_`.
     pub underscores_in_headers: Underscores,
+    /// Whether `TRACE` requests are forwarded (405 otherwise).
+    pub allow_trace: bool,
+    /// Longest request target accepted (414 beyond).
+    pub max_uri_size: usize,
 }
 
 /// `proxy.underscores_in_headers`: request header names with `_`, which Django's
@@ -470,6 +479,8 @@ struct RawProxy {
     max_concurrent_streams: Option<u32>,
     // Request hygiene.
     underscores_in_headers: Option<String>,
+    allow_trace: Option<bool>,
+    max_uri_size: Option<bytesize::ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -856,6 +867,8 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
             .max_concurrent_streams
             .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
         underscores_in_headers: validate_underscores(raw.underscores_in_headers.as_deref(), p),
+        allow_trace: raw.allow_trace.unwrap_or(false),
+        max_uri_size: validate_max_uri_size(raw.max_uri_size, p),
     }
 }
 
@@ -872,6 +885,21 @@ fn validate_underscores(value: Option<&str>, p: &mut Problems) -> Underscores {
             Underscores::Drop
         }
     }
+}
+
+fn validate_max_uri_size(value: Option<bytesize::ByteSize>, p: &mut Problems) -> usize {
+    let Some(size) = value else {
+        return DEFAULT_MAX_URI_SIZE;
+    };
+    let size = usize::try_from(size.as_u64()).unwrap_or(usize::MAX);
+    if size < 256 {
+        p.add(
+            "proxy.max_uri_size",
+            "must be at least 256 bytes (URLs with query strings are long); write e.g. \"8KiB\" (the default)",
+        );
+        return DEFAULT_MAX_URI_SIZE;
+    }
+    size
 }
 
 fn validate_upgrades(value: Option<Vec<String>>, p: &mut Problems) -> Vec<String> {
