@@ -78,6 +78,15 @@ pub enum ProxyError {
     /// A header name with `_` and `proxy.underscores_in_headers = "reject"`.
     #[error("header name with an underscore: {0} (proxy.underscores_in_headers)")]
     UnderscoreHeader(http::HeaderName),
+    /// The client's request body broke off or was malformed while it was being
+    /// forwarded (a cut or badly chunked body): the client's fault, not the upstream's.
+    #[error("request body from the client: {reason}")]
+    ClientBody {
+        /// The cause, flattened.
+        reason: String,
+        /// Whether reading the body timed out (408) rather than failed (400).
+        timeout: bool,
+    },
 }
 
 impl ProxyError {
@@ -88,7 +97,8 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::UriTooLong { .. }
             | ProxyError::MethodNotAllowed(_)
-            | ProxyError::UnderscoreHeader(_) => Side::Downstream,
+            | ProxyError::UnderscoreHeader(_)
+            | ProxyError::ClientBody { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Side::Upstream,
@@ -104,7 +114,10 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadRequest(_) | ProxyError::UnderscoreHeader(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::UnderscoreHeader(_)
+            | ProxyError::ClientBody { timeout: false, .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody { timeout: true, .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either, Empty, Limited};
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
@@ -22,7 +22,7 @@ use crate::forwarding;
 use crate::metrics::{Metrics, UpstreamFailure};
 use crate::ratelimit::RateLimiter;
 use crate::static_files::{StaticFiles, StaticTarget};
-use crate::upstream::Upstreams;
+use crate::upstream::{ClientBody, Upstreams};
 use crate::websocket;
 
 /// Everything a request needs, built once at startup and shared by all connections.
@@ -267,7 +267,7 @@ impl Proxy {
                 }
             }
             let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
-            Either::Left(Limited::new(body, limit))
+            Either::Left(ClientBody::new(body, limit))
         };
         forwarding::underscore_headers(&mut parts.headers, self.underscores)?;
         let host = request_host(&mut parts)?;

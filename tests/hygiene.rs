@@ -8,7 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{base_config, https_client, setup, start_gateway, tls_client_config};
+use common::{base_config, https_client, plain_client, setup, start_gateway, tls_client_config};
 use common::{Http, Setup, TestGateway};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -99,6 +99,22 @@ async fn exchange(s: &Setup, gateway: &TestGateway, request: &[u8]) -> Answer {
     let mut stream = tls(gateway.https, &s.pki.root_pem(), &[b"http/1.1"]).await;
     stream.write_all(request).await.unwrap();
     read_answer(&mut stream).await
+}
+
+/// The sum of every `gatehouse_upstream_errors_total` series on `/metrics`.
+async fn upstream_errors(gateway: &TestGateway) -> u64 {
+    let text = plain_client()
+        .get(format!("http://{}/metrics", gateway.admin.unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("gatehouse_upstream_errors_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -352,6 +368,44 @@ async fn long_methods_and_targets_are_refused() {
     .await;
     assert_eq!(answer.status(), 200, "{}", answer.head);
     assert_eq!(s.upstream.last().method.as_str(), method);
+    gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Broken request bodies
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn malformed_chunked_body_is_a_client_error_not_an_upstream_failure() {
+    let s = setup("hygiene-bad-chunk").await;
+    let gateway = gateway(&s, "").await;
+    let answer = exchange(
+        &s,
+        &gateway,
+        b"POST /chunked HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nmore\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.status(), 400, "{}", answer.head);
+    assert_eq!(upstream_errors(&gateway).await, 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn body_cut_short_is_a_client_error_not_an_upstream_failure() {
+    let s = setup("hygiene-cut-body").await;
+    let gateway = gateway(&s, "").await;
+    let mut stream = tls(gateway.https, &s.pki.root_pem(), &[b"http/1.1"]).await;
+    stream
+        .write_all(
+            b"POST /cut HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nonly ten b",
+        )
+        .await
+        .unwrap();
+    // The client stops sending (TLS close_notify, then FIN) but keeps reading.
+    stream.shutdown().await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(answer.status(), 400, "{}", answer.head);
+    assert_eq!(upstream_errors(&gateway).await, 0);
     gateway.stop().await;
 }
 
