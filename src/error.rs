@@ -72,6 +72,27 @@ pub enum ProxyError {
     /// Serving a static file failed.
     #[error("static file: {0}")]
     Static(String),
+    /// The request target is longer than `proxy.max_uri_size`.
+    #[error("request target longer than {limit} bytes (proxy.max_uri_size)")]
+    UriTooLong {
+        /// The limit.
+        limit: usize,
+    },
+    /// A method the gateway does not forward (`TRACE` unless `proxy.allow_trace`).
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(http::Method),
+    /// A header name with `_` and `proxy.underscores_in_headers = "reject"`.
+    #[error("header name with an underscore: {0} (proxy.underscores_in_headers)")]
+    UnderscoreHeader(http::HeaderName),
+    /// The client's request body broke off or was malformed while it was being
+    /// forwarded (a cut or badly chunked body): the client's fault, not the upstream's.
+    #[error("request body from the client: {reason}")]
+    ClientBody {
+        /// The cause, flattened.
+        reason: String,
+        /// Whether reading the body timed out (408) rather than failed (400).
+        timeout: bool,
+    },
 }
 
 impl ProxyError {
@@ -80,7 +101,11 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
-            | ProxyError::ClientRequestsInFlight { .. } => Side::Downstream,
+            | ProxyError::ClientRequestsInFlight { .. }
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::UnderscoreHeader(_)
+            | ProxyError::ClientBody { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Side::Upstream,
@@ -96,9 +121,14 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             // nginx `limit_conn_status` is 503 too.
             ProxyError::ClientRequestsInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadRequest(_)
+            | ProxyError::UnderscoreHeader(_)
+            | ProxyError::ClientBody { timeout: false, .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody { timeout: true, .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -124,6 +154,9 @@ impl IntoResponse for ProxyError {
         let status = self.status();
         let text = match &self {
             ProxyError::BadRequest(reason) => format!("400 Bad Request: {reason}\n"),
+            ProxyError::UnderscoreHeader(name) => {
+                format!("400 Bad Request: header names with an underscore are refused: {name}\n")
+            }
             _ => format!(
                 "{} {}\n",
                 status.as_u16(),

@@ -5,6 +5,10 @@
 //! Client-sent forwarding headers are replaced, never trusted, unless the peer is one of
 //! `proxy.trusted_proxies`: then the client address is the right-most untrusted entry of
 //! its `X-Forwarded-For` and the peer is appended to the list.
+//!
+//! Hygiene: header names with `_` are dropped (or refused), `Connection` cannot declare
+//! the headers the gateway relies on hop-by-hop, and only allowed `Upgrade` protocols
+//! are tunnelled.
 
 use std::net::IpAddr;
 
@@ -12,7 +16,9 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
+use crate::config::Underscores;
 use crate::connection::{canonical_ip, is_trusted, Peer};
+use crate::error::ProxyError;
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -27,6 +33,7 @@ pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 static HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// The client address for logs and rate limiting: the peer, or behind trusted proxies the
@@ -98,19 +105,42 @@ pub fn prepare_request(
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
-/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless
-/// this is a protocol upgrade being tunnelled.
+/// Headers a `Connection` token may not remove: framing, the host, and the forwarding
+/// set (a trusted proxy's `X-Forwarded-For` chain would otherwise be lost). Lowercase.
+const NEVER_HOP_BY_HOP: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names
+/// (except [`NEVER_HOP_BY_HOP`]), `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`,
+/// `Proxy-*`, and `Upgrade` and `HTTP2-Settings` unless this is a protocol upgrade being
+/// tunnelled.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        if let Ok(text) = connection.to_str() {
-            for name in text.split(',').map(str::trim) {
-                if upgrade && name.eq_ignore_ascii_case("upgrade") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(name);
-                }
+    match headers.get_all(header::CONNECTION).iter().take(2).count() {
+        0 => {}
+        1 => {
+            if let Some(value) = headers.remove(header::CONNECTION) {
+                remove_named(headers, &value, upgrade);
+            }
+        }
+        _ => {
+            // Several `Connection` lines (rare): each one's tokens count.
+            let values: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            headers.remove(header::CONNECTION);
+            for value in &values {
+                remove_named(headers, value, upgrade);
             }
         }
     }
@@ -123,7 +153,74 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(header::PROXY_AUTHENTICATE);
     if !upgrade {
         headers.remove(header::UPGRADE);
+        headers.remove(&HTTP2_SETTINGS);
     }
+}
+
+/// Removes the headers one `Connection` value names, except those the gateway relies on.
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue, upgrade: bool) {
+    let Ok(text) = connection.to_str() else {
+        return;
+    };
+    for name in text.split(',').map(str::trim) {
+        let kept = name.is_empty()
+            || (upgrade && name.eq_ignore_ascii_case("upgrade"))
+            || NEVER_HOP_BY_HOP
+                .iter()
+                .any(|never| name.eq_ignore_ascii_case(never));
+        if !kept {
+            // A `&str` key is lowercased on the stack: no allocation per token.
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether every protocol an `Upgrade` request names is in `allowed` (lowercase names;
+/// `websocket` by default). Others are forwarded as plain requests without the upgrade.
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::UPGRADE) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for protocol in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let name = protocol.split_once('/').map_or(protocol, |(name, _)| name);
+            let listed = allowed.iter().any(|entry| {
+                entry.eq_ignore_ascii_case(protocol) || entry.eq_ignore_ascii_case(name)
+            });
+            if !listed {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
+}
+
+/// Applies `proxy.underscores_in_headers` to request headers: names with `_` are
+/// removed (`Drop`), refused (`Reject`) or kept (`Allow`). Django's `HTTP_*` mapping turns
+/// `X_Forwarded_For` and `X-Forwarded-For` into the same key, so such a header could
+/// shadow one the gateway sets. Logged at debug only: the input is the client's.
+pub fn underscore_headers(headers: &mut HeaderMap, policy: Underscores) -> Result<(), ProxyError> {
+    if policy == Underscores::Allow {
+        return Ok(());
+    }
+    let Some(first) = headers.keys().find(|name| name.as_str().contains('_')) else {
+        return Ok(());
+    };
+    if policy == Underscores::Reject {
+        return Err(ProxyError::UnderscoreHeader(first.clone()));
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        tracing::debug!(header = %name, "dropped a request header whose name has an underscore");
+        headers.remove(&name);
+    }
+    Ok(())
 }
 
 /// Whether the request asks for a WebSocket (or other) upgrade over HTTP/1.1.
@@ -233,5 +330,65 @@ mod tests {
         assert!(is_upgrade_request(&headers));
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn connection_cannot_declare_host_framing_or_forwarding_headers_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, Content-Length"),
+        );
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Forwarded-For, x-secret"),
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        let mut names: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "host", "x-forwarded-for"]);
+    }
+
+    #[test]
+    fn only_listed_upgrades_are_allowed() {
+        let allowed = vec!["websocket".to_owned()];
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::UPGRADE, HeaderValue::from_static(value));
+            upgrade_allowed(&headers, &allowed)
+        };
+        assert!(with("websocket"));
+        assert!(with("WebSocket"));
+        assert!(!with("h2c"));
+        assert!(!with("websocket, h2c"));
+        assert!(!with(""));
+        assert!(!upgrade_allowed(&HeaderMap::new(), &allowed));
+    }
+
+    #[test]
+    fn underscore_header_names_follow_the_policy() {
+        let headers = || {
+            let mut headers = HeaderMap::new();
+            headers.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+            headers.insert("x_other", HeaderValue::from_static("1"));
+            headers.insert("x-kept", HeaderValue::from_static("1"));
+            headers
+        };
+        let mut dropped = headers();
+        underscore_headers(&mut dropped, Underscores::Drop).unwrap();
+        assert_eq!(
+            dropped.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-kept"]
+        );
+        let mut rejected = headers();
+        let err = underscore_headers(&mut rejected, Underscores::Reject).unwrap_err();
+        assert!(err.to_string().contains("x_"), "{err}");
+        let mut allowed = headers();
+        underscore_headers(&mut allowed, Underscores::Allow).unwrap();
+        assert_eq!(allowed.len(), 3);
     }
 }

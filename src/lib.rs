@@ -17,6 +17,7 @@ pub(crate) mod error;
 pub(crate) mod forwarding;
 pub(crate) mod listener;
 pub mod metrics;
+pub(crate) mod path;
 pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;

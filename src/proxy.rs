@@ -1,6 +1,7 @@
-//! The HTTPS request path: `handle(req)` runs rate limiting, then serves a static file, a
-//! WebSocket tunnel, or forwards to the upstream over a pooled HTTP/1.1 client. Every
-//! failure becomes a response in [`crate::error`]; nothing here panics or hangs a client.
+//! The HTTPS request path: `handle(req)` checks request hygiene, normalizes the path once
+//! (see [`crate::path`]), runs rate limiting, then serves a static file, a WebSocket
+//! tunnel, or forwards to the upstream over a pooled HTTP/1.1 client. Every failure
+//! becomes a response in [`crate::error`]; nothing here panics or hangs a client.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -9,20 +10,20 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either, Empty, Limited};
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::access_log::{self, AccessRecord};
 use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
-use crate::config::Config;
+use crate::config::{Config, Underscores, MAX_METHOD_LEN};
 use crate::connection::{Drain, Peer};
 use crate::error::{plain_response, Body, IntoResponse, ProxyError};
 use crate::forwarding;
 use crate::metrics::{Metrics, UpstreamFailure};
 use crate::ratelimit::RateLimiter;
-use crate::static_files::StaticFiles;
-use crate::upstream::Upstreams;
+use crate::static_files::{StaticFiles, StaticTarget};
+use crate::upstream::{ClientBody, Upstreams};
 use crate::websocket;
 
 /// Everything a request needs, built once at startup and shared by all connections.
@@ -45,6 +46,14 @@ pub struct Proxy {
     access_log: bool,
     /// `server.max_requests_per_client`, when set.
     requests_per_client: Option<Arc<ClientLimit>>,
+    /// `proxy.underscores_in_headers`.
+    underscores: Underscores,
+    /// `proxy.allow_trace`.
+    allow_trace: bool,
+    /// `proxy.max_uri_size`.
+    max_uri_size: usize,
+    /// `websocket.allowed_upgrades`.
+    allowed_upgrades: Vec<String>,
     /// WebSocket tunnels.
     pub(crate) tunnels: websocket::Tunnels,
     /// Request counters, shared with the admin listener.
@@ -89,6 +98,10 @@ impl Proxy {
                 config.server.max_requests_per_client,
                 config.limit_exempt(),
             ),
+            underscores: config.proxy.underscores_in_headers,
+            allow_trace: config.proxy.allow_trace,
+            max_uri_size: config.proxy.max_uri_size,
+            allowed_upgrades: config.websocket.allowed_upgrades.clone(),
             tunnels: websocket::Tunnels::new(config.websocket.idle_timeout, drain),
             metrics,
         }
@@ -118,6 +131,10 @@ impl Proxy {
             upstream: None,
         });
 
+        if let Err(err) = self.check_request(&req) {
+            return Ok(self.finish(err.into_response(), version, started, record, None));
+        }
+
         let place = match self.requests_per_client.as_ref().map(|l| l.take(client)) {
             Some(Err(LimitReached)) => {
                 let refused = ProxyError::ClientRequestsInFlight {
@@ -129,9 +146,12 @@ impl Proxy {
             None => None,
         };
 
+        // Decisions (rate-limit rules, static prefixes) use the normalized path, computed
+        // once; the request keeps its original path on the way upstream.
+        let path = crate::path::normalize(req.uri().path());
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
-            match limiter.check(client, req.method(), req.uri().path()).await {
+            match limiter.check(client, req.method(), &path).await {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
                     let response = rejection.into_response();
@@ -139,10 +159,12 @@ impl Proxy {
                 }
             }
         }
+        let target = self.statics.find(req.uri().path(), &path);
+        drop(path);
 
         // Boxed: hyper keeps one slot per HTTP/1.1 connection sized to this future, idle
         // or not, so the large routing state lives only while a request is in flight.
-        let result = Box::pin(self.route(&peer, client, req, record.as_mut())).await;
+        let result = Box::pin(self.route(&peer, client, req, target, record.as_mut())).await;
         let mut response = result.unwrap_or_else(|err| {
             if let Some(kind) = upstream_failure(&err) {
                 self.metrics.upstream_error(kind);
@@ -180,18 +202,49 @@ impl Proxy {
         )
     }
 
+    /// Refuses what hyper lets through but the gateway must not forward: a method name
+    /// longer than [`MAX_METHOD_LEN`], `TRACE` (unless `proxy.allow_trace`), a target longer
+    /// than `proxy.max_uri_size`, two `Host` headers, or a `Host` that differs from the
+    /// target's authority (HTTP/2 `:authority`, HTTP/1.1 absolute form).
+    fn check_request(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        if req.method().as_str().len() > MAX_METHOD_LEN {
+            return Err(ProxyError::BadRequest("method name too long"));
+        }
+        if req.method() == Method::TRACE && !self.allow_trace {
+            return Err(ProxyError::MethodNotAllowed(Method::TRACE));
+        }
+        let target = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target > self.max_uri_size {
+            return Err(ProxyError::UriTooLong {
+                limit: self.max_uri_size,
+            });
+        }
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next(), req.uri().authority()) {
+            (Some(_), Some(_), _) => Err(ProxyError::BadRequest("more than one Host header")),
+            (Some(host), None, Some(authority))
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+            {
+                Err(ProxyError::BadRequest("Host differs from :authority"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Static file or upstream; records the upstream's time for the access log.
     async fn route(
         &self,
         peer: &Arc<Peer>,
         client: IpAddr,
         req: Request<Incoming>,
+        target: Option<StaticTarget>,
         record: Option<&mut AccessRecord>,
     ) -> Result<Response<Body>, ProxyError> {
-        let req = match self.statics.serve(req).await {
-            Ok(served) => return served,
-            Err(req) => req,
-        };
+        if let Some(target) = target {
+            return self.statics.serve(target, req).await;
+        }
         let upstream_started = Instant::now();
         let result = self.forward(peer, client, req).await;
         let upstream_time = upstream_started.elapsed();
@@ -219,8 +272,13 @@ impl Proxy {
                 "405 Method Not Allowed: this is not a forward proxy\n",
             ));
         }
+        // Only allowed protocols (WebSocket by default) are tunnelled; any other upgrade
+        // (h2c would hand the client a raw HTTP/2 connection to the app, past every check
+        // here) goes upstream as a plain request without its upgrade headers.
         let upgrade = h2_websocket
-            || (req.version() == Version::HTTP_11 && forwarding::is_upgrade_request(req.headers()));
+            || (req.version() == Version::HTTP_11
+                && forwarding::is_upgrade_request(req.headers())
+                && forwarding::upgrade_allowed(req.headers(), &self.allowed_upgrades));
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let body = if h2_websocket {
@@ -236,8 +294,9 @@ impl Proxy {
                 }
             }
             let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
-            Either::Left(Limited::new(body, limit))
+            Either::Left(ClientBody::new(body, limit))
         };
+        forwarding::underscore_headers(&mut parts.headers, self.underscores)?;
         let host = request_host(&mut parts)?;
         forwarding::prepare_request(
             &mut parts.headers,

@@ -4,7 +4,7 @@
 //! webroot renewals work through the gateway.
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -16,6 +16,7 @@ use tower::ServiceExt;
 use tower_http::services::ServeDir;
 
 use crate::error::{full, plain_response, Body};
+use crate::static_files::{confine, Confinement};
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -24,7 +25,14 @@ pub struct Redirector {
     /// `""` for 443, else `":PORT"`.
     port_suffix: String,
     /// Serves ACME challenge files, when configured.
-    acme: Option<ServeDir>,
+    acme: Option<Acme>,
+}
+
+/// The ACME challenge directory.
+struct Acme {
+    /// The directory, resolved once, to check that symlinks stay inside it.
+    root: PathBuf,
+    files: ServeDir,
 }
 
 impl Redirector {
@@ -36,8 +44,10 @@ impl Redirector {
             } else {
                 format!(":{public_https_port}")
             },
-            acme: acme_challenge_dir
-                .map(|dir| ServeDir::new(dir).append_index_html_on_directories(false)),
+            acme: acme_challenge_dir.map(|dir| Acme {
+                root: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+                files: ServeDir::new(dir).append_index_html_on_directories(false),
+            }),
         }
     }
 
@@ -111,7 +121,7 @@ pub fn host_without_port(value: &str) -> Option<&str> {
     (valid && port_valid).then_some(host)
 }
 
-async fn serve_challenge(acme: &ServeDir, token: &str, req: Request<Incoming>) -> Response<Body> {
+async fn serve_challenge(acme: &Acme, token: &str, req: Request<Incoming>) -> Response<Body> {
     // Tokens are base64url; anything else (slashes, dots) is refused before the disk.
     if token.is_empty()
         || !token
@@ -120,13 +130,22 @@ async fn serve_challenge(acme: &ServeDir, token: &str, req: Request<Incoming>) -
     {
         return plain_response(StatusCode::NOT_FOUND, "404 Not Found\n");
     }
+    // The same confinement as static files: a symlink out of the directory is not served.
+    if let Confinement::Outside = confine(&acme.root, token, &[]).await {
+        return plain_response(StatusCode::NOT_FOUND, "404 Not Found\n");
+    }
     let uri = format!("/{token}");
     let Ok(uri) = uri.parse() else {
         return plain_response(StatusCode::NOT_FOUND, "404 Not Found\n");
     };
     let (mut parts, body) = req.into_parts();
     parts.uri = uri;
-    match acme.clone().oneshot(Request::from_parts(parts, body)).await {
+    match acme
+        .files
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await
+    {
         Ok(response) => response.map(|body| body.map_err(Into::into).boxed_unsync()),
         Err(err) => {
             tracing::error!(error = %err, "serving ACME challenge failed");

@@ -6,14 +6,16 @@
 //! `upstream.unhealthy_for` → *healthy* again. When every instance is skipped the next
 //! one is tried anyway, so a recovered upstream is noticed without waiting.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::uri::{self, PathAndQuery};
 use http::{Method, Request, Response, Uri};
-use http_body::Body as _;
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,11 +25,50 @@ use tokio::time::Instant;
 
 use crate::clock::AtomicInstant;
 use crate::config::{self, UpstreamTarget};
-use crate::error::{chain, ProxyError};
+use crate::error::{chain, BoxError, ProxyError};
 
 /// Request body sent upstream: the client's body under the size limit, or nothing (the
 /// handshake of an HTTP/2 WebSocket, whose stream becomes the tunnel).
-pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
+
+/// The client's request body on its way upstream. Its errors (a cut or badly chunked
+/// body, the size limit) are tagged [`DownstreamBodyError`], so a failed upstream
+/// exchange can tell the client's fault (400) from the upstream's (502).
+pub struct ClientBody(Limited<Incoming>);
+
+impl ClientBody {
+    /// Wraps the client's body, limited to `limit` bytes.
+    pub fn new(body: Incoming, limit: usize) -> ClientBody {
+        ClientBody(Limited::new(body, limit))
+    }
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.0)
+            .poll_frame(cx)
+            .map_err(|source| Box::new(DownstreamBodyError(source)) as BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
+/// Reading the client's request body failed (the source says how).
+#[derive(Debug, thiserror::Error)]
+#[error("reading the request body: {0}")]
+pub struct DownstreamBodyError(#[source] BoxError);
 
 /// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
 type UpstreamClient = Client<HttpConnector, UpstreamBody>;
@@ -141,6 +182,12 @@ impl Upstreams {
                         limit: self.max_body_size,
                     });
                 }
+                if let Some(timeout) = client_body_failure(&err) {
+                    return Err(ProxyError::ClientBody {
+                        reason: chain(&err),
+                        timeout,
+                    });
+                }
                 Err(ProxyError::UpstreamBroken {
                     upstream: instance.target.clone(),
                     reason: chain(&err),
@@ -211,6 +258,23 @@ fn is_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
         source = cause.source();
     }
     false
+}
+
+/// When the request failed because the client's body did: `Some(timed_out)`.
+fn client_body_failure(err: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    let mut source = Some(err);
+    let mut client_side = false;
+    while let Some(cause) = source {
+        if cause.is::<DownstreamBodyError>() {
+            client_side = true;
+        } else if client_side {
+            if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+                return Some(hyper_error.is_timeout());
+            }
+        }
+        source = cause.source();
+    }
+    client_side.then_some(false)
 }
 
 fn upstream_uri(target: &UpstreamTarget, original: &Uri) -> Uri {

@@ -62,6 +62,16 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// `server.max_connections`: client connections (and tunnels) at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 
+// Request hygiene (see docs/operations.md, "Hardening").
+
+/// `proxy.max_uri_size`: longest request target (414 beyond); nginx's
+/// `large_client_header_buffers` line limit is 8k.
+pub const DEFAULT_MAX_URI_SIZE: usize = 8 * 1024;
+/// Longest method name accepted (400 beyond); not configurable, real methods are short.
+pub const MAX_METHOD_LEN: usize = 32;
+/// `websocket.allowed_upgrades`: the `Upgrade` protocols tunnelled.
+pub const DEFAULT_ALLOWED_UPGRADES: &[&str] = &["websocket"];
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -202,6 +212,24 @@ pub struct Proxy {
     pub send_timeout: Duration,
     /// Concurrent streams allowed on one HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// What happens to request header names containing `_`.
+    pub underscores_in_headers: Underscores,
+    /// Whether `TRACE` requests are forwarded (405 otherwise).
+    pub allow_trace: bool,
+    /// Longest request target accepted (414 beyond).
+    pub max_uri_size: usize,
+}
+
+/// `proxy.underscores_in_headers`: request header names with `_`, which Django's
+/// `HTTP_*` mapping cannot tell from their `-` twins (nginx `underscores_in_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Removed before forwarding (the default, like nginx).
+    Drop,
+    /// The request is answered 400, naming the header.
+    Reject,
+    /// Forwarded unchanged.
+    Allow,
 }
 
 /// `[redirect]`
@@ -225,6 +253,9 @@ pub struct StaticDir {
 pub struct WebSocket {
     /// A tunnel with no bytes in either direction for this long is closed.
     pub idle_timeout: Duration,
+    /// `Upgrade` protocols tunnelled (lowercase); requests asking for any other upgrade
+    /// are forwarded as plain requests without their upgrade headers.
+    pub allowed_upgrades: Vec<String>,
 }
 
 /// `[admin]`
@@ -470,6 +501,10 @@ struct RawProxy {
     keepalive_timeout: Option<String>,
     send_timeout: Option<String>,
     max_concurrent_streams: Option<u32>,
+    // Request hygiene.
+    underscores_in_headers: Option<String>,
+    allow_trace: Option<bool>,
+    max_uri_size: Option<bytesize::ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -489,6 +524,7 @@ struct RawStatic {
 #[serde(deny_unknown_fields)]
 struct RawWebSocket {
     idle_timeout: Option<String>,
+    allowed_upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -585,6 +621,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             raw.websocket.idle_timeout.as_deref(),
             DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
         ),
+        allowed_upgrades: validate_upgrades(raw.websocket.allowed_upgrades, p),
     };
     let rate_limit = raw
         .rate_limit
@@ -885,6 +922,9 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
         max_concurrent_streams: raw
             .max_concurrent_streams
             .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+        underscores_in_headers: validate_underscores(raw.underscores_in_headers.as_deref(), p),
+        allow_trace: raw.allow_trace.unwrap_or(false),
+        max_uri_size: validate_max_uri_size(raw.max_uri_size, p),
     };
     for (key, value) in [
         ("proxy.header_read_timeout", proxy.header_read_timeout),
@@ -899,6 +939,60 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
         }
     }
     proxy
+}
+
+fn validate_underscores(value: Option<&str>, p: &mut Problems) -> Underscores {
+    match value {
+        None | Some("drop") => Underscores::Drop,
+        Some("reject") => Underscores::Reject,
+        Some("allow") => Underscores::Allow,
+        Some(other) => {
+            p.add(
+                "proxy.underscores_in_headers",
+                format!("`{other}` is not a choice; write \"drop\" (default, like nginx), \"reject\" (answer 400) or \"allow\""),
+            );
+            Underscores::Drop
+        }
+    }
+}
+
+fn validate_max_uri_size(value: Option<bytesize::ByteSize>, p: &mut Problems) -> usize {
+    let Some(size) = value else {
+        return DEFAULT_MAX_URI_SIZE;
+    };
+    let size = usize::try_from(size.as_u64()).unwrap_or(usize::MAX);
+    if size < 256 {
+        p.add(
+            "proxy.max_uri_size",
+            "must be at least 256 bytes (URLs with query strings are long); write e.g. \"8KiB\" (the default)",
+        );
+        return DEFAULT_MAX_URI_SIZE;
+    }
+    size
+}
+
+fn validate_upgrades(value: Option<Vec<String>>, p: &mut Problems) -> Vec<String> {
+    let Some(list) = value else {
+        return DEFAULT_ALLOWED_UPGRADES
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect();
+    };
+    list.into_iter()
+        .filter_map(|name| {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if !valid {
+                p.add(
+                    "websocket.allowed_upgrades",
+                    format!("`{name}` is not a protocol name; write e.g. [\"websocket\"]"),
+                );
+            }
+            valid.then(|| name.to_ascii_lowercase())
+        })
+        .collect()
 }
 
 fn validate_statics(raw: Vec<RawStatic>, p: &mut Problems) -> Vec<StaticDir> {

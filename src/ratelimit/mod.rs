@@ -306,8 +306,8 @@ impl RateLimiter {
         Some(0)
     }
 
-    /// Decides on one request from `client` (already resolved through trusted proxies).
-    /// `Ok` may carry `RateLimit` headers for the response; `Err` is the refusal.
+    /// Decides on one request from `client` (already resolved through trusted proxies);
+    /// `path` is the normalized path (`crate::path::normalize`). `Ok` may carry `RateLimit` headers for the response; `Err` is the refusal.
     pub async fn check(
         &self,
         client: IpAddr,
