@@ -21,7 +21,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
 use crate::config::Config;
-use crate::connection::{Drain, Peer};
+use crate::connection::{canonical_ip, Drain, Peer};
 use crate::error::Body;
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::proxy::Proxy;
@@ -78,7 +78,7 @@ impl Context {
         let Some(limit) = &self.per_client else {
             return Ok(None);
         };
-        limit.take(addr.ip()).inspect_err(|_| {
+        limit.take(canonical_ip(addr.ip())).inspect_err(|_| {
             self.metrics.client_connection_refused();
             tracing::debug!(peer = %addr, max = limit.max(), "server.max_connections_per_client reached; connection closed");
         })
