@@ -153,6 +153,7 @@ pool_max_idle = $POOL
 [proxy]
 max_concurrent_streams = 256
 header_read_timeout = "300s"   # the idle-connection scenario holds connections open
+keepalive_timeout = "300s"     # as nginx keepalive_timeout below
 
 [server]
 worker_threads = 1
