@@ -23,24 +23,21 @@ use super::{Decision, Policy};
 /// How often idle keys are dropped.
 pub const RETAIN_EVERY: Duration = Duration::from_secs(10);
 
-type Keyed = governor::RateLimiter<
-    IpAddr,
-    DefaultKeyedStateStore<IpAddr>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
+type Keyed<C> =
+    governor::RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, StateInformationMiddleware>;
 
 /// One governor limiter with its policy's numbers.
-struct Entry {
-    limiter: Keyed,
+struct Entry<C: Clock> {
+    limiter: Keyed<C>,
     interval: Duration,
     burst: u32,
 }
 
-/// Governor limiters, indexed like the policy table.
-pub struct LocalLimiter {
-    entries: Arc<Vec<Entry>>,
-    clock: DefaultClock,
+/// Governor limiters, indexed like the policy table. The clock is governor's own in
+/// production and its fake clock in tests.
+pub struct LocalLimiter<C: Clock = DefaultClock> {
+    entries: Arc<Vec<Entry<C>>>,
+    clock: C,
 }
 
 impl LocalLimiter {
@@ -49,7 +46,20 @@ impl LocalLimiter {
         policies: impl Iterator<Item = &'a Policy>,
         stop: &CancellationToken,
     ) -> LocalLimiter {
-        let entries: Arc<Vec<Entry>> = Arc::new(
+        LocalLimiter::with_clock(policies, stop, DefaultClock::default())
+    }
+}
+
+impl<C> LocalLimiter<C>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+{
+    fn with_clock<'a>(
+        policies: impl Iterator<Item = &'a Policy>,
+        stop: &CancellationToken,
+        clock: C,
+    ) -> LocalLimiter<C> {
+        let entries: Arc<Vec<Entry<C>>> = Arc::new(
             policies
                 .map(|policy| {
                     let interval = policy.interval();
@@ -58,7 +68,7 @@ impl LocalLimiter {
                         .unwrap_or_else(|| Quota::per_second(burst))
                         .allow_burst(burst);
                     Entry {
-                        limiter: governor::RateLimiter::dashmap(quota)
+                        limiter: governor::RateLimiter::dashmap_with_clock(quota, clock.clone())
                             .with_middleware::<StateInformationMiddleware>(),
                         interval,
                         burst: policy.burst,
@@ -80,10 +90,7 @@ impl LocalLimiter {
                 retain_recent(&entries);
             }
         });
-        LocalLimiter {
-            entries,
-            clock: DefaultClock::default(),
-        }
+        LocalLimiter { entries, clock }
     }
 
     /// One GCRA step for `key` under policy `index`.
@@ -139,7 +146,7 @@ impl LocalLimiter {
     }
 }
 
-fn retain_recent(entries: &[Entry]) {
+fn retain_recent<C: Clock>(entries: &[Entry<C>]) {
     for entry in entries {
         entry.limiter.retain_recent();
         entry.limiter.shrink_to_fit();
@@ -150,6 +157,8 @@ fn retain_recent(entries: &[Entry]) {
 mod tests {
     use super::*;
 
+    use governor::clock::FakeRelativeClock;
+
     #[tokio::test]
     async fn burst_then_rate() {
         let policy = Policy {
@@ -158,7 +167,8 @@ mod tests {
             burst: 5,
         };
         let stop = CancellationToken::new();
-        let local = LocalLimiter::new(std::iter::once(&policy), &stop);
+        let clock = FakeRelativeClock::default();
+        let local = LocalLimiter::with_clock(std::iter::once(&policy), &stop, clock.clone());
         let key: IpAddr = "192.0.2.1".parse().unwrap();
         let decisions: Vec<_> = (0..7).map(|_| local.decide(0, key)).collect();
         assert_eq!(decisions.iter().filter(|d| d.allowed).count(), 5);
@@ -167,12 +177,12 @@ mod tests {
         assert!(!decisions[5].allowed);
         assert!(decisions[5].retry_after <= Duration::from_millis(100));
         assert!(decisions[5].retry_after > Duration::from_millis(50));
-        tokio::time::sleep(Duration::from_millis(110)).await;
+        clock.advance(Duration::from_millis(100));
         assert!(local.decide(0, key).allowed);
         assert!(!local.decide(0, key).allowed);
         assert_eq!(local.len(), 1);
         // Memory is bounded: once the bucket is full again the key is forgotten.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        clock.advance(Duration::from_millis(600));
         local.retain_recent();
         assert!(local.is_empty());
         stop.cancel();
