@@ -243,7 +243,11 @@ mod tests {
             std::net::SocketAddr::new(ip.parse().unwrap(), 5555),
             trusted,
             "TLSv1.3",
-            crate::watchdog::Activity::new(),
+            crate::watchdog::Activity::new(crate::watchdog::Limits {
+                first_request: std::time::Duration::from_secs(1),
+                keepalive: std::time::Duration::from_secs(1),
+                send: std::time::Duration::from_secs(1),
+            }),
         )
     }
 

@@ -194,7 +194,7 @@ pub(crate) async fn serve_https(
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
                 _ => "unknown",
             };
-            let activity = Activity::new();
+            let activity = Activity::new(task_ctx.limits);
             let peer = Peer::new(addr, proxy.trusted_proxies(), tls_version, activity.clone());
             let peer = Arc::new(peer.holding(permit, open, place));
             let service = service_fn(move |req| {
@@ -254,7 +254,7 @@ pub(crate) async fn serve_http(
         let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
         ctx.drain.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
-            let activity = Activity::new();
+            let activity = Activity::new(task_ctx.limits);
             let watched_activity = activity.clone();
             let service = service_fn(move |req| {
                 let busy = watched_activity.busy();
@@ -325,7 +325,7 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        stall = activity.stalled(ctx.limits) => {
+        stall = activity.stalled() => {
             ctx.metrics.connection_stalled(stall);
             tracing::debug!(peer = %addr, reason = stall.as_str(), "connection closed by the watchdog");
             if stall != Stall::Idle {

@@ -14,9 +14,12 @@
 //!   responses held (nginx `send_timeout`).
 //!
 //! Requests and bodies bump counters and a time stamp; one timer per connection sleeps
-//! until the deadline the state implies and re-checks. Activity only moves deadlines
-//! later, except two transitions that can bring one closer (the last request in flight
-//! ends; a response starts waiting on the client), which wake the watchdog.
+//! until the deadline the state implies and re-checks. Activity mostly moves deadlines
+//! later, which costs nothing: the watchdog wakes at the old one and sleeps again. Two
+//! transitions can bring a deadline closer (the last request in flight ends; a response
+//! starts waiting on the client); they wake the watchdog only when the new deadline is
+//! before the one it sleeps until, which with the defaults (keep-alive 75 s after
+//! send 60 s) is rare, so a busy connection pays no wake-up or timer reset per request.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -55,19 +58,24 @@ pub struct Activity {
     requests: AtomicU64,
     /// Last request start or end, or response body progress.
     last_change: AtomicInstant,
-    /// Wakes the watchdog when a deadline may have come closer.
+    /// The deadline the watchdog sleeps until.
+    armed: AtomicInstant,
+    /// Wakes the watchdog when a deadline came closer than `armed`.
     closer: Notify,
+    limits: Limits,
 }
 
 impl Activity {
-    /// A connection that was just accepted.
-    pub fn new() -> Arc<Activity> {
+    /// A connection that was just accepted, held to `limits`.
+    pub fn new(limits: Limits) -> Arc<Activity> {
         Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
             waiting_on_client: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             last_change: AtomicInstant::now(),
+            armed: AtomicInstant::now(),
             closer: Notify::new(),
+            limits,
         })
     }
 
@@ -81,7 +89,8 @@ impl Activity {
 
     /// When the connection must close if nothing changes, and why; `None` when no limit
     /// applies now (the deadline is then only when to look again).
-    fn deadline(&self, limits: &Limits) -> (Instant, Option<Stall>) {
+    fn deadline(&self) -> (Instant, Option<Stall>) {
+        let limits = &self.limits;
         let last = self.last_change.get();
         if self.in_flight.load(Ordering::Relaxed) == 0 {
             if self.requests.load(Ordering::Relaxed) == 0 {
@@ -95,16 +104,22 @@ impl Activity {
         (Instant::now() + limits.send, None)
     }
 
-    /// Resolves when the connection has stalled under `limits`.
-    pub async fn stalled(&self, limits: Limits) -> Stall {
+    /// Resolves when the connection has stalled under its limits.
+    pub async fn stalled(&self) -> Stall {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         loop {
-            let (deadline, stall) = self.deadline(&limits);
-            if let Some(stall) = stall.filter(|_| deadline <= Instant::now()) {
+            let (deadline, stall) = self.deadline();
+            let now = Instant::now();
+            if let Some(stall) = stall.filter(|_| deadline <= now) {
                 return stall;
             }
-            timer.as_mut().reset(deadline);
+            // A later deadline keeps the timer armed where it is: it fires, and the
+            // next look sleeps again. Only a closer one re-arms it.
+            if timer.is_elapsed() || deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+                self.armed.set(deadline);
+            }
             tokio::select! {
                 () = &mut timer => {}
                 () = self.closer.notified() => {}
@@ -112,10 +127,17 @@ impl Activity {
         }
     }
 
+    /// Wakes the watchdog if `deadline` comes before the one it sleeps until.
+    fn closer_than_armed(&self, deadline: Instant) {
+        if deadline < self.armed.get() {
+            self.closer.notify_one();
+        }
+    }
+
     /// A response started waiting on the client.
     fn waiting_started(&self) {
         if self.waiting_on_client.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.closer.notify_one();
+            self.closer_than_armed(Instant::now() + self.limits.send);
         }
     }
 }
@@ -128,7 +150,8 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.last_change.set_now();
         if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.closer.notify_one();
+            self.0
+                .closer_than_armed(Instant::now() + self.0.limits.keepalive);
         }
     }
 }
@@ -215,13 +238,13 @@ mod tests {
 
     async fn stall_after(activity: &Activity) -> (Stall, Duration) {
         let started = Instant::now();
-        let stall = activity.stalled(LIMITS).await;
+        let stall = activity.stalled().await;
         (stall, started.elapsed())
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_closes_after_the_first_request_limit() {
-        let activity = Activity::new();
+        let activity = Activity::new(LIMITS);
         assert_eq!(
             stall_after(&activity).await,
             (Stall::NoRequest, Duration::from_secs(30))
@@ -230,7 +253,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_keepalive_connection_closes_after_the_keepalive_limit() {
-        let activity = Activity::new();
+        let activity = Activity::new(LIMITS);
         tokio::time::advance(Duration::from_secs(10)).await;
         drop(activity.busy());
         assert_eq!(
@@ -241,12 +264,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_busy_connection_waiting_on_the_app_is_left_alone() {
-        let activity = Activity::new();
+        let activity = Activity::new(LIMITS);
         let busy = activity.busy();
         let started = Instant::now();
         let watcher = tokio::spawn({
             let activity = activity.clone();
-            async move { activity.stalled(LIMITS).await }
+            async move { activity.stalled().await }
         });
         // Ten minutes of a slow app: the watchdog keeps looking, never fires.
         tokio::time::sleep(Duration::from_secs(600)).await;
@@ -258,7 +281,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_the_client_does_not_take_stalls_after_the_send_limit() {
-        let activity = Activity::new();
+        let activity = Activity::new(LIMITS);
         let inner = crate::error::full(Bytes::from_static(b"data"));
         let mut body = WatchedBody::new(inner, activity.busy());
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
@@ -271,5 +294,59 @@ mod tests {
         drop(body);
         assert_eq!(activity.waiting_on_client.load(Ordering::Relaxed), 0);
         assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_never_asked_for_stalls_and_one_waiting_on_the_app_does_not() {
+        // HTTP/2 without window: hyper never polls the body at all.
+        let activity = Activity::new(LIMITS);
+        let never_polled = WatchedBody::new(crate::error::full("x"), activity.busy());
+        assert_eq!(
+            stall_after(&activity).await,
+            (Stall::SlowReader, Duration::from_secs(60))
+        );
+        drop(never_polled);
+
+        // A stream whose app has nothing to send yet (server-sent events): polled, pending.
+        let activity = Activity::new(LIMITS);
+        let pending = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
+        let pending =
+            http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(pending));
+        let mut body = WatchedBody::new(pending, activity.busy());
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        assert!(polled.is_pending());
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.stalled().await }
+        });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(
+            !watcher.is_finished(),
+            "a quiet stream is not a slow reader"
+        );
+        watcher.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_brought_closer_wakes_the_sleeping_watchdog() {
+        let limits = Limits {
+            first_request: Duration::from_secs(30),
+            keepalive: Duration::from_secs(75),
+            send: Duration::from_secs(1),
+        };
+        let activity = Activity::new(limits);
+        let started = Instant::now();
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.stalled().await }
+        });
+        // The watchdog sleeps towards the first-request limit (30 s)...
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // ...when a response starts waiting on the client: 1 s from now, not 30 s.
+        let body = WatchedBody::new(crate::error::full("x"), activity.busy());
+        assert_eq!(watcher.await.unwrap(), Stall::SlowReader);
+        assert_eq!(started.elapsed(), Duration::from_secs(6));
+        drop(body);
     }
 }
