@@ -57,7 +57,7 @@ PKI=$WORK/pki STATIC=$WORK/static
 mkdir -p "$PKI" "$STATIC"
 head -c $((64 * 1024 * 1024)) /dev/zero >"$STATIC/big.bin"
 openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/root.key" 2>/dev/null
-openssl req -x509 -new -key "$PKI/root.key" -sha256 -days 2 -subj "/CN=soak root" \
+openssl req -x509 -new -key "$PKI/root.key" -sha256 -days 90 -subj "/CN=soak root" \
   -addext "basicConstraints=critical,CA:true" -addext "keyUsage=critical,keyCertSign" -out "$PKI/root.pem" 2>/dev/null
 printf 'basicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$PKI/leaf.ext"
 ROTATIONS=0
@@ -65,7 +65,7 @@ new_leaf() { # writes a fresh key and chain next to the served ones, then rename
   openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$PKI/next.key"
   openssl req -new -key "$PKI/next.key" -subj "/CN=localhost" -out "$PKI/next.csr" 2>/dev/null
   openssl x509 -req -in "$PKI/next.csr" -CA "$PKI/root.pem" -CAkey "$PKI/root.key" -CAcreateserial \
-    -days 2 -sha256 -extfile "$PKI/leaf.ext" -out "$PKI/next.crt" 2>/dev/null
+    -days 60 -sha256 -extfile "$PKI/leaf.ext" -out "$PKI/next.crt" 2>/dev/null
   mv "$PKI/next.key" "$PKI/site.key" && mv "$PKI/next.crt" "$PKI/site.crt"
 }
 new_leaf
