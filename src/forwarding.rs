@@ -102,17 +102,19 @@ pub fn prepare_request(
 /// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless
 /// this is a protocol upgrade being tunnelled.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        if let Ok(text) = connection.to_str() {
-            for name in text.split(',').map(str::trim) {
-                if upgrade && name.eq_ignore_ascii_case("upgrade") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(name);
-                }
-            }
-        }
+    // Every `Connection` header counts (HTTP/1.1 clients may send several, and
+    // `HeaderMap::remove` returns only the first value).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|text| text.split(',').map(str::trim))
+        .filter(|name| !(upgrade && name.eq_ignore_ascii_case("upgrade")))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect();
+    headers.remove(header::CONNECTION);
+    for name in named {
+        headers.remove(name);
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(header::TE);
@@ -148,6 +150,25 @@ mod tests {
             "TLSv1.3",
             crate::watchdog::Activity::new(),
         )
+    }
+
+    #[test]
+    fn headers_named_by_a_second_connection_header_are_stripped() {
+        // Found by fuzz/forwarding_headers: only the first `Connection` value was read.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-secret, upgrade"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let mut upgrading = headers.clone();
+        strip_hop_by_hop(&mut headers, false);
+        assert!(headers.is_empty(), "{headers:?}");
+        strip_hop_by_hop(&mut upgrading, true);
+        assert_eq!(upgrading.len(), 1, "{upgrading:?}");
+        assert_eq!(upgrading[header::UPGRADE], "websocket");
     }
 
     #[test]
