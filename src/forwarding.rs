@@ -107,7 +107,7 @@ pub fn prepare_request(
 
 /// Headers a `Connection` token may not remove: framing, the host, and the forwarding
 /// set (a trusted proxy's `X-Forwarded-For` chain would otherwise be lost). Lowercase.
-const NEVER_HOP_BY_HOP: [&str; 9] = [
+pub(crate) const NEVER_HOP_BY_HOP: [&str; 9] = [
     "host",
     "content-length",
     "transfer-encoding",
@@ -243,12 +243,27 @@ mod tests {
             std::net::SocketAddr::new(ip.parse().unwrap(), 5555),
             trusted,
             "TLSv1.3",
-            crate::watchdog::Activity::new(crate::watchdog::Limits {
-                first_request: std::time::Duration::from_secs(1),
-                keepalive: std::time::Duration::from_secs(1),
-                send: std::time::Duration::from_secs(1),
-            }),
+            crate::watchdog::Activity::new(crate::watchdog::Limits::default()),
         )
+    }
+
+    #[test]
+    fn headers_named_by_a_second_connection_header_are_stripped() {
+        // Found by fuzz/forwarding_headers: only the first `Connection` value was read.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-secret, upgrade"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let mut upgrading = headers.clone();
+        strip_hop_by_hop(&mut headers, false);
+        assert!(headers.is_empty(), "{headers:?}");
+        strip_hop_by_hop(&mut upgrading, true);
+        assert_eq!(upgrading.len(), 1, "{upgrading:?}");
+        assert_eq!(upgrading[header::UPGRADE], "websocket");
     }
 
     #[test]

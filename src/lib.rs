@@ -15,6 +15,8 @@ pub mod config;
 pub(crate) mod connection;
 pub(crate) mod error;
 pub(crate) mod forwarding;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod listener;
 pub mod metrics;
 pub(crate) mod path;

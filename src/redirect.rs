@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -51,6 +51,16 @@ impl Redirector {
         }
     }
 
+    /// The redirect's `Location` for `host` (from [`host_without_port`]) and the request's
+    /// path and query (`/` when it has none or it is not a path, e.g. `OPTIONS *`), or
+    /// `None` when that is no valid header value.
+    pub(crate) fn location(&self, host: &str, path_and_query: Option<&str>) -> Option<HeaderValue> {
+        let path = path_and_query
+            .filter(|pq| pq.starts_with('/'))
+            .unwrap_or("/");
+        HeaderValue::from_str(&format!("https://{host}{}{path}", self.port_suffix)).ok()
+    }
+
     /// Answers one plain-HTTP request.
     pub async fn handle(
         self: Arc<Self>,
@@ -76,10 +86,8 @@ impl Redirector {
                 "400 Bad Request: missing or invalid Host header\n",
             ));
         };
-        let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let path = if path.starts_with('/') { path } else { "/" };
-        let location = format!("https://{host}{}{path}", self.port_suffix);
-        let Ok(location) = HeaderValue::from_str(&location) else {
+        let path_and_query = req.uri().path_and_query().map(PathAndQuery::as_str);
+        let Some(location) = self.location(host, path_and_query) else {
             return Ok(plain_response(StatusCode::BAD_REQUEST, "400 Bad Request\n"));
         };
         let status = if req.method() == Method::GET || req.method() == Method::HEAD {

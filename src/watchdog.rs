@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clock::AtomicInstant;
+use crate::config;
 use crate::error::{Body, BoxError};
 pub use crate::metrics::Stall;
 
@@ -45,6 +46,17 @@ pub struct Limits {
     pub keepalive: Duration,
     /// Without progress while the client does not read.
     pub send: Duration,
+}
+
+impl Default for Limits {
+    /// The `[proxy]` defaults.
+    fn default() -> Limits {
+        Limits {
+            first_request: config::DEFAULT_HEADER_READ_TIMEOUT,
+            keepalive: config::DEFAULT_KEEPALIVE_TIMEOUT,
+            send: config::DEFAULT_SEND_TIMEOUT,
+        }
+    }
 }
 
 /// What one connection is doing, updated by its requests and response bodies.

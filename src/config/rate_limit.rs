@@ -84,6 +84,9 @@ pub struct RateLimitConfig {
     pub allow: Vec<IpNet>,
 }
 
+/// The lowest accepted rate: one request a day.
+const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+
 /// A rate: `burst` requests at once, refilled at `requests_per_second`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -359,10 +362,12 @@ fn validate_rate(
         }
     };
     let (requests_per_second, rate_key) = rate;
-    if !requests_per_second.is_finite() || requests_per_second <= 0.0 || requests_per_second > 1e6 {
+    // The lower bound keeps `Policy::interval` (1 / rate) a representable duration; a rate
+    // like 1e-300 passed `> 0` and made the limiter panic at startup.
+    if !(MIN_REQUESTS_PER_SECOND..=1e6).contains(&requests_per_second) {
         p.add(
             format!("{key}.{rate_key}"),
-            "must be above 0 and at most 1000000; write e.g. requests_per_second = 10 or requests_per_minute = 5",
+            "must be at least one request a day and at most 1000000 a second; write e.g. requests_per_second = 10 or requests_per_minute = 5",
         );
         return None;
     }

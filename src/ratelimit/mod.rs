@@ -590,6 +590,26 @@ methods = ["P OST"]
     }
 
     #[test]
+    fn a_rate_too_small_to_time_is_refused() {
+        // Found by tests/properties.rs: 1e-250 passed `> 0`, then `Policy::interval`
+        // (1 / rate seconds) panicked when the limiter started.
+        for rate in [
+            "requests_per_second = 4.8e-250",
+            "requests_per_minute = 1e-9",
+        ] {
+            let text = format!("[rate_limit]\n{rate}\nburst = 1\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("at least one request a day"), "{err}");
+        }
+        let slowest = parse("[rate_limit]\nrequests_per_minute = 0.000695\nburst = 1\n").unwrap();
+        let interval = slowest.rate_limit.unwrap().default.interval();
+        assert!(
+            interval <= std::time::Duration::from_secs(86_400),
+            "{interval:?}"
+        );
+    }
+
+    #[test]
     fn rules_and_defaults() {
         let config = parse(
             r#"

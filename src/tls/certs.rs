@@ -97,7 +97,23 @@ pub(crate) fn read(source: &CertificateSource) -> CertificateFiles<'_> {
     }
 }
 
-impl CertificateFiles<'_> {
+impl<'a> CertificateFiles<'a> {
+    /// Files already in memory, as if `read` had got these bytes from `source`'s paths
+    /// (the fuzz targets and property tests in [`crate::fuzzing`]).
+    pub(crate) fn from_bytes(
+        source: &'a CertificateSource,
+        cert: Vec<u8>,
+        key: Vec<u8>,
+        ca_bundle: Option<Vec<u8>>,
+    ) -> CertificateFiles<'a> {
+        CertificateFiles {
+            source,
+            cert: Ok(cert),
+            key: Ok(key),
+            ca_bundle: ca_bundle.map(Ok),
+        }
+    }
+
     /// A hash of the contents (for an unreadable file, of the reason), so rewriting the
     /// same bytes is no change and a file vanishing is one.
     pub(crate) fn fingerprint(&self) -> u64 {
