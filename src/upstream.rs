@@ -125,8 +125,8 @@ impl Upstreams {
     }
 
     /// Sends the request (its URI is rewritten to the chosen instance) and waits for the
-    /// response headers. An idempotent request without a body whose connection is
-    /// refused never reached the app, so it goes to the next instances in turn.
+    /// response headers. An idempotent request without a body whose connection is refused,
+    /// or closed before a response head, goes to the next instances in turn.
     pub async fn send(
         &self,
         parts: Parts,
@@ -141,14 +141,20 @@ impl Upstreams {
         let mut attempts = 1;
         loop {
             match self.send_to(instance, request).await {
-                Err(err @ ProxyError::UpstreamConnect { .. }) => {
+                // Refused, or closed before its response head (an instance restarting
+                // drops the requests on its connections): an idempotent request without
+                // a body can go to the next instance, as nginx's `proxy_next_upstream
+                // error` does.
+                Err(
+                    err @ (ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamBroken { .. }),
+                ) => {
                     let Some(template) = retry.as_ref() else {
                         return Err(err);
                     };
                     if attempts >= self.instances.len() {
                         return Err(err);
                     }
-                    tracing::warn!(error = %err, "upstream refused; trying the next instance");
+                    tracing::warn!(error = %err, "upstream failed before answering; trying the next instance");
                     attempts += 1;
                     instance = self.pick();
                     request = template.build(&instance.target);

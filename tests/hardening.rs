@@ -452,3 +452,53 @@ async fn one_client_cannot_have_more_than_its_requests_in_flight() {
     .await;
     gateway.stop().await;
 }
+
+/// An upstream that reads each request and closes without answering (an instance being
+/// killed mid-request).
+async fn closing_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = vec![0; 4096];
+            let _ = stream.read(&mut head).await;
+            drop(stream);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn idempotent_requests_an_instance_drops_go_to_the_next_one() {
+    let site = setup("failover-broken").await;
+    let dropping = closing_upstream().await;
+    let mut config = base_config(&site.files, site.upstream.addr);
+    config = config.replace(
+        &format!("url = \"http://{}\"", site.upstream.addr),
+        &format!(
+            "url = [\"http://{dropping}\", \"http://{}\"]",
+            site.upstream.addr
+        ),
+    );
+    let gateway = start_gateway(&config, &site.pki.dir).await;
+    let client = https_client(&site.pki.root_pem(), Http::One, gateway.https);
+    // Round robin sends every other request to the dropping instance first.
+    for round in 0..4 {
+        let response = client.get(gateway.url("/page")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "GET round {round}");
+    }
+    // A request with a body may have been acted on: it is not sent twice.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let response = client
+            .post(gateway.url("/form"))
+            .body("a=1")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 502]);
+    gateway.stop().await;
+}
