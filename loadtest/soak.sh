@@ -181,7 +181,7 @@ curl -sf "http://127.0.0.1:$P_ADMIN/metrics" >"$WORK/metrics.txt" || true
 
 # ---------------------------------------------------------------- report
 mkdir -p "$OUT"
-NAME=$(date +%Y-%m-%d)-soak
+NAME=${SOAK_NAME:-$(date +%Y-%m-%d)-soak}
 python3 "$HERE/soak_report.py" --work "$WORK" --out "$OUT" --name "$NAME" --rev "$REV" \
   --seconds "$SECS" --rotations "$ROTATIONS" --log "$WORK/gatehouse.log"
 log "wrote $OUT/$NAME.md"
