@@ -156,7 +156,7 @@ impl Upstreams {
                     }
                     tracing::warn!(error = %err, "upstream failed before answering; trying the next instance");
                     attempts += 1;
-                    instance = self.pick();
+                    instance = self.pick_other_than(instance);
                     request = template.build(&instance.target);
                 }
                 result => return result,
@@ -214,6 +214,18 @@ impl Upstreams {
             .map(|offset| &self.instances[(start + offset) % count])
             .find(|instance| instance.down_until.get() <= now)
             .unwrap_or(&self.instances[start % count])
+    }
+
+    /// The next instance that is not `failed` (round robin may land on it again when other
+    /// requests moved the position meanwhile).
+    fn pick_other_than(&self, failed: &Instance) -> &Instance {
+        for _ in 0..self.instances.len() {
+            let next = self.pick();
+            if !std::ptr::eq(next, failed) {
+                return next;
+            }
+        }
+        self.pick()
     }
 
     fn mark_down(&self, instance: &Instance) {
