@@ -12,8 +12,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    base_config, capture_logs, eventually, free_port, https_client, plain_client, refused_addr,
-    run_binary, scrape, spawn_binary, start_gateway, Http, Pki, RedisServer, Upstream,
+    base_config, capture_logs, eventually, free_port, https_client, plain_client, readyz,
+    refused_addr, run_binary, scrape, spawn_binary, start_gateway, Http, Pki, RedisServer,
+    Upstream,
 };
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -27,12 +28,6 @@ async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
         .unwrap();
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
-}
-
-async fn readyz(admin: SocketAddr) -> (u16, Value) {
-    let (status, body) = admin_get(admin, "/readyz").await;
-    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    (status, json)
 }
 
 /// Polls `/readyz` until it answers `status` (the upstream result is cached ~1 s).

@@ -997,14 +997,7 @@ async fn the_binary_serves_the_mounted_config_as_an_unprivileged_user() {
 
     // The rate limiter reaches Redis as the ACL user "gatehouse" with the secret's
     // password: /readyz says so, and the decisions were made by Redis.
-    let readyz: serde_json::Value = common::plain_client()
-        .get(format!("http://127.0.0.1:{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, readyz) = common::readyz(([127, 0, 0, 1], admin).into()).await;
     assert_eq!(readyz["ready"], true, "{readyz}");
     assert_eq!(readyz["checks"]["redis"]["ok"], true, "{readyz}");
     let metrics = scrape(SocketAddr::from(([127, 0, 0, 1], admin))).await;

@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{base_config, https_client, plain_client, setup, start_gateway, Http};
+use common::{base_config, https_client, setup, start_gateway, Http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
@@ -250,14 +250,8 @@ async fn a_flood_on_the_redirect_port_leaves_https_its_places() {
 
     // The waiting shows on /readyz as degraded, not unready: a flood must not take every
     // replica out of the load balancer.
-    let report: serde_json::Value = plain_client()
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, report) = common::readyz(admin).await;
+    assert_eq!(status, 200, "{report}");
     assert_eq!(report["ready"], true, "{report}");
     assert!(
         report["degraded"]

@@ -81,3 +81,16 @@ pub async fn scrape(admin: SocketAddr) -> Samples {
     );
     parse_metrics(&response.text().await.unwrap())
 }
+
+/// GET `http://ADMIN/readyz`: its status and JSON report.
+pub async fn readyz(admin: SocketAddr) -> (u16, serde_json::Value) {
+    let response = plain_client()
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (status, json)
+}
