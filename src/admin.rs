@@ -29,13 +29,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, UpstreamTarget};
+use crate::config;
 use crate::error::{full, plain_response, Body};
 use crate::listener::{accept, Context};
+use crate::live::{Cause, Live};
 use crate::metrics::{self, Metrics};
-use crate::proxy::Proxy;
 use crate::ratelimit::OnRedisError;
 use crate::tls::{expiry, CertStore, ExpiryState};
+
+pub use crate::live::ReloadReport;
 
 /// How long an upstream check result is reused.
 pub const UPSTREAM_CACHE: Duration = Duration::from_secs(1);
@@ -49,53 +51,40 @@ pub(crate) struct AdminState {
     pub https: SocketAddr,
     /// Bound plain-HTTP listener address, if enabled.
     pub http: Option<SocketAddr>,
+    /// Bound admin listener address (`POST /reload` needs a token off loopback).
+    pub admin: SocketAddr,
     /// Cancelled when shutdown starts: listeners stop accepting, so not ready.
     pub draining: CancellationToken,
-    /// The served certificates (their current reports carry expiry and serial).
-    pub certificates: Arc<CertStore>,
-    /// Upstream targets checked by TCP connect.
-    pub upstreams: Vec<UpstreamTarget>,
-    /// `upstream.connect_timeout`, capped at [`UPSTREAM_PROBE_TIMEOUT`].
-    pub connect_timeout: Duration,
-    /// Last upstream check: when it ran and its per-target results.
+    /// Last upstream check: when it ran, for which targets, and its results.
     pub upstream_cache: Mutex<Option<(Instant, Arc<UpstreamCheck>)>>,
-    /// The request path: its rate limiter (Redis state) and WebSocket tunnels.
-    pub proxy: Arc<Proxy>,
-    /// `rate_limit.on_redis_error`, when rate limiting is configured.
-    pub on_redis_error: Option<OnRedisError>,
     /// Counters rendered by `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// `tls.expiry_warning_days`: a certificate closer to expiry is reported degraded.
-    pub expiry_warning_days: u32,
-    /// The client listeners' connection budgets.
+    /// The client listeners' connection budgets, and the live configuration (certificates,
+    /// upstreams, rate limiter, token) every probe reads afresh.
     pub budgets: Arc<Context>,
 }
 
 impl AdminState {
     /// State with an empty upstream cache.
     pub(crate) fn new(
-        config: &Config,
-        listeners: (SocketAddr, Option<SocketAddr>),
+        listeners: (SocketAddr, Option<SocketAddr>, SocketAddr),
         draining: CancellationToken,
-        certificates: Arc<CertStore>,
-        proxy: Arc<Proxy>,
         metrics: Arc<Metrics>,
         budgets: Arc<Context>,
     ) -> AdminState {
         AdminState {
             https: listeners.0,
             http: listeners.1,
+            admin: listeners.2,
             draining,
-            certificates,
-            upstreams: config.upstream.targets.clone(),
-            connect_timeout: config.upstream.connect_timeout.min(UPSTREAM_PROBE_TIMEOUT),
             upstream_cache: Mutex::new(None),
-            proxy,
-            on_redis_error: config.rate_limit.as_ref().map(|r| r.on_redis_error),
             metrics,
-            expiry_warning_days: config.tls.expiry_warning_days,
             budgets,
         }
+    }
+
+    fn live(&self) -> &Live {
+        &self.budgets.live
     }
 }
 
@@ -135,6 +124,9 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<A
 }
 
 async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
+    if req.uri().path() == "/reload" {
+        return reload(req, state).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
     }
@@ -150,8 +142,9 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
             json_response(status, &report)
         }
         "/metrics" => {
-            let mut text = state.metrics.render(state.proxy.tunnels.open_count());
-            render_certificates(&mut text, &state.certificates);
+            let snapshot = state.live().current();
+            let mut text = state.metrics.render(snapshot.proxy.tunnels.open_count());
+            render_certificates(&mut text, &snapshot.certificates);
             let mut response = Response::new(full(text));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -161,9 +154,59 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
         }
         _ => plain_response(
             StatusCode::NOT_FOUND,
-            "404 Not Found (admin endpoints: /healthz, /readyz, /metrics)\n",
+            "404 Not Found (admin endpoints: /healthz, /readyz, /metrics, POST /reload)\n",
         ),
     }
+}
+
+/// `POST /reload`: re-reads the configuration file and answers with the
+/// [`ReloadReport`] (200 applied or unchanged, 422 refused). Needs the `admin.token_file`
+/// token as `Authorization: Bearer`; without a token it is only open on loopback.
+async fn reload(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
+    if req.method() != Method::POST {
+        return plain_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed (POST /reload)\n",
+        );
+    }
+    let config = state.live().current().config.clone();
+    let token = config.admin.as_ref().and_then(|admin| admin.token.as_ref());
+    match token {
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "));
+            if !given
+                .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.0.as_bytes()))
+            {
+                return plain_response(
+                    StatusCode::UNAUTHORIZED,
+                    "401 Unauthorized: send the token of admin.token_file as `Authorization: Bearer TOKEN` (`gatehouse reload` does)\n",
+                );
+            }
+        }
+        None if !state.admin.ip().is_loopback() => {
+            return plain_response(
+                StatusCode::FORBIDDEN,
+                "403 Forbidden: the admin listener is not on loopback, so POST /reload needs a token; set [admin] token_file\n",
+            );
+        }
+        None => {}
+    }
+    let report = state.live().reload(Cause::Admin).await;
+    let status = if report.refused() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    json_response(status, &report)
+}
+
+/// Compares secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
@@ -210,6 +253,10 @@ pub struct Checks {
     /// The rate limiter's Redis, when it uses one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisCheck>,
+    /// The last configuration reload, once one ran; a refused one is *degraded* (the
+    /// running configuration still serves) until a later reload is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_reload: Option<ReloadReport>,
 }
 
 /// `checks.listeners`.
@@ -375,7 +422,9 @@ async fn readiness(state: &AdminState) -> Readiness {
         degraded.push("connections".to_owned());
     }
 
-    let certificates = certificates(&state.certificates, state.expiry_warning_days);
+    let snapshot = state.live().current();
+    let config = &snapshot.config;
+    let certificates = certificates(&snapshot.certificates, config.tls.expiry_warning_days);
     if !certificates.ok {
         failing.push("certificates".to_owned());
     } else if certificates
@@ -386,7 +435,7 @@ async fn readiness(state: &AdminState) -> Readiness {
         degraded.push("certificates".to_owned());
     }
 
-    let upstream = upstream_check(state).await;
+    let upstream = upstream_check(state, &config.upstream).await;
     let upstream = UpstreamReport {
         ok: upstream.ok(),
         targets: upstream
@@ -413,11 +462,12 @@ async fn readiness(state: &AdminState) -> Readiness {
         failing.push("upstream".to_owned());
     }
 
-    let redis_ready = state
+    let redis_ready = snapshot
         .proxy
         .limiter()
-        .and_then(crate::ratelimit::RateLimiter::redis_ready);
-    let redis = match (redis_ready, state.on_redis_error) {
+        .and_then(|limiter| limiter.redis_ready());
+    let on_redis_error = config.rate_limit.as_ref().map(|r| r.on_redis_error);
+    let redis = match (redis_ready, on_redis_error) {
         (Some(ok), Some(policy)) => {
             if !ok {
                 if policy == OnRedisError::Deny {
@@ -438,6 +488,11 @@ async fn readiness(state: &AdminState) -> Readiness {
         _ => None,
     };
 
+    let config_reload = state.live().last_reload();
+    if config_reload.as_ref().is_some_and(ReloadReport::refused) {
+        degraded.push("config_reload".to_owned());
+    }
+
     Readiness {
         ready: failing.is_empty(),
         failing,
@@ -448,6 +503,7 @@ async fn readiness(state: &AdminState) -> Readiness {
             certificates,
             upstream,
             redis,
+            config_reload,
         },
     }
 }
@@ -485,17 +541,25 @@ fn certificates(store: &CertStore, warning_days: u32) -> CertificatesCheck {
 }
 
 /// The cached upstream check, refreshed when older than [`UPSTREAM_CACHE`].
-async fn upstream_check(state: &AdminState) -> Arc<UpstreamCheck> {
+async fn upstream_check(state: &AdminState, upstream: &config::Upstream) -> Arc<UpstreamCheck> {
+    let targets = &upstream.targets;
     let mut cache = state.upstream_cache.lock().await;
     if let Some((at, check)) = cache.as_ref() {
-        if at.elapsed() < UPSTREAM_CACHE {
+        // A reload that changed the targets makes the cached result stale at once.
+        let same_targets = check.targets.len() == targets.len()
+            && check
+                .targets
+                .iter()
+                .zip(targets)
+                .all(|((name, _), target)| *name == target.to_string());
+        if at.elapsed() < UPSTREAM_CACHE && same_targets {
             return check.clone();
         }
     }
+    let timeout = upstream.connect_timeout.min(UPSTREAM_PROBE_TIMEOUT);
     let mut probes = tokio::task::JoinSet::new();
-    for (index, target) in state.upstreams.iter().enumerate() {
+    for (index, target) in targets.iter().enumerate() {
         let authority = target.authority.to_string();
-        let timeout = state.connect_timeout;
         probes.spawn(async move {
             let started = Instant::now();
             let result =
@@ -512,14 +576,13 @@ async fn upstream_check(state: &AdminState) -> Arc<UpstreamCheck> {
             (index, result)
         });
     }
-    let mut results: Vec<Option<Result<Duration, String>>> = vec![None; state.upstreams.len()];
+    let mut results: Vec<Option<Result<Duration, String>>> = vec![None; targets.len()];
     while let Some(joined) = probes.join_next().await {
         if let Ok((index, result)) = joined {
             results[index] = Some(result);
         }
     }
-    let targets = state
-        .upstreams
+    let targets = targets
         .iter()
         .zip(results)
         .map(|(target, result)| {

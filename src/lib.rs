@@ -18,6 +18,7 @@ pub(crate) mod forwarding;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod listener;
+pub mod live;
 pub mod metrics;
 pub(crate) mod path;
 pub(crate) mod proxy;
@@ -34,7 +35,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -72,8 +72,9 @@ pub struct Gateway {
     http: Option<TcpListener>,
     admin: Option<TcpListener>,
     certificates: Arc<CertStore>,
-    reloader: tls::reload::Reloader,
-    acceptor: TlsAcceptor,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    reload: live::ReloadHandle,
+    log_level: Option<live::LogLevelHook>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -90,9 +91,8 @@ impl Gateway {
                 tracing::warn!(cert = %report.cert_path.display(), "{warning}");
             }
         }
-        let reloader =
-            tls::reload::Reloader::new(certificates.clone(), provider.clone(), &config.tls);
-        let server_config = tls::server_config(&config.tls, certificates.clone(), provider)?;
+        // Refused TLS settings stop startup here, before anything is bound.
+        tls::server_config(&config.tls, certificates.clone(), provider.clone())?;
         let mut config = config;
         let https = bind("listen.https", config.listen.https)?;
         if config.listen.public_https_port == 0 {
@@ -113,8 +113,9 @@ impl Gateway {
             http,
             admin,
             certificates,
-            reloader,
-            acceptor: TlsAcceptor::from(server_config),
+            provider,
+            reload: live::ReloadHandle::default(),
+            log_level: None,
             metrics: Arc::new(metrics::Metrics::default()),
         })
     }
@@ -134,14 +135,21 @@ impl Gateway {
         self.admin.as_ref().map(local_addr)
     }
 
-    /// The served certificates.
+    /// The certificates served at startup (a reload that changes the certificate list
+    /// serves a new store).
     pub fn certificates(&self) -> Arc<CertStore> {
         self.certificates.clone()
     }
 
-    /// A handle that makes the running gateway re-read every certificate (SIGHUP).
-    pub fn reload_handle(&self) -> tls::reload::ReloadHandle {
-        self.reloader.handle()
+    /// A handle that makes the running gateway reload its configuration file and re-read
+    /// its certificates (SIGHUP).
+    pub fn reload_handle(&self) -> live::ReloadHandle {
+        self.reload.clone()
+    }
+
+    /// Lets reloads change the log filter (`log.level`): `hook` gets the new level.
+    pub fn on_log_level(&mut self, hook: live::LogLevelHook) {
+        self.log_level = Some(hook);
     }
 
     /// The gateway's counters (also served on the admin listener's `/metrics`).
@@ -153,22 +161,33 @@ impl Gateway {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let config = self.config;
         let drain = Arc::new(connection::Drain::new(shutdown.clone()));
-        let limiter = match &config.rate_limit {
-            Some(settings) => Some(
-                ratelimit::RateLimiter::new(settings, &config.statics, self.metrics.clone())
-                    .await
-                    .map_err(|e| StartError::RateLimit(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let proxy = Arc::new(proxy::Proxy::new(
-            &config,
-            limiter,
-            self.metrics.clone(),
-            drain.clone(),
-        ));
+        let upstreams = config
+            .upstream
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let live = live::Live::start(
+            config.clone(),
+            live::Startup {
+                certificates: self.certificates,
+                provider: self.provider,
+                metrics: self.metrics.clone(),
+                drain: drain.clone(),
+                shutdown: shutdown.clone(),
+                log_level: self.log_level,
+            },
+        )
+        .await
+        .map_err(|err| match err {
+            live::BuildError::Certificate(err) => StartError::Certificate(err),
+            live::BuildError::Tls(err) => StartError::Tls(err),
+            live::BuildError::RateLimit(message) => StartError::RateLimit(message),
+        })?;
         let ctx = Arc::new(listener::Context::new(
             &config,
+            live.clone(),
             drain.clone(),
             self.metrics.clone(),
         ));
@@ -179,40 +198,28 @@ impl Gateway {
             https = %https_bound,
             http = %listening(self.http.as_ref()),
             admin = %listening(self.admin.as_ref()),
-            upstream = %config.upstream.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            upstream = %upstreams,
             "gatehouse listening"
         );
-        listeners.spawn(listener::serve_https(
-            self.https,
-            self.acceptor,
-            config.tls.handshake_timeout,
-            proxy.clone(),
-            ctx.clone(),
-        ));
+        listeners.spawn(listener::serve_https(self.https, ctx.clone()));
         if let Some(http) = self.http {
-            let redirector = Arc::new(redirect::Redirector::new(
-                config.listen.public_https_port,
-                config.redirect.acme_challenge_dir.as_deref(),
-            ));
-            listeners.spawn(listener::serve_http(http, redirector, ctx.clone()));
+            listeners.spawn(listener::serve_http(http, ctx.clone()));
         }
         if let Some(admin) = self.admin {
             let state = Arc::new(admin::AdminState::new(
-                &config,
-                (https_bound, plain_bound),
+                (https_bound, plain_bound, local_addr(&admin)),
                 shutdown.clone(),
-                self.certificates.clone(),
-                proxy.clone(),
                 self.metrics.clone(),
                 ctx.clone(),
             ));
             listeners.spawn(admin::serve(admin, ctx.clone(), state));
         }
-        listeners.spawn(self.reloader.run(self.metrics.clone(), shutdown.clone()));
+        tokio::spawn(live.clone().serve_requests(self.reload));
         listeners.close();
 
         shutdown.cancelled().await;
-        let grace = config.server.shutdown_grace;
+        // The grace of the configuration running now (a reload may have changed it).
+        let grace = live.current().config.server.shutdown_grace;
         tracing::info!(
             grace_ms = grace.as_millis(),
             "shutting down: no new connections, draining"

@@ -12,34 +12,29 @@ use std::time::Duration;
 
 use http::Response;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
+use tokio_rustls::LazyConfigAcceptor;
 
-use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
+use crate::client_limit::{ClientPlace, LimitReached};
 use crate::config::Config;
 use crate::connection::{canonical_ip, Drain, Peer};
 use crate::error::Body;
+use crate::live::{ConnectionSettings, Live};
 use crate::metrics::{HandshakeFailure, Metrics};
-use crate::proxy::Proxy;
-use crate::redirect::Redirector;
-use crate::watchdog::{self, Activity, Busy, Stall, WatchedBody};
+use crate::watchdog::{Activity, Busy, Stall, WatchedBody};
 
 /// What every connection task shares.
 pub(crate) struct Context {
-    /// HTTP/1.1 + HTTP/2 connection settings.
-    pub builder: auto::Builder<TokioExecutor>,
+    /// The live configuration: each connection takes the settings current when it is
+    /// accepted, each request the request path current when it starts.
+    pub live: Arc<Live>,
     /// Places for HTTPS connections (WebSocket tunnels included).
     pub https_budget: Budget,
     /// Places for plain-HTTP connections, apart so redirects cannot starve HTTPS.
     pub http_budget: Budget,
-    /// `server.max_connections_per_client`, when set (trusted proxies exempt).
-    pub per_client: Option<Arc<ClientLimit>>,
-    /// The watchdog's time limits.
-    pub limits: watchdog::Limits,
     /// Shutdown phases and the connection tasks they wait for.
     pub drain: Arc<Drain>,
     /// Connection and handshake counters.
@@ -48,34 +43,32 @@ pub(crate) struct Context {
 
 impl Context {
     /// The shared state of the client listeners.
-    pub(crate) fn new(config: &Config, drain: Arc<Drain>, metrics: Arc<Metrics>) -> Context {
+    pub(crate) fn new(
+        config: &Config,
+        live: Arc<Live>,
+        drain: Arc<Drain>,
+        metrics: Arc<Metrics>,
+    ) -> Context {
         Context {
-            builder: http_builder(config),
+            live,
             https_budget: Budget::new("server.max_connections", config.server.max_connections),
             http_budget: Budget::new(
                 "server.max_plain_http_connections",
                 config.server.max_plain_http_connections,
             ),
-            per_client: ClientLimit::new(
-                config.server.max_connections_per_client,
-                &[config.limit_exempt(), &config.proxy.trusted_proxies].concat(),
-            ),
-            limits: watchdog::Limits {
-                first_request: config.proxy.header_read_timeout,
-                keepalive: config.proxy.keepalive_timeout,
-                send: config.proxy.send_timeout,
-            },
             drain,
             metrics,
         }
     }
-}
 
-impl Context {
     /// The client's place under `server.max_connections_per_client`; a client over its
     /// limit is refused (the socket is closed at once).
-    fn client_place(&self, addr: SocketAddr) -> Result<Option<ClientPlace>, LimitReached> {
-        let Some(limit) = &self.per_client else {
+    fn client_place(
+        &self,
+        settings: &ConnectionSettings,
+        addr: SocketAddr,
+    ) -> Result<Option<ClientPlace>, LimitReached> {
+        let Some(limit) = &settings.per_client else {
             return Ok(None);
         };
         limit.take(canonical_ip(addr.ip())).inspect_err(|_| {
@@ -136,46 +129,22 @@ impl Budget {
     }
 }
 
-/// The HTTP settings shared by both listeners.
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.proxy.header_read_timeout)
-        .max_buf_size(config.proxy.max_header_size)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_concurrent_streams(config.proxy.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(config.proxy.max_header_size).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
-}
-
 /// Accepts HTTPS connections until draining starts.
-pub(crate) async fn serve_https(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-    proxy: Arc<Proxy>,
-    ctx: Arc<Context>,
-) {
+pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
     while let Some((stream, addr)) = accept(&listener, &ctx).await {
         let Some(permit) = ctx.https_budget.take(&ctx).await else {
             break;
         };
-        let Ok(place) = ctx.client_place(addr) else {
+        let snapshot = ctx.live.current();
+        let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
             continue;
         };
-        let (acceptor, proxy, task_ctx) = (acceptor.clone(), proxy.clone(), ctx.clone());
+        let task_ctx = ctx.clone();
         ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
-            let handshake = tls_handshake(stream, acceptor.config());
-            let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
+            let settings = &snapshot.connections;
+            let handshake = tls_handshake(stream, snapshot.acceptor.config());
+            let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err((sni, err))) => {
                     task_ctx.metrics.handshake_failed(handshake_failure(&err));
@@ -194,15 +163,19 @@ pub(crate) async fn serve_https(
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
                 _ => "unknown",
             };
-            let activity = Activity::new(task_ctx.limits);
-            let peer = Peer::new(addr, proxy.trusted_proxies(), tls_version, activity.clone());
+            let activity = Activity::new(settings.limits);
+            let trusted = &snapshot.config.proxy.trusted_proxies;
+            let peer = Peer::new(addr, trusted, tls_version, activity.clone());
             let peer = Arc::new(peer.holding(permit, open, place));
+            let live = task_ctx.live.clone();
             let service = service_fn(move |req| {
                 let busy = peer.activity.busy();
-                let response = proxy.clone().handle(peer.clone(), req);
+                // The request path current now: a reload never changes a request that
+                // has started.
+                let response = live.proxy().handle(peer.clone(), req);
                 async move { Ok::<_, Infallible>(watched(response.await, busy)) }
             });
-            let conn = task_ctx
+            let conn = settings
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service);
             drive(conn, &task_ctx, addr, &activity).await;
@@ -239,29 +212,28 @@ fn handshake_failure(err: &io::Error) -> HandshakeFailure {
 }
 
 /// Accepts plain-HTTP connections (redirects and ACME challenges) until draining starts.
-pub(crate) async fn serve_http(
-    listener: TcpListener,
-    redirector: Arc<Redirector>,
-    ctx: Arc<Context>,
-) {
+pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
     while let Some((stream, addr)) = accept(&listener, &ctx).await {
         let Some(permit) = ctx.http_budget.take(&ctx).await else {
             break;
         };
-        let Ok(place) = ctx.client_place(addr) else {
+        let snapshot = ctx.live.current();
+        let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
             continue;
         };
-        let (redirector, task_ctx) = (redirector.clone(), ctx.clone());
+        let task_ctx = ctx.clone();
         ctx.drain.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
-            let activity = Activity::new(task_ctx.limits);
+            let settings = &snapshot.connections;
+            let activity = Activity::new(settings.limits);
             let watched_activity = activity.clone();
+            let live = task_ctx.live.clone();
             let service = service_fn(move |req| {
                 let busy = watched_activity.busy();
-                let response = redirector.clone().handle(req);
+                let response = live.redirector().handle(req);
                 async move { Ok::<_, Infallible>(watched(response.await, busy)) }
             });
-            let conn = task_ctx
+            let conn = settings
                 .builder
                 .serve_connection(TokioIo::new(stream), service);
             drive(conn, &task_ctx, addr, &activity).await;

@@ -1,4 +1,4 @@
-//! The `gatehouse` binary: `run` (default), `check` and `health`. Loads the config, sets up
+//! The `gatehouse` binary: `run` (default), `check`, `health` and `reload`. Loads the config, sets up
 //! logging and the runtime, and turns errors into messages and exit codes:
 //! 0 success, 64 bad configuration, 65 bad certificate, 1 anything else.
 
@@ -8,8 +8,9 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gatehouse::admin::Readiness;
+use gatehouse::admin::{Readiness, ReloadReport};
 use gatehouse::config::{Config, LogFormat};
+use gatehouse::live::{LogLevelHook, ReloadHandle};
 use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
 use tokio_util::sync::CancellationToken;
@@ -50,10 +51,16 @@ enum Command {
     Check,
     /// Ask a running gateway's admin listener whether it is ready (for Docker HEALTHCHECK).
     Health,
+    /// Ask the running gateway to reload its configuration file, and print the outcome.
+    /// Only `[admin] listen` and `token_file` are read here; the gateway validates the rest.
+    Reload,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Reload)) {
+        return reload(&cli.config);
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(err) => {
@@ -65,11 +72,12 @@ fn main() -> ExitCode {
         Command::Check => check(&config),
         Command::Health => health(&config),
         Command::Run => run(config),
+        Command::Reload => unreachable!("handled above"),
     }
 }
 
 fn run(config: Config) -> ExitCode {
-    let _log_guard = init_logging(&config);
+    let (_log_guard, log_level) = init_logging(&config);
     // One worker: a current-thread runtime skips work-stealing and cross-thread wake-ups,
     // which is measurably faster when the gateway is pinned to one core.
     let mut runtime = if config.server.worker_threads == 1 {
@@ -88,7 +96,7 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = match err.downcast_ref::<StartError>() {
@@ -102,8 +110,11 @@ fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let gateway = Gateway::bind(config).await?;
+async fn serve(config: Config, log_level: Option<LogLevelHook>) -> anyhow::Result<()> {
+    let mut gateway = Gateway::bind(config).await?;
+    if let Some(hook) = log_level {
+        gateway.on_log_level(hook);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     // Installed before serving: SIGHUP's default action would end the process.
@@ -112,7 +123,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tokio::spawn(reload_on_hangup(hangup, gateway.reload_handle()));
         }
         Err(err) => {
-            tracing::warn!(error = %err, "cannot install the SIGHUP handler; certificates still reload on file changes");
+            tracing::warn!(error = %err, "cannot install the SIGHUP handler; use `gatehouse reload` (certificates still reload on file changes)");
         }
     }
     gateway.run(shutdown).await?;
@@ -136,42 +147,64 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Each SIGHUP re-reads and re-validates every certificate.
-async fn reload_on_hangup(
-    mut hangup: tokio::signal::unix::Signal,
-    reload: gatehouse::tls::reload::ReloadHandle,
-) {
+/// Each SIGHUP reloads the configuration file and re-reads every certificate (even when
+/// the file is refused); the outcome is logged.
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, reload: ReloadHandle) {
     while hangup.recv().await.is_some() {
-        tracing::info!(signal = "SIGHUP", "certificate reload requested");
+        tracing::info!(
+            signal = "SIGHUP",
+            "configuration and certificate reload requested"
+        );
         reload.reload();
     }
 }
 
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+/// The filter for `log.level`. rustls warns about what peers send (an IP address as SNI:
+/// wrk and curl do it), so its warnings are the client's to cause; they stay out of the
+/// default log. The crate is also built without its `logging` feature, and the
+/// workspace's load-test tools too, so feature unification cannot bring them back.
+fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(format!("{level},rustls=error,hyper=warn,h2=warn"))
+        .map_err(|err| err.to_string())
+}
+
+/// Sets up logging; also returns the hook reloads change `log.level` through (none when
+/// `RUST_LOG` overrides the file).
+fn init_logging(
+    config: &Config,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    Option<LogLevelHook>,
+) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::EnvFilter;
-    // rustls warns about what peers send (an IP address as SNI: wrk and curl do it), so
-    // its warnings are the client's to cause; they stay out of the default log. The crate
-    // is also built without its `logging` feature, and the workspace's load-test tools
-    // too, so feature unification cannot bring them back.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "{},rustls=error,hyper=warn,h2=warn",
-            config.log.level
-        ))
-    });
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let overridden = from_env.is_some();
+    let filter = from_env
+        .or_else(|| log_filter(&config.log.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     // Lines are written on a background thread so a slow terminal or pipe never stalls
     // a request; the guard flushes them at exit.
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_target(true);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(lines.json().flatten_event(true)).init(),
+        LogFormat::Text => registry.with(lines).init(),
     }
-    guard
+    let hook: Option<LogLevelHook> = (!overridden).then(|| {
+        Box::new(move |level: &str| {
+            handle
+                .reload(log_filter(level)?)
+                .map_err(|err| err.to_string())
+        }) as LogLevelHook
+    });
+    (guard, hook)
 }
 
 fn check(config: &Config) -> ExitCode {
@@ -318,34 +351,13 @@ fn health(config: &Config) -> ExitCode {
     }
 }
 
-/// Asks the admin listener's `/readyz` (plain HTTP over a std socket: the distroless
-/// image has no curl) and returns a one-line summary when ready.
+/// Asks the admin listener's `/readyz` and returns a one-line summary when ready.
 fn probe_ready(config: &Config) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
     let admin = config.admin.as_ref().context(
         "no [admin] listen address in the config; add [admin] listen = \"127.0.0.1:9090\"",
     )?;
-    let mut addr = admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let timeout = std::time::Duration::from_secs(3);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("not ready: cannot connect to the admin listener at {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    // HTTP/1.0: the reply is never chunked and ends when the connection closes.
-    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut reply = String::new();
-    stream
-        .read_to_string(&mut reply)
-        .with_context(|| format!("not ready: no answer from the admin listener at {addr}"))?;
-    let status_line = reply.lines().next().unwrap_or_default().to_owned();
-    let body = reply.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let (addr, status_line, body) = admin_request(admin.listen, "GET", "/readyz", None)
+        .map_err(|err| anyhow::anyhow!("not ready: {err:#}"))?;
     let report: Option<Readiness> = serde_json::from_str(body.trim()).ok();
     match report {
         Some(report) if report.ready && status_line.contains(" 200 ") => {
@@ -361,4 +373,142 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
         Some(report) => anyhow::bail!("not ready: {}", report.failures()),
         None => anyhow::bail!("not ready: {addr} answered {status_line:?}"),
     }
+}
+
+/// `gatehouse reload`: `POST /reload` to the admin listener named in `path`, the outcome
+/// printed; exit 0 when applied (or unchanged), 1 when refused or unreachable.
+fn reload(path: &std::path::Path) -> ExitCode {
+    match request_reload(path) {
+        Ok(report) => {
+            print_reload(&report);
+            if report.refused() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("gatehouse reload: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_reload(report: &ReloadReport) {
+    match report.outcome.as_str() {
+        "refused" => {
+            println!("gatehouse reload: refused: {}", report.file);
+            for problem in &report.problems {
+                println!("  {problem}");
+            }
+            println!("the running configuration keeps serving; fix the file and reload again");
+        }
+        "unchanged" => println!("gatehouse reload: unchanged: {}", report.file),
+        _ => println!(
+            "gatehouse reload: applied: {} (changed: {})",
+            report.file,
+            report.changed.join(", ")
+        ),
+    }
+    if !report.restart_needed.is_empty() {
+        println!(
+            "  needs a restart to take effect: {}",
+            report.restart_needed.join(", ")
+        );
+    }
+}
+
+fn request_reload(path: &std::path::Path) -> anyhow::Result<ReloadReport> {
+    let (listen, token) = admin_settings(path)?;
+    let (addr, status_line, body) = admin_request(listen, "POST", "/reload", token.as_deref())?;
+    serde_json::from_str(body.trim())
+        .with_context(|| format!("{addr} answered {status_line:?}: {}", body.trim()))
+}
+
+/// `[admin] listen` and the token from `token_file`, read without validating the rest of
+/// the file: a broken file must still reach the gateway, which reports what is wrong.
+fn admin_settings(
+    path: &std::path::Path,
+) -> anyhow::Result<(std::net::SocketAddr, Option<String>)> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {}; pass the gateway's configuration with --config",
+            path.display()
+        )
+    })?;
+    let value: toml::Table = toml::from_str(&text).with_context(|| {
+        format!(
+            "{}: not valid TOML, so [admin] cannot be read",
+            path.display()
+        )
+    })?;
+    let admin = value.get("admin").and_then(toml::Value::as_table).with_context(|| {
+        format!("{}: no [admin] section; the gateway reloads through its admin listener (or send it SIGHUP)", path.display())
+    })?;
+    let listen = admin
+        .get("listen")
+        .and_then(toml::Value::as_str)
+        .and_then(|text| text.parse().ok())
+        .with_context(|| {
+            format!(
+                "{}: admin.listen is missing or not an ADDR:PORT",
+                path.display()
+            )
+        })?;
+    let token = match admin.get("token_file").and_then(toml::Value::as_str) {
+        Some(file) => {
+            let file = path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(file);
+            let token = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read admin.token_file {}", file.display()))?;
+            Some(token.trim().to_owned())
+        }
+        None => None,
+    };
+    Ok((listen, token))
+}
+
+/// One HTTP/1.0 request to the admin listener (plain HTTP over a std socket: the
+/// distroless image has no curl). Returns the address used, the status line and the body.
+fn admin_request(
+    listen: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(std::net::SocketAddr, String, String)> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to the admin listener at {addr}"))?;
+    // A reload may wait for a new Redis connection; probes answer at once.
+    stream.set_read_timeout(Some(timeout * 10))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let authorization = token.map_or_else(String::new, |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    });
+    // HTTP/1.0: the reply is never chunked and ends when the connection closes.
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{authorization}Content-Length: 0\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .with_context(|| format!("no answer from the admin listener at {addr}"))?;
+    let status_line = reply.lines().next().unwrap_or_default().to_owned();
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    Ok((addr, status_line, body))
 }

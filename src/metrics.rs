@@ -87,6 +87,25 @@ const BACKENDS: [&str; 3] = ["redis", "local", "fallback"];
 const OUTCOMES: [&str; 3] = ["allowed", "rejected", "shadow_rejected"];
 const HANDSHAKE_REASONS: [&str; 4] = ["timeout", "client_alert", "protocol", "io"];
 const UPSTREAM_KINDS: [&str; 3] = ["connect", "timeout", "broken"];
+const CONFIG_RELOADS: [&str; 3] = ["applied", "unchanged", "refused"];
+
+/// How a configuration reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigReload {
+    /// The new configuration serves new connections and requests.
+    Applied,
+    /// The file was valid and the same as the running configuration.
+    Unchanged,
+    /// The file was invalid; the running configuration kept serving.
+    Refused,
+}
+
+impl ConfigReload {
+    /// Label for logs, metrics and `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        CONFIG_RELOADS[self as usize]
+    }
+}
 
 /// Histogram bucket upper bounds, in microseconds (exposed in seconds).
 const BUCKETS_US: [u64; 14] = [
@@ -166,6 +185,8 @@ pub struct Metrics {
     reloads_ok: AtomicU64,
     /// Certificate reloads refused (the last good chain kept serving).
     reloads_failed: AtomicU64,
+    /// Configuration reloads, by outcome.
+    config_reloads: [AtomicU64; 3],
 }
 
 /// Keeps a connection in the open-connections gauge until dropped (by the connection
@@ -271,6 +292,11 @@ impl Metrics {
             &self.reloads_failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a configuration reload.
+    pub fn config_reload(&self, outcome: ConfigReload) {
+        self.config_reloads[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Open client connections now.
@@ -433,6 +459,19 @@ impl Metrics {
             "gatehouse_certificate_reloads_total{{outcome=\"failure\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
         );
+        header(
+            &mut out,
+            "gatehouse_config_reloads_total",
+            "Configuration reloads, by outcome (refused: the running configuration kept serving).",
+            "counter",
+        );
+        for (outcome, count) in CONFIG_RELOADS.iter().zip(&self.config_reloads) {
+            let _ = writeln!(
+                out,
+                "gatehouse_config_reloads_total{{outcome=\"{outcome}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }

@@ -28,12 +28,13 @@ use crate::websocket;
 
 /// Everything a request needs, built once at startup and shared by all connections.
 pub struct Proxy {
-    /// The app's instances and the pooled client to them.
-    upstreams: Upstreams,
+    /// The app's instances and the pooled client to them (kept across reloads that do
+    /// not change them, with their idle connections).
+    upstreams: Arc<Upstreams>,
     /// `[[static]]` directories.
     statics: StaticFiles,
     /// Rate limiter, when `[rate_limit]` is configured.
-    limiter: Option<RateLimiter>,
+    limiter: Option<Arc<RateLimiter>>,
     /// Peers whose forwarding headers are believed.
     trusted_proxies: Vec<IpNet>,
     /// `proxy.max_body_size`.
@@ -62,21 +63,19 @@ pub struct Proxy {
 
 impl Proxy {
     /// The rate limiter, when configured (the admin listener reads its Redis state).
-    pub(crate) fn limiter(&self) -> Option<&RateLimiter> {
+    pub(crate) fn limiter(&self) -> Option<&Arc<RateLimiter>> {
         self.limiter.as_ref()
     }
 
-    /// Peers whose forwarding headers are believed (`proxy.trusted_proxies`).
-    pub(crate) fn trusted_proxies(&self) -> &[IpNet] {
-        &self.trusted_proxies
-    }
-
-    /// Builds the request path from a validated config.
+    /// Builds the request path from a validated config. On a reload, `previous` is the
+    /// running configuration and proxy: the upstream pool and the per-client request
+    /// counts carry over when their settings did not change.
     pub fn new(
         config: &Config,
-        limiter: Option<RateLimiter>,
+        limiter: Option<Arc<RateLimiter>>,
         metrics: Arc<Metrics>,
         drain: Arc<Drain>,
+        previous: Option<(&Config, &Proxy)>,
     ) -> Proxy {
         let hsts = config.tls.hsts_max_age.map(|age| {
             let mut value = format!("max-age={}", age.as_secs());
@@ -85,8 +84,26 @@ impl Proxy {
             }
             HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("max-age=0"))
         });
+        let upstreams = match previous {
+            Some((old, proxy))
+                if old.upstream == config.upstream
+                    && old.proxy.max_body_size == config.proxy.max_body_size =>
+            {
+                proxy.upstreams.clone()
+            }
+            _ => Arc::new(Upstreams::new(&config.upstream, config.proxy.max_body_size)),
+        };
+        let requests_per_client = match previous {
+            Some((old, proxy))
+                if old.server.max_requests_per_client == config.server.max_requests_per_client
+                    && old.limit_exempt() == config.limit_exempt() =>
+            {
+                proxy.requests_per_client.clone()
+            }
+            _ => ClientLimit::new(config.server.max_requests_per_client, config.limit_exempt()),
+        };
         Proxy {
-            upstreams: Upstreams::new(&config.upstream, config.proxy.max_body_size),
+            upstreams,
             statics: StaticFiles::new(&config.statics),
             limiter,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
@@ -94,10 +111,7 @@ impl Proxy {
             public_port: HeaderValue::from(config.listen.public_https_port),
             hsts,
             access_log: config.log.access_log,
-            requests_per_client: ClientLimit::new(
-                config.server.max_requests_per_client,
-                config.limit_exempt(),
-            ),
+            requests_per_client,
             underscores: config.proxy.underscores_in_headers,
             allow_trace: config.proxy.allow_trace,
             max_uri_size: config.proxy.max_uri_size,

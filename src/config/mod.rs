@@ -72,8 +72,11 @@ pub const MAX_METHOD_LEN: usize = 32;
 /// `websocket.allowed_upgrades`: the `Upgrade` protocols tunnelled.
 pub const DEFAULT_ALLOWED_UPGRADES: &[&str] = &["websocket"];
 
+/// Longest password or token file read (`rate_limit.password_file`, `admin.token_file`).
+pub const MAX_SECRET_FILE: u64 = 4096;
+
 /// A validated gateway configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file this configuration was read from (for messages).
     pub source: PathBuf,
@@ -102,7 +105,7 @@ pub struct Config {
 }
 
 /// `[listen]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     /// Plain-HTTP listener that redirects to HTTPS; `None` disables it.
     pub http: Option<SocketAddr>,
@@ -129,7 +132,7 @@ pub struct CertificateSource {
 }
 
 /// `[tls]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tls {
     /// All certificates; the first is the default for clients without (or with unknown) SNI.
     pub certificates: Vec<CertificateSource>,
@@ -160,7 +163,7 @@ pub enum TlsVersion {
 }
 
 /// `[upstream]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// Upstream origins (scheme `http`); requests are spread across them.
     pub targets: Vec<UpstreamTarget>,
@@ -192,7 +195,7 @@ impl fmt::Display for UpstreamTarget {
 }
 
 /// `[proxy]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Proxy {
     /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the gateway).
     pub trusted_proxies: Vec<IpNet>,
@@ -233,14 +236,14 @@ pub enum Underscores {
 }
 
 /// `[redirect]`
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Redirect {
     /// Directory served at `/.well-known/acme-challenge/` on the HTTP port (certbot webroot).
     pub acme_challenge_dir: Option<PathBuf>,
 }
 
 /// One `[[static]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StaticDir {
     /// URL prefix, starting and ending with `/`.
     pub prefix: String,
@@ -249,7 +252,7 @@ pub struct StaticDir {
 }
 
 /// `[websocket]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebSocket {
     /// A tunnel with no bytes in either direction for this long is closed.
     pub idle_timeout: Duration,
@@ -259,14 +262,26 @@ pub struct WebSocket {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     /// Address of the admin listener (keep it on loopback or a private network).
     pub listen: SocketAddr,
+    /// The token mutating endpoints (`POST /reload`) require, from `admin.token_file`.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin token; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
 }
 
 /// `[server]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Server {
     /// Time in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
@@ -282,10 +297,12 @@ pub struct Server {
     pub max_requests_per_client: usize,
     /// Runtime worker threads; 0 means one per CPU.
     pub worker_threads: usize,
+    /// Whether the configuration file is reloaded when it changes on disk.
+    pub watch_config: bool,
 }
 
 /// `[log]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Log {
     /// Output format.
     pub format: LogFormat,
@@ -302,6 +319,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// What a configuration reload changes (see [`Config::changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Sections whose new values are applied live, in file order.
+    pub applied: Vec<&'static str>,
+    /// Keys whose new values wait for a restart.
+    pub restart: Vec<String>,
 }
 
 /// Every problem found in a configuration file.
@@ -330,7 +356,7 @@ impl fmt::Display for ConfigError {
 }
 
 /// One bad key and what to do about it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
     /// Dotted key, e.g. `upstream.url`.
     pub key: String,
@@ -397,6 +423,36 @@ impl Problems {
                 parsed.ok()
             })
             .collect()
+    }
+
+    /// Reads a one-line secret (a password or token file) and trims it. Reads at most
+    /// [`MAX_SECRET_FILE`] bytes, so a path like `/dev/zero` cannot stall validation.
+    pub fn secret_file(&mut self, key: &str, file: &str) -> Option<String> {
+        use std::io::Read;
+        let path = self.path(file);
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes));
+        let problem = match read {
+            Err(err) => format!(
+                "cannot read {}: {err}; create it (one line, the secret) or remove the key",
+                path.display()
+            ),
+            Ok(_) if bytes.len() as u64 > MAX_SECRET_FILE => format!(
+                "{} is larger than {MAX_SECRET_FILE} bytes; it should hold one line, the secret",
+                path.display()
+            ),
+            Ok(_) => match String::from_utf8(bytes) {
+                Ok(text) if !text.trim().is_empty() => return Some(text.trim().to_owned()),
+                Ok(_) => format!("{} is empty; write the secret on one line", path.display()),
+                Err(_) => format!(
+                    "{} is not UTF-8 text; write the secret on one line",
+                    path.display()
+                ),
+            },
+        };
+        self.add(key, problem);
+        None
     }
 
     /// Parses a socket address such as `"0.0.0.0:8443"` or `"[::]:443"`.
@@ -531,6 +587,7 @@ struct RawWebSocket {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: String,
+    token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -544,6 +601,8 @@ struct RawServer {
     #[serde(default)]
     max_requests_per_client: usize,
     worker_threads: Option<usize>,
+    #[serde(default)]
+    watch_config: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -558,6 +617,72 @@ impl Config {
     /// Client networks no per-client limit applies to: `rate_limit.allow`.
     pub fn limit_exempt(&self) -> &[IpNet] {
         self.rate_limit.as_ref().map_or(&[], |rate| &rate.allow)
+    }
+
+    /// What a reload from `self` to `new` changes: the sections applied live, and the
+    /// keys that only take effect after a restart (they keep their running value).
+    pub fn changes(&self, new: &Config) -> Changes {
+        let mut restart = Vec::new();
+        let mut restart_key = |key: &str, changed: bool| {
+            if changed {
+                restart.push(key.to_owned());
+            }
+        };
+        restart_key("listen.https", self.listen.https != new.listen.https);
+        restart_key("listen.http", self.listen.http != new.listen.http);
+        restart_key(
+            "admin.listen",
+            self.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
+        );
+        restart_key(
+            "server.worker_threads",
+            self.server.worker_threads != new.server.worker_threads,
+        );
+        restart_key(
+            "server.max_connections",
+            self.server.max_connections != new.server.max_connections,
+        );
+        restart_key(
+            "server.max_plain_http_connections",
+            self.server.max_plain_http_connections != new.server.max_plain_http_connections,
+        );
+        restart_key("log.format", self.log.format != new.log.format);
+        // The live part of `new`: restart-only keys keep their running values.
+        let live = self.with_restart_keys_of(new);
+        let mut applied = Vec::new();
+        let mut section = |name: &'static str, changed: bool| {
+            if changed {
+                applied.push(name);
+            }
+        };
+        section("listen", self.listen != live.listen);
+        section("tls", self.tls != live.tls);
+        section("upstream", self.upstream != live.upstream);
+        section("proxy", self.proxy != live.proxy);
+        section("redirect", self.redirect != live.redirect);
+        section("static", self.statics != live.statics);
+        section("websocket", self.websocket != live.websocket);
+        section("rate_limit", self.rate_limit != live.rate_limit);
+        section("admin", self.admin != live.admin);
+        section("server", self.server != live.server);
+        section("log", self.log != live.log);
+        Changes { applied, restart }
+    }
+
+    /// `new` with the keys that need a restart set back to `self`'s (running) values.
+    #[must_use]
+    pub fn with_restart_keys_of(&self, new: &Config) -> Config {
+        let mut live = new.clone();
+        live.listen.https = self.listen.https;
+        live.listen.http = self.listen.http;
+        if let (Some(running), Some(admin)) = (&self.admin, &mut live.admin) {
+            admin.listen = running.listen;
+        }
+        live.server.worker_threads = self.server.worker_threads;
+        live.server.max_connections = self.server.max_connections;
+        live.server.max_plain_http_connections = self.server.max_plain_http_connections;
+        live.log.format = self.log.format;
+        live
     }
 
     /// Reads and validates the file at `path`.
@@ -627,8 +752,12 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         .rate_limit
         .and_then(|raw| rate_limit::validate_config(raw, p));
     let admin = raw.admin.and_then(|admin| {
+        let token = admin
+            .token_file
+            .and_then(|file| p.secret_file("admin.token_file", &file))
+            .map(AdminToken);
         p.socket_addr("admin.listen", &admin.listen)
-            .map(|listen| Admin { listen })
+            .map(|listen| Admin { listen, token })
     });
     let server = Server {
         shutdown_grace: p.duration(
@@ -647,6 +776,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         max_connections_per_client: raw.server.max_connections_per_client,
         max_requests_per_client: raw.server.max_requests_per_client,
         worker_threads: raw.server.worker_threads.unwrap_or(0),
+        watch_config: raw.server.watch_config,
     };
     if server.max_connections == 0 {
         p.add("server.max_connections", "must be at least 1");
@@ -1027,9 +1157,16 @@ fn validate_log(raw: RawLog, p: &mut Problems) -> Log {
             LogFormat::Text
         }
     };
+    let level = raw.level.unwrap_or_else(|| "info".to_owned());
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&level) {
+        p.add(
+            "log.level",
+            format!("`{level}` is not a log filter ({err}); write e.g. \"info\", \"debug\" or \"info,gatehouse=debug\""),
+        );
+    }
     Log {
         format,
-        level: raw.level.unwrap_or_else(|| "info".to_owned()),
+        level,
         access_log: raw.access_log.unwrap_or(true),
     }
 }

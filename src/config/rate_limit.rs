@@ -58,7 +58,7 @@ pub struct RawRule {
 }
 
 /// Validated `[rate_limit]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     /// The policy for requests no rule matches (named `default`).
     pub default: Policy,
@@ -107,7 +107,7 @@ impl Policy {
 
 /// One rule: requests under `prefix` (and with one of `methods`) use `limit`, or are
 /// exempt when `limit` is `None`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// Path prefix, starting with `/`.
     pub prefix: String,
@@ -158,7 +158,7 @@ pub enum Mode {
 }
 
 /// Where Redis is, and the secret to reach it. `Debug` never shows the password.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct RedisSettings {
     /// `redis_url`, or `redis_cluster_nodes` when `cluster` is set (passwords included).
     pub urls: Vec<String>,

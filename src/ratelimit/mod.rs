@@ -183,14 +183,35 @@ pub struct RateLimiter {
     on_redis_error: OnRedisError,
     headers_on_allowed: bool,
     /// Shared limiter, when Redis is configured.
-    redis: Option<redis::RedisLimiter>,
+    redis: Option<Arc<Backend<redis::RedisLimiter>>>,
     /// In-process limiter: the limiter in local mode, the fallback with Redis.
-    local: local::LocalLimiter,
+    local: Arc<Backend<local::LocalLimiter>>,
     metrics: Arc<Metrics>,
     /// Keeps rejection logs to about one line per second at info.
     log_sampler: LogSampler,
-    /// Stops the background tasks when the limiter is dropped.
+}
+
+/// A backend, what it was built from (so a reload with the same settings keeps it and
+/// its state), and the guard that stops its background tasks when the last limiter
+/// using it is dropped.
+struct Backend<T> {
+    limiter: T,
+    built_from: BackendSettings,
     _tasks: DropGuard,
+}
+
+impl<T> std::ops::Deref for Backend<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.limiter
+    }
+}
+
+/// The settings a backend depends on.
+#[derive(PartialEq)]
+enum BackendSettings {
+    Redis(RedisSettings, Duration, OnRedisError),
+    Local(Vec<Policy>),
 }
 
 impl fmt::Debug for RateLimiter {
@@ -208,10 +229,15 @@ impl RateLimiter {
     /// Starts the limiter: connects to Redis when configured. When Redis is unreachable it
     /// fails with `on_redis_error = "deny"`, and otherwise starts degraded (fallback
     /// decisions) with a warning and keeps reconnecting in the background.
+    ///
+    /// On a configuration reload, `previous` is the running limiter: a backend whose
+    /// settings did not change is carried over with its state (local counters, the Redis
+    /// connection), so reloading never resets anyone's budget.
     pub async fn new(
         config: &RateLimitConfig,
         statics: &[StaticDir],
         metrics: Arc<Metrics>,
+        previous: Option<&RateLimiter>,
     ) -> Result<Self, RateLimitError> {
         let mut policies = vec![CompiledPolicy {
             header: policy_header(&config.default),
@@ -243,20 +269,49 @@ impl RateLimiter {
         }
         // Longest prefix wins; on equal prefixes the earlier (configured rules) wins.
         rules.sort_by_key(|rule| std::cmp::Reverse(rule.prefix.len()));
-        let tasks = CancellationToken::new();
-        let local =
-            local::LocalLimiter::new(policies.iter().map(|compiled| &compiled.policy), &tasks);
+        let local_settings =
+            BackendSettings::Local(policies.iter().map(|c| c.policy.clone()).collect());
+        let local = match previous {
+            Some(old) if old.local.built_from == local_settings => old.local.clone(),
+            _ => {
+                let tasks = CancellationToken::new();
+                let limiter = local::LocalLimiter::new(policies.iter().map(|c| &c.policy), &tasks);
+                Arc::new(Backend {
+                    limiter,
+                    built_from: local_settings,
+                    _tasks: tasks.drop_guard(),
+                })
+            }
+        };
         let redis = match &config.redis {
-            Some(settings) => Some(
-                redis::RedisLimiter::start(
+            Some(settings) => {
+                let wanted = BackendSettings::Redis(
                     settings.clone(),
                     config.decision_timeout,
                     config.on_redis_error,
-                    metrics.clone(),
-                    &tasks,
-                )
-                .await?,
-            ),
+                );
+                let kept = previous
+                    .and_then(|old| old.redis.as_ref())
+                    .filter(|old| old.built_from == wanted);
+                if let Some(kept) = kept {
+                    Some(kept.clone())
+                } else {
+                    let tasks = CancellationToken::new();
+                    let limiter = redis::RedisLimiter::start(
+                        settings.clone(),
+                        config.decision_timeout,
+                        config.on_redis_error,
+                        metrics.clone(),
+                        &tasks,
+                    )
+                    .await?;
+                    Some(Arc::new(Backend {
+                        limiter,
+                        built_from: wanted,
+                        _tasks: tasks.drop_guard(),
+                    }))
+                }
+            }
             None => None,
         };
         tracing::info!(
@@ -281,14 +336,13 @@ impl RateLimiter {
             local,
             metrics,
             log_sampler: LogSampler::new(),
-            _tasks: tasks.drop_guard(),
         })
     }
 
     /// Redis health for `/readyz`: `None` without Redis, `Some(false)` while the breaker
     /// is open (decisions fall back), `Some(true)` when Redis decides.
     pub fn redis_ready(&self) -> Option<bool> {
-        self.redis.as_ref().map(redis::RedisLimiter::ready)
+        self.redis.as_ref().map(|redis| redis.ready())
     }
 
     /// The policy a request is checked against: `None` when exempt.
@@ -668,6 +722,7 @@ dir = "static"
             config.rate_limit.as_ref().unwrap(),
             &config.statics,
             metrics.clone(),
+            None,
         )
         .await
         .unwrap();
