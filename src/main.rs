@@ -99,12 +99,16 @@ fn run(config: Config) -> ExitCode {
     match runtime.block_on(serve(config, log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            // Once, in the log (structured when `log.format = "json"`). A `StartError`
+            // already carries its cause in its message; `{:#}` would repeat it.
+            match err.downcast_ref::<StartError>() {
+                Some(start) => tracing::error!("{start}"),
+                None => tracing::error!("{err:#}"),
+            }
             let code = match err.downcast_ref::<StartError>() {
                 Some(StartError::Certificate(_)) => EXIT_CERTIFICATE,
                 _ => 1,
             };
-            tracing::error!("{err:#}");
-            eprintln!("gatehouse: {err:#}");
             ExitCode::from(code)
         }
     }

@@ -1040,3 +1040,87 @@ fn a_port_in_use_is_named_once_with_the_likely_cause() {
         );
     }
 }
+
+// Doctor diagnoses that used to mislead (compared with `nginx -t` on the same files). ----
+
+#[test]
+fn end_line_glued_to_the_next_begin_line_is_named_with_its_line() {
+    let pki = Pki::new("sv-glued");
+    let (leaf, files) = pki.localhost("site");
+    // `cat leaf.crt intermediate.crt` where leaf.crt has no final newline.
+    let glued = format!("{}{}", leaf.cert_pem.trim_end(), pki.intermediate_pem());
+    let cert = write(&pki.dir, "glued.crt", glued);
+    let config = write_config(&pki.dir, "glued", &cert, &files.key, None, "");
+    assert_refused(
+        &config,
+        EXIT_CERTIFICATE,
+        &[
+            &format!("certificate file {}, line", show(&cert)),
+            "-----END CERTIFICATE----------BEGIN CERTIFICATE-----",
+            "put a line break between",
+        ],
+    );
+}
+
+#[test]
+fn pkcs12_bundle_gets_the_two_openssl_pkcs12_commands() {
+    let pki = Pki::new("sv-pkcs12");
+    let (_, files) = pki.localhost("site");
+    let pfx = pki.dir.join("site.pfx");
+    openssl(&[
+        "pkcs12",
+        "-export",
+        "-passout",
+        "pass:",
+        "-in",
+        &show(&files.cert),
+        "-inkey",
+        &show(&files.key),
+        "-out",
+        pfx.to_str().unwrap(),
+    ]);
+    let config = write_config(&pki.dir, "pfx", &pfx, &files.key, None, "");
+    assert_refused(
+        &config,
+        EXIT_CERTIFICATE,
+        &[
+            "a PKCS#12 bundle",
+            &format!("openssl pkcs12 -in {} -nokeys", show(&pfx)),
+            &format!("openssl pkcs12 -in {} -nocerts -nodes", show(&pfx)),
+        ],
+    );
+}
+
+#[test]
+fn rsa_1024_key_is_called_too_small() {
+    let pki = Pki::new("sv-rsa1024");
+    let key = pki.dir.join("small.key");
+    let cert = pki.dir.join("small.crt");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:1024",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-days",
+        "2",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    let config = write_config(&pki.dir, "small", &cert, &key, None, "");
+    assert_refused(
+        &config,
+        EXIT_CERTIFICATE,
+        &[
+            &format!(
+                "private key file {}: the RSA key has 1024 bits, too small",
+                show(&key)
+            ),
+            "openssl genrsa",
+        ],
+    );
+}

@@ -171,13 +171,21 @@ pub(crate) fn validate(
     let parsed_file = parse_all(&file_chain, &source.cert)?;
     let parsed_bundle = parse_all(&bundle, source.ca_bundle.as_deref().unwrap_or(&source.cert))?;
 
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key_der)
-        .map_err(|err| CertError::BadKey {
-            path: source.key.clone(),
-            reason: err.to_string(),
-        })?;
+    let signing_key =
+        provider
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|err| match rsa_bits(parsed_file.first()) {
+                // The provider's message ("failed to parse") hides the usual cause.
+                Some(bits) if bits < 2048 => CertError::WeakKey {
+                    path: source.key.clone(),
+                    bits,
+                },
+                _ => CertError::BadKey {
+                    path: source.key.clone(),
+                    reason: err.to_string(),
+                },
+            })?;
     check_key_matches_leaf(source, signing_key.public_key().as_deref(), &parsed_file)?;
     check_order(&source.cert, &parsed_file)?;
     let chain = complete_chain(source, &file_chain, &parsed_file, &bundle, &parsed_bundle)?;
@@ -363,6 +371,14 @@ fn parse_pem(path: &Path, role: Role, read: io::Result<Vec<u8>>) -> Result<PemFi
             path: path.to_path_buf(),
         });
     }
+    if let Some((line, text)) = glued_line(&bytes) {
+        return Err(CertError::GluedPem {
+            role,
+            path: path.to_path_buf(),
+            line,
+            text,
+        });
+    }
     let sections = <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| CertError::BadPem {
@@ -397,10 +413,40 @@ fn parse_pem(path: &Path, role: Role, read: io::Result<Vec<u8>>) -> Result<PemFi
     })
 }
 
+/// The modulus size of `leaf`'s key, when it is RSA.
+fn rsa_bits(leaf: Option<&X509Certificate<'_>>) -> Option<usize> {
+    match leaf?.public_key().parsed().ok()? {
+        x509_parser::public_key::PublicKey::RSA(rsa) => Some(rsa.key_size()),
+        _ => None,
+    }
+}
+
+/// The first line where an END line and the next BEGIN line share a line.
+fn glued_line(bytes: &[u8]) -> Option<(usize, String)> {
+    let text = String::from_utf8_lossy(bytes);
+    text.lines().enumerate().find_map(|(index, line)| {
+        let end = line.find("-----END ")?;
+        line[end..].contains("-----BEGIN ").then(|| {
+            let shown: String = line.chars().take(100).collect();
+            (index + 1, shown)
+        })
+    })
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack
         .windows(needle.len())
         .any(|window| window == needle)
+}
+
+/// A DER PFX (RFC 7292): `SEQUENCE { INTEGER 3, ContentInfo { pkcs7-data ... } }`.
+fn is_pkcs12(bytes: &[u8]) -> bool {
+    const VERSION_3: &[u8] = &[0x02, 0x01, 0x03];
+    const PKCS7_DATA: &[u8] = &[
+        0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x07, 0x01,
+    ];
+    let head = &bytes[..bytes.len().min(32)];
+    bytes.first() == Some(&0x30) && contains(head, VERSION_3) && contains(head, PKCS7_DATA)
 }
 
 fn describe_non_pem(bytes: &[u8], path: &Path, role: Role) -> (&'static str, String) {
@@ -409,7 +455,12 @@ fn describe_non_pem(bytes: &[u8], path: &Path, role: Role) -> (&'static str, Str
         .position(|b| !b.is_ascii_whitespace())
         .map_or(&[][..], |start| &bytes[start..]);
     let shown = path.display();
-    if bytes.first() == Some(&0x30) {
+    if is_pkcs12(bytes) {
+        (
+            "a PKCS#12 bundle (.pfx/.p12: certificates and key together, binary)",
+            format!("extract the chain with `openssl pkcs12 -in {shown} -nokeys -out fullchain.pem` and the key with `openssl pkcs12 -in {shown} -nocerts -nodes -out site.key` (add `-legacy` if openssl 3 says \"unsupported\"), then point cert and key at them"),
+        )
+    } else if bytes.first() == Some(&0x30) {
         let command = if role == Role::PrivateKey {
             format!("openssl pkey -inform der -in {shown} -out {shown}.pem")
         } else {

@@ -103,10 +103,30 @@ pub enum CertError {
         count: usize,
     },
     /// Case 9: encrypted private key.
-    #[error("private key file {path} is encrypted with a passphrase, which a server cannot type at startup; decrypt it once with `openssl pkey -in {path} -out {path}.plain` (enter the passphrase), protect the result with file permissions (chmod 600) and point key at it")]
+    #[error("private key file {path} is encrypted with a passphrase, which a server cannot type at startup; decrypt it once with `openssl pkey -in {path} -out {path}.plain` (enter the passphrase), keep the result readable only by its owner and the gateway's group (chmod 0640; in Docker, the group of the container user, see docs/operations.md) and point key at it")]
     EncryptedKey {
         /// The path.
         path: PathBuf,
+    },
+    /// An RSA key below 2048 bits, which rustls's crypto provider refuses.
+    #[error("private key file {path}: the RSA key has {bits} bits, too small: at least 2048 are required (browsers and TLS libraries refuse smaller keys); generate a new key (`openssl genrsa -out site.key 3072`), request a certificate for it and point key and cert at the new files")]
+    WeakKey {
+        /// The path.
+        path: PathBuf,
+        /// The key's modulus size.
+        bits: usize,
+    },
+    /// An END line followed on the same line by the next BEGIN line.
+    #[error("{role} file {path}, line {line}: an END line runs into the next BEGIN line (`{text}`), the mark of `cat` joining files when one lacks its final newline; put a line break between -----END ...----- and -----BEGIN ...----- (e.g. rebuild with `cat a.crt; echo; cat b.crt`)")]
+    GluedPem {
+        /// Which file.
+        role: Role,
+        /// The path.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The line, shortened.
+        text: String,
     },
     /// The key parses as PEM but not as a usable key.
     #[error("private key file {path}: not a usable key ({reason}); Gatehouse takes unencrypted RSA (2048+ bits), ECDSA P-256/P-384 and Ed25519 keys in PKCS#8, PKCS#1 or SEC1 PEM")]
@@ -213,7 +233,7 @@ pub enum CertError {
         reason: String,
     },
     /// Case 8: expired.
-    #[error("certificate file {path}: #{index} ({subject}) expired on {not_after}; renew it (e.g. `certbot renew`) and replace the file; Gatehouse picks the new file up without a restart")]
+    #[error("certificate file {path}: #{index} ({subject}) expired on {not_after}; renew it (e.g. `certbot renew`) and replace the file (a running Gatehouse serves the new file without a restart)")]
     Expired {
         /// The chain file.
         path: PathBuf,
@@ -270,6 +290,8 @@ impl CertError {
             | CertError::SeveralKeys { path, .. }
             | CertError::EncryptedKey { path }
             | CertError::BadKey { path, .. }
+            | CertError::WeakKey { path, .. }
+            | CertError::GluedPem { path, .. }
             | CertError::BadCertificate { path, .. }
             | CertError::KeyMismatch { key: path, .. }
             | CertError::LeafNotFirst { path, .. }
@@ -290,7 +312,10 @@ impl CertError {
         match self {
             CertError::Unreadable { .. } => "unreadable",
             CertError::Empty { .. } => "empty",
-            CertError::NotPem { .. } | CertError::BadPem { .. } => "not_pem",
+            CertError::NotPem { .. } | CertError::BadPem { .. } | CertError::GluedPem { .. } => {
+                "not_pem"
+            }
+            CertError::WeakKey { .. } => "weak_key",
             CertError::KeyInCertFile { .. }
             | CertError::CertInKeyFile { .. }
             | CertError::WrongBlocks { .. }
