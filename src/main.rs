@@ -101,9 +101,10 @@ fn run(config: Config) -> ExitCode {
         Err(err) => {
             // Once, in the log (structured when `log.format = "json"`). A `StartError`
             // already carries its cause in its message; `{:#}` would repeat it.
-            match err.downcast_ref::<StartError>() {
-                Some(start) => tracing::error!("{start}"),
-                None => tracing::error!("{err:#}"),
+            if let Some(start) = err.downcast_ref::<StartError>() {
+                tracing::error!("{start}");
+            } else {
+                tracing::error!("{err:#}");
             }
             let code = match err.downcast_ref::<StartError>() {
                 Some(StartError::Certificate(_)) => EXIT_CERTIFICATE,
