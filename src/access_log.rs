@@ -103,8 +103,8 @@ impl FinishingBody {
             tls = record.tls,
             bytes_in = record.bytes_in,
             bytes_out = self.bytes_out,
-            ms = record.started.elapsed().as_secs_f64() * 1000.0,
-            upstream_ms = record.upstream.map(|d| d.as_secs_f64() * 1000.0),
+            ms = crate::clock::millis(record.started.elapsed()),
+            upstream_ms = record.upstream.map(crate::clock::millis),
             completed,
         );
     }

@@ -314,6 +314,13 @@ pub struct ServedCertificate {
     /// Why it is degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// The last refused reload of its files (the chain above still serves), until a
+    /// reload is swapped in: the doctor's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_refused: Option<String>,
+    /// When that reload was refused, in seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_refused_at_unix: Option<u64>,
 }
 
 /// `checks.upstream`.
@@ -367,6 +374,45 @@ impl Readiness {
         } else {
             failing.join(", ")
         }
+    }
+
+    /// `certificates (certs/site.crt: reload refused: ...)`, one entry per degraded
+    /// check, for `gatehouse health`.
+    pub fn degradations(&self) -> String {
+        self.degraded
+            .iter()
+            .map(|name| {
+                let checks = &self.checks;
+                let details: Vec<String> = match name.as_str() {
+                    "certificates" => checks
+                        .certificates
+                        .served
+                        .iter()
+                        .flat_map(|cert| {
+                            let refused = cert.reload_refused.as_ref().map(|reason| {
+                                format!("{}: last reload refused: {reason}", cert.cert)
+                            });
+                            let warning =
+                                cert.warning.as_ref().map(|w| format!("{}: {w}", cert.cert));
+                            refused.into_iter().chain(warning)
+                        })
+                        .collect(),
+                    "config_reload" => checks
+                        .config_reload
+                        .iter()
+                        .map(|report| format!("refused: {}", report.problems.join("; ")))
+                        .collect(),
+                    other => vec![self.check_errors(other)],
+                };
+                let details: Vec<String> = details.into_iter().filter(|d| !d.is_empty()).collect();
+                if details.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name} ({})", details.join("; "))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The errors a failing check reports: per upstream target, per certificate, or the
@@ -430,7 +476,7 @@ async fn readiness(state: &AdminState) -> Readiness {
     } else if certificates
         .served
         .iter()
-        .any(|cert| cert.warning.is_some())
+        .any(|cert| cert.warning.is_some() || cert.reload_refused.is_some())
     {
         degraded.push("certificates".to_owned());
     }
@@ -445,7 +491,7 @@ async fn readiness(state: &AdminState) -> Readiness {
                 let check = match result {
                     Ok(took) => TargetCheck {
                         ok: true,
-                        connect_ms: Some(millis(*took)),
+                        connect_ms: Some(crate::clock::millis(*took)),
                         error: None,
                     },
                     Err(reason) => TargetCheck {
@@ -519,6 +565,7 @@ fn certificates(store: &CertStore, warning_days: u32) -> CertificatesCheck {
             let report = slot.report();
             let left = expiry(report.not_after_unix, now, warning_days);
             let days_left = left.days_left;
+            let refusal = slot.refusal();
             ServedCertificate {
                 ok: left.state != ExpiryState::Expired,
                 cert: report.cert_path.display().to_string(),
@@ -531,6 +578,8 @@ fn certificates(store: &CertStore, warning_days: u32) -> CertificatesCheck {
                 warning: (left.state == ExpiryState::ExpiringSoon).then(|| format!(
                     "expires in {days_left} days (tls.expiry_warning_days = {warning_days}): renew it"
                 )),
+                reload_refused: refusal.as_ref().map(|r| r.reason.clone()),
+                reload_refused_at_unix: refusal.as_ref().map(|r| r.at_unix),
             }
         })
         .collect();
@@ -597,10 +646,6 @@ async fn upstream_check(state: &AdminState, upstream: &config::Upstream) -> Arc<
     check
 }
 
-fn millis(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
-}
-
 /// The certificate gauges of `/metrics`, read now from the served certificates.
 fn render_certificates(out: &mut String, certificates: &CertStore) {
     let now = SystemTime::now();
@@ -611,6 +656,7 @@ fn render_certificates(out: &mut String, certificates: &CertStore) {
         "gauge",
     );
     let mut not_after_lines = String::new();
+    let mut refused_lines = String::new();
     for slot in certificates.slots() {
         let report = slot.report();
         let name = report.names.first().map_or("", String::as_str);
@@ -631,6 +677,12 @@ fn render_certificates(out: &mut String, certificates: &CertStore) {
             not_after_lines,
             "gatehouse_certificate_not_after_timestamp_seconds{{{labels}}} {not_after}"
         );
+        let refused_at = slot.refusal().map_or(0, |refusal| refusal.at_unix);
+        let _ = writeln!(
+            refused_lines,
+            "gatehouse_certificate_reload_refused_timestamp_seconds{{cert=\"{}\"}} {refused_at}",
+            metrics::escape(&cert.to_string())
+        );
     }
     metrics::header(
         out,
@@ -639,4 +691,11 @@ fn render_certificates(out: &mut String, certificates: &CertStore) {
         "gauge",
     );
     out.push_str(&not_after_lines);
+    metrics::header(
+        out,
+        "gatehouse_certificate_reload_refused_timestamp_seconds",
+        "Unix time of the last refused reload of a certificate's files, 0 when its last reload was served.",
+        "gauge",
+    );
+    out.push_str(&refused_lines);
 }

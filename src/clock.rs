@@ -1,12 +1,26 @@
 //! Lock-free time stamps shared between tasks: an upstream's "skip until", a tunnel's
 //! last activity, Redis's last good answer. Kept as milliseconds since a fixed start in
 //! one atomic, so the hot path pays a relaxed store instead of a lock or a timer reset.
-//! Uses tokio's clock, so tests with a paused clock see the same time.
+//! Uses tokio's clock, so tests with a paused clock see the same time. Also the one way
+//! durations are written in logs and reports ([`millis`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// `duration` in milliseconds with microsecond precision, for logs and JSON reports:
+/// `172.53`, never `172.53000000000002` (whole microseconds divided once are printed in
+/// their shortest form).
+#[allow(clippy::cast_precision_loss)]
+pub fn millis(duration: Duration) -> f64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0
+}
+
+/// `duration` in whole milliseconds, as a number (not a string) in JSON logs.
+pub fn whole_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 const MAX_MILLIS: u64 = 30 * 365 * 24 * 3600 * 1000;
 

@@ -83,6 +83,9 @@ impl Gateway {
     // Async so callers need not change when startup gains awaited steps.
     #[allow(clippy::unused_async)]
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        for warning in config.warnings() {
+            tracing::warn!(config = %config.source.display(), "{warning}");
+        }
         let provider = tls::provider();
         let certificates = Arc::new(CertStore::load(&config.tls, &provider, SystemTime::now())?);
         for slot in certificates.slots() {
@@ -221,7 +224,7 @@ impl Gateway {
         // The grace of the configuration running now (a reload may have changed it).
         let grace = live.current().config.server.shutdown_grace;
         tracing::info!(
-            grace_ms = grace.as_millis(),
+            grace_ms = clock::whole_millis(grace),
             "shutting down: no new connections, draining"
         );
         listeners.wait().await;

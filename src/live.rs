@@ -343,6 +343,9 @@ impl Live {
             }
         }
 
+        for warning in config.warnings() {
+            tracing::warn!(config = %self.path.display(), "{warning}");
+        }
         // Nothing below can fail: from here on the reload is applied.
         if !same_certificates {
             watch.stop.cancel();

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EXIT_CONFIG: u8 = 64;
+/// Connect, write and probe-answer limit of the admin client (`health`, `reload`).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 const EXIT_CERTIFICATE: u8 = 65;
 
 #[derive(Parser)]
@@ -248,24 +250,7 @@ fn check(config: &Config) -> ExitCode {
             }
         }
     }
-    let mut missing = Vec::new();
-    for entry in &config.statics {
-        if !entry.dir.is_dir() {
-            missing.push(format!(
-                "static {}: directory {} does not exist",
-                entry.prefix,
-                entry.dir.display()
-            ));
-        }
-    }
-    if let Some(dir) = &config.redirect.acme_challenge_dir {
-        if !dir.is_dir() {
-            missing.push(format!(
-                "redirect.acme_challenge_dir: directory {} does not exist",
-                dir.display()
-            ));
-        }
-    }
+    let missing = config.warnings();
     for warning in &missing {
         println!("\nwarning: {warning}");
     }
@@ -361,8 +346,9 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
     let admin = config.admin.as_ref().context(
         "no [admin] listen address in the config; add [admin] listen = \"127.0.0.1:9090\"",
     )?;
-    let (addr, status_line, body) = admin_request(admin.listen, "GET", "/readyz", None)
-        .map_err(|err| anyhow::anyhow!("not ready: {err:#}"))?;
+    let (addr, status_line, body) =
+        admin_request(admin.listen, "GET", "/readyz", None, PROBE_TIMEOUT)
+            .map_err(|err| anyhow::anyhow!("not ready: {err:#}"))?;
     let report: Option<Readiness> = serde_json::from_str(body.trim()).ok();
     match report {
         Some(report) if report.ready && status_line.contains(" 200 ") => {
@@ -371,7 +357,7 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
             } else {
                 Ok(format!(
                     "ready ({addr}), degraded: {}",
-                    report.degraded.join(", ")
+                    report.degradations()
                 ))
             }
         }
@@ -425,7 +411,14 @@ fn print_reload(report: &ReloadReport) {
 
 fn request_reload(path: &std::path::Path) -> anyhow::Result<ReloadReport> {
     let (listen, token) = admin_settings(path)?;
-    let (addr, status_line, body) = admin_request(listen, "POST", "/reload", token.as_deref())?;
+    // A reload may wait for a new Redis connection or a slow disk; probes answer at once.
+    let (addr, status_line, body) = admin_request(
+        listen,
+        "POST",
+        "/reload",
+        token.as_deref(),
+        PROBE_TIMEOUT * 10,
+    )?;
     serde_json::from_str(body.trim())
         .with_context(|| format!("{addr} answered {status_line:?}: {}", body.trim()))
 }
@@ -482,6 +475,7 @@ fn admin_request(
     method: &str,
     path: &str,
     token: Option<&str>,
+    read_timeout: std::time::Duration,
 ) -> anyhow::Result<(std::net::SocketAddr, String, String)> {
     use std::io::{Read, Write};
     let mut addr = listen;
@@ -492,12 +486,10 @@ fn admin_request(
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let timeout = std::time::Duration::from_secs(3);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
         .with_context(|| format!("cannot connect to the admin listener at {addr}"))?;
-    // A reload may wait for a new Redis connection; probes answer at once.
-    stream.set_read_timeout(Some(timeout * 10))?;
-    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(read_timeout))?;
+    stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
     let authorization = token.map_or_else(String::new, |token| {
         format!("Authorization: Bearer {token}\r\n")
     });

@@ -979,3 +979,86 @@ async fn a_swapped_directory_symlink_is_followed() {
     write_into(&pki, &pki.dir.join("v2"), &third);
     wait_serial(process.https, &root, &third.serial_hex, Instant::now()).await;
 }
+
+/// A refused reload is not only a log line: `/readyz` (still ready, `certificates`
+/// degraded with the doctor's message and time), `/metrics` and `gatehouse health` show it
+/// until a good reload clears it.
+#[tokio::test]
+async fn refused_reload_shows_in_readyz_metrics_and_health_until_fixed() {
+    let pki = Pki::new("reload-refusal-visible");
+    let (_, files) = pki.localhost("site");
+    let upstream = Upstream::start().await;
+    let dir = files.cert.parent().unwrap().to_path_buf();
+    let gateway = common::start_gateway(&common::base_config(&files, upstream.addr), &dir).await;
+    let admin = gateway.admin.unwrap();
+    let refused_gauge = format!(
+        "gatehouse_certificate_reload_refused_timestamp_seconds{{cert=\"{}\"}}",
+        files.cert.display()
+    );
+    assert_eq!(common::scrape(admin).await.get(&refused_gauge), 0.0);
+
+    std::fs::write(&files.cert, "").unwrap();
+    let ready = common::eventually(WAIT, "/readyz reports the refused reload", || async {
+        let (status, ready) = common::readyz(admin).await;
+        ready["checks"]["certificates"]["served"][0]["reload_refused"]
+            .as_str()
+            .is_some()
+            .then_some((status, ready))
+    })
+    .await;
+    let (status, ready) = ready;
+    assert_eq!(status, 200, "still ready: the last good chain serves");
+    let served = &ready["checks"]["certificates"]["served"][0];
+    assert!(
+        served["reload_refused"]
+            .as_str()
+            .unwrap()
+            .contains("is empty"),
+        "{ready}"
+    );
+    assert!(served["reload_refused_at_unix"].as_u64().unwrap() > 0);
+    assert!(
+        ready["degraded"]
+            .as_array()
+            .unwrap()
+            .contains(&"certificates".into()),
+        "{ready}"
+    );
+    assert!(common::scrape(admin).await.get(&refused_gauge) > 0.0);
+
+    // `gatehouse health` prints the reason (it reads [admin] listen from a config).
+    let health_config = dir.join("health.toml");
+    std::fs::write(
+        &health_config,
+        common::base_config(&files, upstream.addr).replace(
+            "listen = \"127.0.0.1:0\"\n\n[log]",
+            &format!("listen = \"{admin}\"\n\n[log]"),
+        ),
+    )
+    .unwrap();
+    // The config names the (empty) certificate, which `health` does not read.
+    let arg = health_config.to_str().unwrap().to_owned();
+    let out =
+        tokio::task::spawn_blocking(move || common::run_binary(&["health", "--config", &arg]))
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("last reload refused") && stdout.contains("is empty"),
+        "{stdout}"
+    );
+
+    write_in_place(&pki, &files, &pki.leaf(NAMES));
+    common::eventually(WAIT, "a good reload clears the refusal", || async {
+        let (_, ready) = common::readyz(admin).await;
+        ready["checks"]["certificates"]["served"][0]["reload_refused"].is_null()
+    })
+    .await;
+    assert_eq!(common::scrape(admin).await.get(&refused_gauge), 0.0);
+    gateway.stop().await;
+}

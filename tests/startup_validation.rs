@@ -1124,3 +1124,77 @@ fn rsa_1024_key_is_called_too_small() {
         ],
     );
 }
+
+#[tokio::test]
+async fn run_warns_about_what_check_warns_about() {
+    let pki = Pki::new("sv-run-warnings");
+    let (_, files) = pki.localhost("site");
+    let extra = "\n[[static]]\nprefix = \"/static/\"\ndir = \"collected-static\"\n\n\
+                 [redirect]\nacme_challenge_dir = \"acme-webroot\"\n";
+    let config = pki.dir.join("warn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}{extra}",
+            common::base_config(&files, "127.0.0.1:9".parse().unwrap())
+        ),
+    )
+    .unwrap();
+    let check = run_in(&pki.dir, &["check", "--config", config.to_str().unwrap()]);
+    let mut gateway = common::spawn_binary(&config).await;
+    for needle in [
+        "static /static/: directory",
+        "redirect.acme_challenge_dir: directory",
+    ] {
+        assert!(check.output.contains(needle), "check: {}", check.output);
+        assert!(
+            gateway.output().contains(needle),
+            "run: {}",
+            gateway.output()
+        );
+    }
+    gateway.signal("TERM");
+    gateway.wait_exit(Duration::from_secs(20)).await;
+}
+
+/// JSON log fields are numbers, durations with at most microsecond precision.
+#[tokio::test]
+async fn json_log_numbers_are_numbers_with_fixed_precision() {
+    let pki = Pki::new("sv-json-log");
+    let (_, files) = pki.localhost("site");
+    let upstream = common::Upstream::start().await;
+    let config = pki.dir.join("json.toml");
+    let text = common::base_config(&files, upstream.addr).replace(
+        "[log]\naccess_log = false",
+        "[log]\naccess_log = true\nformat = \"json\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut gateway = common::spawn_binary(&config).await;
+    let https = gateway.https;
+    let client = common::https_client(&pki.root_pem(), common::Http::One, https);
+    for _ in 0..20 {
+        let url = format!("https://localhost:{}/sleep/1", https.port());
+        assert_eq!(client.get(url).send().await.unwrap().status(), 200);
+    }
+    gateway
+        .wait_for_lines("\"status\":200", 20, Duration::from_secs(20))
+        .await;
+    gateway.signal("TERM");
+    gateway.wait_exit(Duration::from_secs(20)).await;
+    let mut access_lines = 0;
+    for line in gateway.output().lines().filter(|l| l.starts_with('{')) {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(ms) = json.get("ms") {
+            access_lines += 1;
+            for field in [ms, &json["upstream_ms"]] {
+                let text = field.to_string();
+                let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+                assert!(field.is_number() && decimals <= 3, "{field} in {line}");
+            }
+        }
+        if let Some(grace) = json.get("grace_ms") {
+            assert!(grace.is_u64(), "grace_ms must be a number: {line}");
+        }
+    }
+    assert_eq!(access_lines, 20);
+}

@@ -619,6 +619,30 @@ impl Config {
         self.rate_limit.as_ref().map_or(&[], |rate| &rate.allow)
     }
 
+    /// What is valid but probably a mistake (a directory that does not exist yet):
+    /// printed by `check`, logged by `run` and reloads.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for entry in &self.statics {
+            if !entry.dir.is_dir() {
+                warnings.push(format!(
+                    "static {}: directory {} does not exist; its URLs answer 404 until it does",
+                    entry.prefix,
+                    entry.dir.display()
+                ));
+            }
+        }
+        if let Some(dir) = &self.redirect.acme_challenge_dir {
+            if !dir.is_dir() {
+                warnings.push(format!(
+                    "redirect.acme_challenge_dir: directory {} does not exist; create it (certbot --webroot writes there) or the CA's HTTP-01 checks fail",
+                    dir.display()
+                ));
+            }
+        }
+        warnings
+    }
+
     /// What a reload from `self` to `new` changes: the sections applied live, and the
     /// keys that only take effect after a restart (they keep their running value).
     pub fn changes(&self, new: &Config) -> Changes {

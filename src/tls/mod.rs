@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
@@ -47,6 +47,17 @@ pub struct CertSlot {
     report: ArcSwap<CertificateReport>,
     /// Fingerprint of the files the current chain was read from.
     fingerprint: AtomicU64,
+    /// The last refused reload of these files, until a reload is swapped in.
+    refusal: ArcSwapOption<Refusal>,
+}
+
+/// Why the files of a slot were last refused, and when.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The doctor's message (file, what is wrong, the fix).
+    pub reason: String,
+    /// When, in seconds since the Unix epoch.
+    pub at_unix: u64,
 }
 
 impl CertSlot {
@@ -60,8 +71,23 @@ impl CertSlot {
         self.current.load_full()
     }
 
-    /// Starts serving `loaded` for new handshakes.
+    /// The last refused reload, while the slot still serves an older chain.
+    pub fn refusal(&self) -> Option<Arc<Refusal>> {
+        self.refusal.load_full()
+    }
+
+    /// Records a refused reload (the slot keeps serving its chain).
+    pub(crate) fn refuse(&self, reason: String) {
+        let at_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.refusal
+            .store(Some(Arc::new(Refusal { reason, at_unix })));
+    }
+
+    /// Starts serving `loaded` for new handshakes (and forgets any refusal).
     pub fn replace(&self, loaded: LoadedCertificate) {
+        self.refusal.store(None);
         self.current.store(loaded.certified_key);
         self.report.store(Arc::new(loaded.report));
         self.fingerprint
@@ -94,6 +120,7 @@ impl CertStore {
                 current: ArcSwap::new(loaded.certified_key),
                 report: ArcSwap::from_pointee(loaded.report),
                 fingerprint: AtomicU64::new(loaded.fingerprint),
+                refusal: ArcSwapOption::empty(),
             });
         }
         let mut exact = HashMap::new();

@@ -277,7 +277,7 @@ impl Reloader {
         tracing::debug!(
             watching,
             directories = self.dirs.len(),
-            poll_ms = self.poll_interval.as_millis(),
+            poll_ms = crate::clock::whole_millis(self.poll_interval),
             "certificate reloader running"
         );
         let poll_interval = self.poll_interval;
@@ -538,6 +538,7 @@ fn reload_slot(
                     "certificate reload refused, still serving the previous certificate: {message}"
                 );
             }
+            slot.refuse(message.clone());
             state.last_error = Some(message);
             Outcome::Refused
         }
