@@ -995,7 +995,7 @@ async fn refused_reload_shows_in_readyz_metrics_and_health_until_fixed() {
         "gatehouse_certificate_reload_refused_timestamp_seconds{{cert=\"{}\"}}",
         files.cert.display()
     );
-    assert_eq!(common::scrape(admin).await.get(&refused_gauge), 0.0);
+    assert_eq!(common::scrape(admin).await.count(&refused_gauge), 0);
 
     std::fs::write(&files.cert, "").unwrap();
     let ready = common::eventually(WAIT, "/readyz reports the refused reload", || async {
@@ -1059,6 +1059,6 @@ async fn refused_reload_shows_in_readyz_metrics_and_health_until_fixed() {
         ready["checks"]["certificates"]["served"][0]["reload_refused"].is_null()
     })
     .await;
-    assert_eq!(common::scrape(admin).await.get(&refused_gauge), 0.0);
+    assert_eq!(common::scrape(admin).await.count(&refused_gauge), 0);
     gateway.stop().await;
 }
