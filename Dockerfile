@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Gatehouse image: build with cargo in the Rust image, run from distroless as non-root.
 #
 #   docker build -t gatehouse .
@@ -13,22 +11,27 @@
 # The config and the certificates are mounted read-only under /etc/gatehouse; the
 # certificates as a directory, so a renewal written on the host is picked up without a
 # restart. See docs/operations.md.
+#
+# No `# syntax=` line and no BuildKit-only instructions: the image builds offline and with
+# the classic builder. The base images are build arguments, so a mirrored or locally
+# built base can stand in (air-gapped registries, examples/docker-smoke.sh):
+#   docker build --build-arg RUST_IMAGE=mirror/rust:1-bookworm \
+#                --build-arg RUNTIME_IMAGE=mirror/distroless-cc:nonroot -t gatehouse .
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---- build ------------------------------------------------------------------------------
-FROM rust:1-bookworm AS build
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 # The whole workspace (the loadtest member must be present for cargo to read the
 # workspace); .dockerignore keeps target/, .git/ and the dev keys out of the context.
 COPY . .
-# Cache mounts keep the registry and compiled dependencies between builds (BuildKit).
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin gatehouse \
+RUN cargo build --release --locked --bin gatehouse \
     && install -m 0755 target/release/gatehouse /usr/local/bin/gatehouse
 
 # ---- runtime ----------------------------------------------------------------------------
 # glibc + libgcc, CA roots, no shell, no package manager; `nonroot` is uid/gid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 COPY --from=build /usr/local/bin/gatehouse /usr/local/bin/gatehouse
 USER nonroot:nonroot
 ENV GATEHOUSE_CONFIG=/etc/gatehouse/gateway.toml

@@ -64,6 +64,8 @@ fn parse_dockerfile(text: &str) -> Vec<Instruction> {
     let mut instructions = Vec::new();
     let mut stage: Option<usize> = None;
     let mut pending = String::new();
+    // ARGs before the first FROM, whose defaults FROM lines may name as `${NAME}`.
+    let mut global_args: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
         let trimmed = line.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
@@ -82,8 +84,17 @@ fn parse_dockerfile(text: &str) -> Vec<Instruction> {
             KEYWORDS.contains(&keyword.as_str()),
             "unknown instruction {keyword}"
         );
+        let mut args = args.trim().to_owned();
         if keyword == "FROM" {
             stage = Some(stage.map_or(0, |s| s + 1));
+            for (name, default) in &global_args {
+                args = args.replace(&format!("${{{name}}}"), default);
+            }
+        }
+        if keyword == "ARG" && stage.is_none() {
+            if let Some((name, default)) = args.split_once('=') {
+                global_args.push((name.to_owned(), default.to_owned()));
+            }
         }
         let stage = match stage {
             Some(stage) => stage,
@@ -93,7 +104,7 @@ fn parse_dockerfile(text: &str) -> Vec<Instruction> {
         instructions.push(Instruction {
             stage,
             keyword,
-            args: args.trim().to_owned(),
+            args,
         });
     }
     assert!(pending.is_empty(), "dangling continuation: {pending}");
@@ -121,7 +132,35 @@ fn exec_form(args: &str) -> Vec<String> {
 
 #[test]
 fn dockerfile_is_multi_stage_locked_non_root_with_gatehouse_health() {
-    let instructions = parse_dockerfile(&read("Dockerfile"));
+    let text = read("Dockerfile");
+    // Offline and classic-builder builds: no frontend to pull, no BuildKit-only flags.
+    assert!(
+        !text.lines().any(|l| l.starts_with("# syntax=")),
+        "a syntax line pulls a frontend image"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| !l.starts_with('#') && l.contains("--mount=")),
+        "RUN --mount needs BuildKit"
+    );
+    let instructions = parse_dockerfile(&text);
+    let in_stage_args = |keyword: &str| {
+        instructions
+            .iter()
+            .filter(|i| i.keyword == keyword)
+            .map(|i| i.args.clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        in_stage_args("ARG")
+            .iter()
+            .any(|a| a.starts_with("RUST_IMAGE="))
+            && in_stage_args("ARG")
+                .iter()
+                .any(|a| a.starts_with("RUNTIME_IMAGE=")),
+        "base images are build arguments"
+    );
     let last_stage = instructions.last().unwrap().stage;
     assert!(last_stage >= 1, "multi-stage: build and runtime");
     let in_stage = |stage: usize, keyword: &str| -> Vec<&Instruction> {
@@ -1059,4 +1098,14 @@ fn the_binary_needs_only_the_libraries_distroless_cc_ships() {
             "gatehouse links {line}, which the distroless/cc runtime image does not ship"
         );
     }
+}
+
+#[test]
+fn compose_file_has_no_top_level_name_for_compose_1() {
+    // Debian's docker-compose 1.x refuses a top-level `name:`.
+    let text = read("examples/docker-compose.yml");
+    assert!(
+        !text.lines().any(|line| line.starts_with("name:")),
+        "{text}"
+    );
 }

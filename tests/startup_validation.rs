@@ -1198,3 +1198,55 @@ async fn json_log_numbers_are_numbers_with_fixed_precision() {
     }
     assert_eq!(access_lines, 20);
 }
+
+/// `certs/generate-dev-certs.sh NAMES...` keeps a local dev CA and issues certificates
+/// for any names that `check` accepts for those names.
+#[test]
+fn dev_certificate_script_issues_for_any_names_from_a_kept_local_ca() {
+    let dir = common::scratch_dir("sv-dev-ca");
+    let script = dir.join("generate-dev-certs.sh");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/generate-dev-certs.sh"),
+        &script,
+    )
+    .unwrap();
+    let issue = |names: &[&str]| {
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(names)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    issue(&["example.com", "www.example.com"]);
+    let root = std::fs::read(dir.join("local-ca/root.crt")).unwrap();
+    issue(&["api.example.com"]);
+    assert_eq!(
+        std::fs::read(dir.join("local-ca/root.crt")).unwrap(),
+        root,
+        "the CA is kept"
+    );
+    for (name, names) in [
+        ("example.com", "[\"example.com\", \"www.example.com\"]"),
+        ("api.example.com", "[\"api.example.com\"]"),
+    ] {
+        let cert = dir.join(format!("local/{name}.crt"));
+        let key = dir.join(format!("local/{name}.key"));
+        let bundle = dir.join("bundle.crt");
+        std::fs::write(&bundle, &root).unwrap();
+        let config = write_config(
+            &dir,
+            name,
+            &cert,
+            &key,
+            Some(&bundle),
+            &format!("names = {names}"),
+        );
+        let run = run_in(&dir, &["check", "--config", config.to_str().unwrap()]);
+        assert_eq!(run.code, Some(0), "{}", run.output);
+    }
+}
