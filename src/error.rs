@@ -81,6 +81,9 @@ pub enum ProxyError {
     /// A method the gateway does not forward (`TRACE` unless `proxy.allow_trace`).
     #[error("method {0} not allowed")]
     MethodNotAllowed(http::Method),
+    /// A Host this gateway has no certificate name for (`proxy.reject_unknown_hosts`).
+    #[error("unknown host {0} (proxy.reject_unknown_hosts)")]
+    UnknownHost(String),
     /// A header name with `_` and `proxy.underscores_in_headers = "reject"`.
     #[error("header name with an underscore: {0} (proxy.underscores_in_headers)")]
     UnderscoreHeader(http::HeaderName),
@@ -105,6 +108,7 @@ impl ProxyError {
             | ProxyError::UriTooLong { .. }
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::UnderscoreHeader(_)
+            | ProxyError::UnknownHost(_)
             | ProxyError::ClientBody { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -129,6 +133,7 @@ impl ProxyError {
             ProxyError::ClientBody { timeout: true, .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnknownHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -154,6 +159,9 @@ impl IntoResponse for ProxyError {
         let status = self.status();
         let text = match &self {
             ProxyError::BadRequest(reason) => format!("400 Bad Request: {reason}\n"),
+            ProxyError::UnknownHost(host) => {
+                format!("421 Misdirected Request: this server does not serve {host}\n")
+            }
             ProxyError::UnderscoreHeader(name) => {
                 format!("400 Bad Request: header names with an underscore are refused: {name}\n")
             }

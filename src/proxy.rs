@@ -53,6 +53,8 @@ pub struct Proxy {
     allow_trace: bool,
     /// `proxy.max_uri_size`.
     max_uri_size: usize,
+    /// Hosts served (lowercase; `*.` wildcards); empty serves every host.
+    served_hosts: Vec<String>,
     /// `websocket.allowed_upgrades`.
     allowed_upgrades: Vec<String>,
     /// WebSocket tunnels.
@@ -115,6 +117,12 @@ impl Proxy {
             underscores: config.proxy.underscores_in_headers,
             allow_trace: config.proxy.allow_trace,
             max_uri_size: config.proxy.max_uri_size,
+            served_hosts: config
+                .proxy
+                .served_hosts
+                .iter()
+                .map(|host| host.to_ascii_lowercase())
+                .collect(),
             allowed_upgrades: config.websocket.allowed_upgrades.clone(),
             tunnels: websocket::Tunnels::new(config.websocket.idle_timeout, drain),
             metrics,
@@ -243,7 +251,40 @@ impl Proxy {
             {
                 Err(ProxyError::BadRequest("Host differs from :authority"))
             }
-            _ => Ok(()),
+            (host, _, authority) => {
+                let host = host
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| authority.map(http::uri::Authority::as_str));
+                self.check_host(host)
+            }
+        }
+    }
+
+    /// With names configured, a request for another host gets 421 (RFC 9110 §15.5.20)
+    /// instead of reaching the app.
+    fn check_host(&self, host: Option<&str>) -> Result<(), ProxyError> {
+        if self.served_hosts.is_empty() {
+            return Ok(());
+        }
+        let Some(host) = host else {
+            return Err(ProxyError::UnknownHost("(none)".to_owned()));
+        };
+        let name = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        let served = self
+            .served_hosts
+            .iter()
+            .any(|served| match served.strip_prefix("*.") {
+                Some(parent) => name
+                    .split_once('.')
+                    .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+                None => *served == name,
+            });
+        if served {
+            Ok(())
+        } else {
+            Err(ProxyError::UnknownHost(
+                host.chars().take(100).collect::<String>(),
+            ))
         }
     }
 
@@ -373,4 +414,12 @@ fn request_host(parts: &mut http::request::Parts) -> Result<HeaderValue, ProxyEr
         .map_err(|_| ProxyError::BadRequest("invalid :authority"))?;
     parts.headers.insert(header::HOST, host.clone());
     Ok(host)
+}
+
+/// `host` without its `:port` (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
 }

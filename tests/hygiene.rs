@@ -447,3 +447,59 @@ fn hardening_keys_have_safe_defaults_and_bad_values_are_named() {
         assert!(err.contains(key), "{key} missing from:\n{err}");
     }
 }
+
+/// With `[tls] names`, a Host the gateway has no name for gets 421 instead of reaching
+/// Django (where it would raise `DisallowedHost`); `reject_unknown_hosts = false` forwards.
+/// (A wildcard covers one label, as in certificates.)
+#[tokio::test]
+async fn unknown_hosts_get_421_once_names_are_configured() {
+    let s = setup("hygiene-unknown-host").await;
+    let wildcard = s
+        .pki
+        .write("wildcard", &s.pki.leaf(&["localhost", "*.example.test"]));
+    let config = base_config(&wildcard, s.upstream.addr).replace(
+        "\n[upstream]",
+        "names = [\"localhost\", \"*.example.test\"]\n\n[upstream]",
+    );
+    let gateway = start_gateway(&config, &s.pki.dir).await;
+    let port = gateway.https.port();
+    for (host, expected) in [
+        ("evil.example".to_owned(), 421),
+        (format!("evil.example:{port}"), 421),
+        ("127.0.0.1".to_owned(), 421),
+        (format!("localhost:{port}"), 200),
+        ("LOCALHOST.".to_owned(), 200),
+        ("app.example.test".to_owned(), 200),
+        ("a.b.example.test".to_owned(), 421),
+        ("example.test".to_owned(), 421),
+    ] {
+        let request = format!("GET /host HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = exchange(&s, &gateway, request.as_bytes()).await;
+        assert_eq!(answer.status(), expected, "Host: {host}: {}", answer.head);
+    }
+    assert_eq!(
+        s.upstream.seen().len(),
+        3,
+        "only the served hosts reached the app"
+    );
+    // HTTP/2: :authority is the host.
+    let client = https_client(&s.pki.root_pem(), Http::Two, gateway.https);
+    let response = client.get(gateway.url("/h2")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    gateway.stop().await;
+
+    let s = setup("hygiene-unknown-host-off").await;
+    let config = base_config(&s.files, s.upstream.addr).replace(
+        "\n[upstream]",
+        "names = [\"localhost\"]\n\n[proxy]\nreject_unknown_hosts = false\n\n[upstream]",
+    );
+    let gateway = start_gateway(&config, &s.pki.dir).await;
+    let answer = exchange(
+        &s,
+        &gateway,
+        b"GET /host HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.status(), 200, "{}", answer.head);
+    gateway.stop().await;
+}

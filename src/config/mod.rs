@@ -221,6 +221,9 @@ pub struct Proxy {
     pub allow_trace: bool,
     /// Longest request target accepted (414 beyond).
     pub max_uri_size: usize,
+    /// Hosts requests may name (`tls` names, `*.` wildcards); others get 421 instead of
+    /// reaching the app. Empty: every host is forwarded.
+    pub served_hosts: Vec<String>,
 }
 
 /// `proxy.underscores_in_headers`: request header names with `_`, which Django's
@@ -561,6 +564,7 @@ struct RawProxy {
     underscores_in_headers: Option<String>,
     allow_trace: Option<bool>,
     max_uri_size: Option<bytesize::ByteSize>,
+    reject_unknown_hosts: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -759,7 +763,16 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
     let listen = validate_listen(raw.listen, p);
     let tls = validate_tls(raw.tls, p);
     let upstream = validate_upstream(raw.upstream, p);
-    let proxy = validate_proxy(&raw.proxy, p);
+    let mut proxy = validate_proxy(&raw.proxy, p);
+    // On by default once names are configured: a request for another host would only
+    // make Django raise DisallowedHost (an error log line, maybe an e-mail) per request.
+    if raw.proxy.reject_unknown_hosts.unwrap_or(true) {
+        proxy.served_hosts = tls
+            .certificates
+            .iter()
+            .flat_map(|source| source.names.iter().cloned())
+            .collect();
+    }
     let redirect = Redirect {
         acme_challenge_dir: raw.redirect.acme_challenge_dir.map(|dir| p.path(&dir)),
     };
@@ -1079,6 +1092,7 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
         underscores_in_headers: validate_underscores(raw.underscores_in_headers.as_deref(), p),
         allow_trace: raw.allow_trace.unwrap_or(false),
         max_uri_size: validate_max_uri_size(raw.max_uri_size, p),
+        served_hosts: Vec::new(),
     };
     for (key, value) in [
         ("proxy.header_read_timeout", proxy.header_read_timeout),
