@@ -1,8 +1,8 @@
 //! Admin listener: liveness (`/healthz`), readiness (`/readyz`) and Prometheus metrics
 //! (`/metrics`). Plain HTTP/1.1: keep it on loopback or a private network.
 //!
-//! Readiness lifecycle: every probe reads the listeners' state (serving until draining
-//! starts), the certificates' expiry and the rate limiter's Redis state directly; the
+//! Readiness lifecycle: every probe reads the listeners' state (serving until SIGTERM,
+//! then draining), the certificates' expiry and the rate limiter's Redis state directly; the
 //! upstream check opens one TCP connection per upstream target with a short timeout, and
 //! its result is cached for [`UPSTREAM_CACHE`] so a tight probe loop never hammers the
 //! app. Concurrent probes share one check (they queue on the cache lock while it runs).
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, UpstreamTarget};
 use crate::error::{full, plain_response, Body};
-use crate::listener::{accept, Context};
+use crate::listener::{accept_until, Context};
 use crate::metrics::{self, Metrics};
 use crate::proxy::Proxy;
 use crate::ratelimit::OnRedisError;
@@ -49,7 +49,8 @@ pub(crate) struct AdminState {
     pub https: SocketAddr,
     /// Bound plain-HTTP listener address, if enabled.
     pub http: Option<SocketAddr>,
-    /// Cancelled when shutdown starts: listeners stop accepting, so not ready.
+    /// Cancelled on SIGTERM: not ready from then on, although listeners still accept for
+    /// `server.shutdown_delay` (load balancers stop routing here meanwhile).
     pub draining: CancellationToken,
     /// The served certificates (their current reports carry expiry and serial).
     pub certificates: Arc<CertStore>,
@@ -113,13 +114,16 @@ impl UpstreamCheck {
     }
 }
 
-/// Serves the admin endpoints until draining starts.
+/// Serves the admin endpoints until every connection and tunnel has ended: through the
+/// drain, `/readyz` keeps answering (503) instead of refusing connections.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<AdminState>) {
     // Admin connections take no place under `server.max_connections`: probes and
-    // scrapes must answer when the gateway is full.
-    while let Some((stream, _addr)) = accept(&listener, &ctx).await {
+    // scrapes must answer when the gateway is full. Nor are they among the connections
+    // shutdown waits for: a scraper's keep-alive connection must not hold it up.
+    let stopped = &ctx.drain.stopped;
+    while let Some((stream, _addr)) = accept_until(&listener, stopped).await {
         let (task_ctx, state) = (ctx.clone(), state.clone());
-        ctx.drain.connections.spawn(async move {
+        tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &state).await) }
@@ -128,7 +132,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<A
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
-                () = task_ctx.drain.draining.cancelled() => {}
+                () = task_ctx.drain.stopped.cancelled() => {}
             }
         });
     }

@@ -196,7 +196,9 @@ impl Gateway {
             ));
             listeners.spawn(listener::serve_http(http, redirector, ctx.clone()));
         }
-        if let Some(admin) = self.admin {
+        // Not among `listeners`: it answers probes (503) through the drain, until
+        // everything else has stopped.
+        let admin = self.admin.map(|admin| {
             let state = Arc::new(admin::AdminState::new(
                 &config,
                 (https_bound, plain_bound),
@@ -206,19 +208,19 @@ impl Gateway {
                 self.metrics.clone(),
                 ctx.clone(),
             ));
-            listeners.spawn(admin::serve(admin, ctx.clone(), state));
-        }
+            tokio::spawn(admin::serve(admin, ctx.clone(), state))
+        });
         listeners.spawn(self.reloader.run(self.metrics.clone(), shutdown.clone()));
         listeners.close();
 
         shutdown.cancelled().await;
-        let grace = config.server.shutdown_grace;
-        tracing::info!(
-            grace_ms = grace.as_millis(),
-            "shutting down: no new connections, draining"
-        );
-        listeners.wait().await;
-        drain.finish(grace).await;
+        let server = &config.server;
+        drain
+            .shut_down(server.shutdown_delay, server.shutdown_grace, &listeners)
+            .await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         tracing::info!("stopped");
         Ok(())
     }

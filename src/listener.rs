@@ -18,6 +18,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
+use tokio_util::sync::CancellationToken;
 
 use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
 use crate::config::Config;
@@ -271,13 +272,18 @@ pub(crate) async fn serve_http(
 }
 
 /// Waits for a connection; `None` once draining starts.
-pub(crate) async fn accept(
+async fn accept(listener: &TcpListener, ctx: &Context) -> Option<(TcpStream, SocketAddr)> {
+    accept_until(listener, &ctx.drain.draining).await
+}
+
+/// Waits for a connection; `None` once `until` is cancelled.
+pub(crate) async fn accept_until(
     listener: &TcpListener,
-    ctx: &Context,
+    until: &CancellationToken,
 ) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let accepted = tokio::select! {
-            () = ctx.drain.draining.cancelled() => return None,
+            () = until.cancelled() => return None,
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    base_config, eventually, https_client, refused_addr, setup, start_gateway, tls_client_config,
-    Http, Setup, TestGateway, Upstream,
+    base_config, capture_logs, eventually, https_client, readyz, refused_addr, setup,
+    start_gateway, tls_client_config, Http, Setup, TestGateway, Upstream,
 };
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -488,6 +488,50 @@ async fn graceful_shutdown_lets_accepted_requests_finish() {
         tokio::net::TcpStream::connect(https).await.is_err(),
         "listener closed after shutdown"
     );
+}
+
+#[tokio::test]
+async fn shutdown_delay_keeps_accepting_while_readyz_answers_503() {
+    let s = setup("proxy-delay").await;
+    let logs = capture_logs();
+    // A delay far longer than the test: everything below happens inside it.
+    let gateway = s
+        .gateway("[server]\nshutdown_delay = \"60s\"\nshutdown_grace = \"90s\"")
+        .await;
+    let kept_alive = s.client(Http::One, &gateway);
+    let before = kept_alive.get(gateway.url("/before")).send().await.unwrap();
+    assert_eq!(before.status(), 200);
+
+    gateway.shutdown.cancel();
+    logs.lines
+        .wait_for_line(
+            "shutting down: not ready; still accepting for server.shutdown_delay",
+            Duration::from_secs(10),
+        )
+        .await;
+    let (status, json) = readyz(gateway.admin.unwrap()).await;
+    assert_eq!(status, 503, "{json}");
+    // Clients that load balancers still send here get served: on new connections, over
+    // both HTTP versions, and on the connection kept alive from before.
+    for version in BOTH {
+        let fresh = s.client(version, &gateway);
+        let response = fresh.get(gateway.url("/during")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let expected = match version {
+            Http::One => reqwest::Version::HTTP_11,
+            Http::Two => reqwest::Version::HTTP_2,
+        };
+        assert_eq!(response.version(), expected);
+    }
+    let again = kept_alive.get(gateway.url("/again")).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        logs.lines.count("no new connections, draining"),
+        0,
+        "{}",
+        logs.lines.text()
+    );
+    gateway.task.abort();
 }
 
 mod statics {
