@@ -534,6 +534,74 @@ async fn shutdown_delay_keeps_accepting_while_readyz_answers_503() {
     gateway.task.abort();
 }
 
+/// Reads one HTTP/1.1 response with a `Content-Length` body: the head, lower-cased.
+async fn read_one_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut buffer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buffer.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("a response within the deadline")
+            .unwrap();
+        assert_eq!(
+            read,
+            1,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&buffer)
+        );
+        buffer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buffer).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head
+}
+
+#[tokio::test]
+async fn draining_serves_a_request_sent_on_an_idle_kept_alive_connection() {
+    let s = setup("proxy-drain-keepalive").await;
+    let logs = capture_logs();
+    let gateway = s.gateway("[server]\nshutdown_grace = \"10s\"").await;
+    let connector =
+        tokio_rustls::TlsConnector::from(tls_client_config(&s.pki.root_pem(), &[b"http/1.1"]));
+    let tcp = tokio::net::TcpStream::connect(gateway.https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tls.write_all(request("/first").as_bytes()).await.unwrap();
+    assert!(read_one_response(&mut tls)
+        .await
+        .starts_with("http/1.1 200"));
+
+    // The connection is idle when draining starts; the client, not knowing yet, sends
+    // its next request on it a moment later (as one a round trip away would). It is
+    // served, and then the connection ends.
+    gateway.shutdown.cancel();
+    logs.lines
+        .wait_for_line("no new connections, draining", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.write_all(request("/second").as_bytes()).await.unwrap();
+    let head = read_one_response(&mut tls).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends after the response")
+        .ok();
+    assert_eq!(rest, b"");
+    assert_eq!(s.upstream.last().uri.path(), "/second");
+    tokio::time::timeout(Duration::from_secs(10), gateway.task)
+        .await
+        .expect("the gateway stops")
+        .unwrap();
+}
+
 mod statics {
     use super::*;
 
