@@ -49,8 +49,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::clock::AtomicInstant;
 use crate::connection::{Drain, Peer};
@@ -213,7 +213,8 @@ where
         activity: AtomicInstant::now(),
         framed: AtomicBool::new(framed),
         went_away: AtomicBool::new(false),
-        draining: &drain.draining,
+        closing: AtomicBool::new(false),
+        closing_started: Notify::new(),
     };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
@@ -224,6 +225,13 @@ where
             pump(&mut client_read, &mut upstream_write, &mut to_app),
             pump(&mut upstream_read, &mut client_write, &mut to_client),
         )
+    };
+    // One shared token at a time (`hard_stop` is only ever cancelled after `draining`):
+    // it is polled on every wake-up of every tunnel, and each poll takes its lock.
+    let shutdown = async {
+        drain.draining.cancelled().await;
+        tunnel.start_closing();
+        drain.hard_stop.cancelled().await;
     };
     let closed = tokio::select! {
         result = copy => {
@@ -236,7 +244,7 @@ where
             });
         }
         () = idle_for(&tunnel.activity, idle_timeout) => Closed::Idle,
-        () = drain.hard_stop.cancelled() => Closed::Shutdown,
+        () = shutdown => Closed::Shutdown,
     };
     // The pumps are gone (possibly mid-write); end both streams in order where the peers
     // let us within CLOSE_WAIT, instead of only dropping the sockets.
@@ -248,7 +256,7 @@ where
 }
 
 /// What both directions of a tunnel share.
-struct Tunnel<'a> {
+struct Tunnel {
     /// When a byte last moved either way.
     activity: AtomicInstant,
     /// Both directions have parsed as WebSocket frames so far. Cleared for good when a
@@ -256,13 +264,25 @@ struct Tunnel<'a> {
     framed: AtomicBool,
     /// The gateway sent a Close of its own in at least one direction.
     went_away: AtomicBool,
-    /// Cancelled when the gateway starts draining.
-    draining: &'a CancellationToken,
+    /// The gateway is draining: each direction closes at its next frame boundary.
+    closing: AtomicBool,
+    /// Wakes the pumps when `closing` is set. This tunnel's own, so the pumps' waiting
+    /// for it takes no lock that every other tunnel takes too.
+    closing_started: Notify,
 }
 
-impl Tunnel<'_> {
+impl Tunnel {
     fn framed(&self) -> bool {
         self.framed.load(Ordering::Relaxed)
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    fn start_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.closing_started.notify_waiters();
     }
 
     /// Stops following frames in both directions.
@@ -284,7 +304,7 @@ enum Toward {
 
 /// One direction of a tunnel: its frame boundaries and how far shutdown has taken it.
 struct Direction<'a> {
-    tunnel: &'a Tunnel<'a>,
+    tunnel: &'a Tunnel,
     /// Boundaries of the frames read, which are written through unchanged.
     frames: frames::FrameTracker,
     /// Whether this direction's frames are masked (toward the app).
@@ -299,7 +319,7 @@ struct Direction<'a> {
 }
 
 impl<'a> Direction<'a> {
-    fn new(tunnel: &'a Tunnel<'a>, toward: Toward) -> Direction<'a> {
+    fn new(tunnel: &'a Tunnel, toward: Toward) -> Direction<'a> {
         let masked = toward == Toward::App;
         Direction {
             tunnel,
@@ -331,7 +351,7 @@ impl<'a> Direction<'a> {
         if !self.tunnel.framed() {
             return writer.write_all(chunk).await;
         }
-        let draining = !self.close_sent && self.tunnel.draining.is_cancelled();
+        let draining = !self.close_sent && self.tunnel.closing();
         let closes = self.frames.closes();
         let taken = if draining {
             self.frames.feed_to_boundary(chunk)
@@ -351,7 +371,8 @@ impl<'a> Direction<'a> {
             self.close_sent = true;
         }
         if draining && !self.close_sent && self.frames.at_boundary() {
-            self.send_close(writer).await?;
+            // Boxed, as in `pump`: rare, so it need not grow every idle tunnel's future.
+            Box::pin(self.send_close(writer)).await?;
             self.follow_reply(&chunk[taken..]);
         }
         Ok(())
@@ -390,14 +411,18 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut inline = [0u8; INLINE_BUFFER];
-    let draining = direction.tunnel.draining;
+    let tunnel = direction.tunnel;
     loop {
+        // Taken before the check: a start of closing in between still wakes it.
+        let closing_started = tunnel.closing_started.notified();
+        if tunnel.closing() && direction.close_due_now() {
+            // Boxed: shutdown's futures need not grow every idle tunnel's.
+            Box::pin(direction.send_close(writer)).await?;
+            break;
+        }
         let read = tokio::select! {
             biased;
-            () = draining.cancelled(), if direction.close_due_now() => {
-                direction.send_close(writer).await?;
-                break;
-            }
+            () = closing_started, if !tunnel.closing() => continue,
             read = reader.read(&mut inline) => read?,
         };
         if read == 0 {
@@ -425,7 +450,7 @@ where
             }
         };
         // No reply in time is no reason to keep the tunnel: the peer has the Close.
-        let _ = tokio::time::timeout_at(deadline, reply).await;
+        let _ = Box::pin(tokio::time::timeout_at(deadline, reply)).await;
     }
     writer.shutdown().await
 }
