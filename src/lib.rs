@@ -94,17 +94,19 @@ impl Gateway {
             tls::reload::Reloader::new(certificates.clone(), provider.clone(), &config.tls);
         let server_config = tls::server_config(&config.tls, certificates.clone(), provider)?;
         let mut config = config;
-        let https = bind("listen.https", config.listen.https)?;
+        let reuse_port = config.server.reuse_port;
+        let https = bind("listen.https", config.listen.https, reuse_port)?;
         if config.listen.public_https_port == 0 {
             // Port 0 (tests): redirects point at the port actually bound.
             config.listen.public_https_port = local_addr(&https).port();
         }
         let http = match config.listen.http {
-            Some(addr) => Some(bind("listen.http", addr)?),
+            Some(addr) => Some(bind("listen.http", addr, reuse_port)?),
             None => None,
         };
         let admin = match &config.admin {
-            Some(admin) => Some(bind("admin.listen", admin.listen)?),
+            // Never shared: probes must reach this instance, not a successor.
+            Some(admin) => Some(bind("admin.listen", admin.listen, false)?),
             None => None,
         };
         Ok(Gateway {
@@ -231,7 +233,9 @@ impl Gateway {
 /// connect at once, which load generators and page loads after a deploy both do.
 const LISTEN_BACKLOG: u32 = 4096;
 
-fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// Binds a listener. `reuse_port` (`server.reuse_port`) sets `SO_REUSEPORT` so a new
+/// instance can bind the same address while this one drains.
+fn bind(key: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, StartError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -239,6 +243,9 @@ fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> 
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };

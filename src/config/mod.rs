@@ -277,6 +277,9 @@ pub struct Server {
     /// Part of the grace during which listeners still accept (while `/readyz` is 503),
     /// before draining starts. Shorter than `shutdown_grace`.
     pub shutdown_delay: Duration,
+    /// `SO_REUSEPORT` on the client listeners, so a new instance can bind them while this
+    /// one drains.
+    pub reuse_port: bool,
     /// HTTPS connections (and WebSocket tunnels) at once; more wait in the kernel backlog.
     pub max_connections: usize,
     /// Plain-HTTP (redirect, ACME) connections at once, counted apart from HTTPS.
@@ -545,6 +548,8 @@ struct RawAdmin {
 struct RawServer {
     shutdown_grace: Option<String>,
     shutdown_delay: Option<String>,
+    #[serde(default)]
+    reuse_port: bool,
     max_connections: Option<usize>,
     max_plain_http_connections: Option<usize>,
     #[serde(default)]
@@ -649,6 +654,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             raw.server.shutdown_delay.as_deref(),
             DEFAULT_SHUTDOWN_DELAY,
         ),
+        reuse_port: raw.server.reuse_port,
         max_connections: raw
             .server
             .max_connections
@@ -1123,14 +1129,16 @@ mod tests {
     fn shutdown_delay_must_leave_part_of_the_grace() {
         let config = Config::parse(MINIMAL, Path::new("g.toml")).unwrap();
         assert_eq!(config.server.shutdown_delay, Duration::ZERO);
+        assert!(!config.server.reuse_port);
 
         let server = |keys: &str| format!("{MINIMAL}\n[server]\n{keys}");
         let config = Config::parse(
-            &server("shutdown_delay = \"3s\""),
+            &server("shutdown_delay = \"3s\"\nreuse_port = true"),
             Path::new("g.toml"),
         )
         .unwrap();
         assert_eq!(config.server.shutdown_delay, Duration::from_secs(3));
+        assert!(config.server.reuse_port);
         // A zero grace with no delay stays valid.
         Config::parse(&server("shutdown_grace = \"0s\""), Path::new("g.toml")).unwrap();
 
