@@ -1,8 +1,8 @@
 //! Admin listener: liveness (`/healthz`), readiness (`/readyz`) and Prometheus metrics
 //! (`/metrics`). Plain HTTP/1.1: keep it on loopback or a private network.
 //!
-//! Readiness lifecycle: every probe reads the listeners' state (serving until draining
-//! starts), the certificates' expiry and the rate limiter's Redis state directly; the
+//! Readiness lifecycle: every probe reads the listeners' state (serving until SIGTERM,
+//! then draining), the certificates' expiry and the rate limiter's Redis state directly; the
 //! upstream check opens one TCP connection per upstream target with a short timeout, and
 //! its result is cached for [`UPSTREAM_CACHE`] so a tight probe loop never hammers the
 //! app. Concurrent probes share one check (they queue on the cache lock while it runs).
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config;
 use crate::error::{full, plain_response, Body};
-use crate::listener::{accept, Context};
+use crate::listener::{accept_until, Context};
 use crate::live::{Cause, Live};
 use crate::metrics::{self, Metrics};
 use crate::ratelimit::OnRedisError;
@@ -53,7 +53,8 @@ pub(crate) struct AdminState {
     pub http: Option<SocketAddr>,
     /// Bound admin listener address (`POST /reload` needs a token off loopback).
     pub admin: SocketAddr,
-    /// Cancelled when shutdown starts: listeners stop accepting, so not ready.
+    /// Cancelled on SIGTERM: not ready from then on, although listeners still accept for
+    /// `server.shutdown_delay` (load balancers stop routing here meanwhile).
     pub draining: CancellationToken,
     /// Last upstream check: when it ran, for which targets, and its results.
     pub upstream_cache: Mutex<Option<(Instant, Arc<UpstreamCheck>)>>,
@@ -102,13 +103,16 @@ impl UpstreamCheck {
     }
 }
 
-/// Serves the admin endpoints until draining starts.
+/// Serves the admin endpoints until every connection and tunnel has ended: through the
+/// drain, `/readyz` keeps answering (503) instead of refusing connections.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<AdminState>) {
     // Admin connections take no place under `server.max_connections`: probes and
-    // scrapes must answer when the gateway is full.
-    while let Some((stream, _addr)) = accept(&listener, &ctx).await {
+    // scrapes must answer when the gateway is full. Nor are they among the connections
+    // shutdown waits for: a scraper's keep-alive connection must not hold it up.
+    let stopped = &ctx.drain.stopped;
+    while let Some((stream, _addr)) = accept_until(&listener, stopped).await {
         let (task_ctx, state) = (ctx.clone(), state.clone());
-        ctx.drain.connections.spawn(async move {
+        tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &state).await) }
@@ -117,7 +121,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Context>, state: Arc<A
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
-                () = task_ctx.drain.draining.cancelled() => {}
+                () = task_ctx.drain.stopped.cancelled() => {}
             }
         });
     }

@@ -2,13 +2,19 @@
 //! other end (its address and its place under `server.max_connections`), and the
 //! [`Drain`] that shutdown moves it through.
 //!
-//! Lifecycle of the gateway's connections, driven by [`Drain`]:
+//! Lifecycle of the gateway's connections, driven by [`Drain`] (see [`Drain::shut_down`]):
 //! - *serving*: listeners accept; connections and WebSocket tunnels run.
-//! - *draining* (`draining` cancelled, on SIGTERM): listeners stop accepting; hyper
-//!   finishes in-flight requests and closes idle keep-alive connections; tunnels keep
-//!   relaying.
-//! - *stopped* (`hard_stop` cancelled, when `server.shutdown_grace` runs out): whatever
-//!   is left is dropped. [`Drain::finish`] returns once every task has ended.
+//! - *stopping* (`stopping` cancelled, on SIGTERM): `/readyz` answers 503 so load
+//!   balancers stop sending new clients, but listeners still accept and everything runs
+//!   as before, for `server.shutdown_delay` (zero by default).
+//! - *draining* (`draining` cancelled once the delay is over): listeners stop accepting
+//!   and close their sockets; hyper finishes in-flight requests and closes idle
+//!   keep-alive connections; WebSocket tunnels send Close 1001 both ways and end when the
+//!   peers answer.
+//! - *hard stop* (`hard_stop` cancelled, when `server.shutdown_grace`, counted from
+//!   SIGTERM, runs out): whatever is left is dropped.
+//! - *stopped* (`stopped` cancelled): every connection and tunnel task has ended; the
+//!   admin listener, which answered probes until now, stops too.
 //!
 //! It sits below the listeners, the proxy and the tunnels, which all hold a `Peer` or
 //! watch the `Drain`, so none of them needs to import another for it.
@@ -20,6 +26,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use ipnet::IpNet;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -97,10 +104,15 @@ pub fn is_trusted(ip: IpAddr, trusted_proxies: &[IpNet]) -> bool {
 /// The shutdown phases, and every task that must end before the process exits.
 #[derive(Debug, Default)]
 pub struct Drain {
-    /// Cancelled when shutdown starts: stop accepting, finish in-flight requests.
+    /// Cancelled on SIGTERM: not ready any more; listeners accept for the delay still.
+    pub stopping: CancellationToken,
+    /// Cancelled when the delay is over: stop accepting, finish in-flight requests, close
+    /// WebSocket tunnels with 1001.
     pub draining: CancellationToken,
     /// Cancelled when the grace ends: drop what is left.
     pub hard_stop: CancellationToken,
+    /// Cancelled once every connection and tunnel has ended: the admin listener stops.
+    pub stopped: CancellationToken,
     /// Every client connection task.
     pub connections: TaskTracker,
     /// Every WebSocket tunnel task (they outlive the connection that opened them).
@@ -108,25 +120,54 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// A drain whose *draining* phase starts when `draining` is cancelled.
-    pub fn new(draining: CancellationToken) -> Drain {
+    /// A drain whose *stopping* phase starts when `stopping` is cancelled.
+    pub fn new(stopping: CancellationToken) -> Drain {
         Drain {
-            draining,
+            stopping,
             ..Drain::default()
         }
     }
 
-    /// Waits up to `grace` for connections and tunnels to finish, then stops the rest
-    /// and waits for their tasks to end. Call once draining has started and the
+    /// Runs the shutdown phases once `stopping` is cancelled: waits `delay`, starts
+    /// draining, waits for `listeners` (the accept loops, which end when draining starts),
+    /// then gives connections and tunnels what is left of `grace` (counted from now).
+    /// Returns when everything has ended, with `stopped` cancelled.
+    pub async fn shut_down(&self, delay: Duration, grace: Duration, listeners: &TaskTracker) {
+        self.stopping.cancelled().await;
+        let hard_stop_at = Instant::now() + grace;
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = crate::clock::whole_millis(delay),
+                grace_ms = crate::clock::whole_millis(grace),
+                "shutting down: not ready; still accepting for server.shutdown_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!(
+            grace_ms =
+                crate::clock::whole_millis(hard_stop_at.saturating_duration_since(Instant::now())),
+            "shutting down: no new connections, draining"
+        );
+        self.draining.cancel();
+        listeners.wait().await;
+        self.finish(hard_stop_at).await;
+        self.stopped.cancel();
+    }
+
+    /// Waits until `hard_stop_at` for connections and tunnels to finish, then stops the
+    /// rest and waits for their tasks to end. Call once draining has started and the
     /// listeners have stopped.
-    pub async fn finish(&self, grace: Duration) {
+    async fn finish(&self, hard_stop_at: Instant) {
         self.connections.close();
         self.tunnels.close();
         let everything = async {
             self.connections.wait().await;
             self.tunnels.wait().await;
         };
-        if tokio::time::timeout(grace, everything).await.is_err() {
+        if tokio::time::timeout_at(hard_stop_at, everything)
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 connections = self.connections.len(),
                 websockets = self.tunnels.len(),

@@ -97,17 +97,19 @@ impl Gateway {
         // Refused TLS settings stop startup here, before anything is bound.
         tls::server_config(&config.tls, certificates.clone(), provider.clone())?;
         let mut config = config;
-        let https = bind("listen.https", config.listen.https)?;
+        let reuse_port = config.server.reuse_port;
+        let https = bind("listen.https", config.listen.https, reuse_port)?;
         if config.listen.public_https_port == 0 {
             // Port 0 (tests): redirects point at the port actually bound.
             config.listen.public_https_port = local_addr(&https).port();
         }
         let http = match config.listen.http {
-            Some(addr) => Some(bind("listen.http", addr)?),
+            Some(addr) => Some(bind("listen.http", addr, reuse_port)?),
             None => None,
         };
         let admin = match &config.admin {
-            Some(admin) => Some(bind("admin.listen", admin.listen)?),
+            // Never shared: probes must reach this instance, not a successor.
+            Some(admin) => Some(bind("admin.listen", admin.listen, false)?),
             None => None,
         };
         Ok(Gateway {
@@ -208,27 +210,30 @@ impl Gateway {
         if let Some(http) = self.http {
             listeners.spawn(listener::serve_http(http, ctx.clone()));
         }
-        if let Some(admin) = self.admin {
+        // Not among `listeners`: it answers probes (503) through the drain, until
+        // everything else has stopped.
+        let admin = self.admin.map(|admin| {
             let state = Arc::new(admin::AdminState::new(
                 (https_bound, plain_bound, local_addr(&admin)),
                 shutdown.clone(),
                 self.metrics.clone(),
                 ctx.clone(),
             ));
-            listeners.spawn(admin::serve(admin, ctx.clone(), state));
-        }
+            tokio::spawn(admin::serve(admin, ctx.clone(), state))
+        });
         tokio::spawn(live.clone().serve_requests(self.reload));
         listeners.close();
 
         shutdown.cancelled().await;
-        // The grace of the configuration running now (a reload may have changed it).
-        let grace = live.current().config.server.shutdown_grace;
-        tracing::info!(
-            grace_ms = clock::whole_millis(grace),
-            "shutting down: no new connections, draining"
-        );
-        listeners.wait().await;
-        drain.finish(grace).await;
+        // The delay and grace of the configuration running now (a reload may have
+        // changed them).
+        let server = live.current().config.server.clone();
+        drain
+            .shut_down(server.shutdown_delay, server.shutdown_grace, &listeners)
+            .await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -239,7 +244,9 @@ impl Gateway {
 /// connect at once, which load generators and page loads after a deploy both do.
 const LISTEN_BACKLOG: u32 = 4096;
 
-fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// Binds a listener. `reuse_port` (`server.reuse_port`) sets `SO_REUSEPORT` so a new
+/// instance can bind the same address while this one drains.
+fn bind(key: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, StartError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -247,6 +254,9 @@ fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> 
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };

@@ -1,7 +1,8 @@
 //! Accept loops: a shared connection limit, TLS handshakes with a deadline, one hyper
 //! connection per socket, and graceful drain. A connection goes *handshaking* → *serving*
 //! → (on shutdown) *draining*: hyper finishes in-flight requests and closes idle
-//! keep-alive connections; when the grace ends, whatever is left is dropped.
+//! keep-alive connections (after serving a request already on its way, if one comes
+//! within [`DRAIN_REQUEST_WAIT`]); when the grace ends, whatever is left is dropped.
 
 use std::convert::Infallible;
 use std::io;
@@ -17,6 +18,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::client_limit::{ClientPlace, LimitReached};
 use crate::config::Config;
@@ -243,13 +245,18 @@ pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
 }
 
 /// Waits for a connection; `None` once draining starts.
-pub(crate) async fn accept(
+async fn accept(listener: &TcpListener, ctx: &Context) -> Option<(TcpStream, SocketAddr)> {
+    accept_until(listener, &ctx.drain.draining).await
+}
+
+/// Waits for a connection; `None` once `until` is cancelled.
+pub(crate) async fn accept_until(
     listener: &TcpListener,
-    ctx: &Context,
+    until: &CancellationToken,
 ) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let accepted = tokio::select! {
-            () = ctx.drain.draining.cancelled() => return None,
+            () = until.cancelled() => return None,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -283,12 +290,17 @@ fn watched(response: Result<Response<Body>, Infallible>, busy: Busy) -> Response
     response.map(|body| WatchedBody::new(body, busy))
 }
 
+/// How long draining waits for a request on a connection between requests before closing
+/// it: enough for one already sent (a round trip), short enough not to hold shutdown.
+const DRAIN_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a connection closed for idling gets to say goodbye (HTTP/2 GOAWAY) before it
 /// is dropped.
 const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs a connection to completion. The watchdog closes it when it stalls; on shutdown it
-/// is asked to finish gracefully, and dropped when the grace is over.
+/// is asked to finish gracefully (once a request on its way, if any, has arrived), and
+/// dropped when the grace is over.
 async fn drive<C>(conn: C, ctx: &Context, addr: SocketAddr, activity: &Activity)
 where
     C: GracefulConnection,
@@ -311,10 +323,19 @@ where
             }
         }
         () = ctx.drain.draining.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = conn.as_mut() => result,
+            let served = tokio::select! {
+                result = conn.as_mut() => Some(result),
+                () = activity.request_within(DRAIN_REQUEST_WAIT) => None,
                 () = ctx.drain.hard_stop.cancelled() => return,
+            };
+            if let Some(result) = served {
+                result
+            } else {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    () = ctx.drain.hard_stop.cancelled() => return,
+                }
             }
         }
     };

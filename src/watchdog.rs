@@ -22,7 +22,7 @@
 //! send 60 s) is rare, so a busy connection pays no wake-up or timer reset per request.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -74,6 +74,11 @@ pub struct Activity {
     armed: AtomicInstant,
     /// Wakes the watchdog when a deadline came closer than `armed`.
     closer: Notify,
+    /// Set once shutdown waits for a request to start (see [`Activity::request_within`]):
+    /// only then does [`Activity::busy`] wake it, so requests pay nothing for it before.
+    request_awaited: AtomicBool,
+    /// Wakes [`Activity::request_within`].
+    request_started: Notify,
     limits: Limits,
 }
 
@@ -87,6 +92,8 @@ impl Activity {
             last_change: AtomicInstant::now(),
             armed: AtomicInstant::now(),
             closer: Notify::new(),
+            request_awaited: AtomicBool::new(false),
+            request_started: Notify::new(),
             limits,
         })
     }
@@ -94,9 +101,27 @@ impl Activity {
     /// Marks a request (or a tunnel) in flight until the guard is dropped.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.last_change.set_now();
+        if self.request_awaited.load(Ordering::SeqCst) {
+            self.request_started.notify_one();
+        }
         Busy(self.clone())
+    }
+
+    /// Resolves once a request is in flight (at once if one is), or after `wait`. Shutdown
+    /// waits on it before closing a connection between requests: a request may already be
+    /// on its way (on a kept-alive connection, or as a new connection's first), and
+    /// serving it (hyper then answers `Connection: close`) beats closing under it, which
+    /// the client cannot tell from a failure.
+    pub async fn request_within(&self, wait: Duration) {
+        self.request_awaited.store(true, Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        // `notify_one` keeps a permit when nobody waits yet: a request that started since
+        // the check above is not missed.
+        let _ = tokio::time::timeout(wait, self.request_started.notified()).await;
     }
 
     /// When the connection must close if nothing changes, and why; `None` when no limit
@@ -252,6 +277,32 @@ mod tests {
         let started = Instant::now();
         let stall = activity.stalled().await;
         (stall, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_within_returns_when_a_request_starts_or_after_the_wait() {
+        let wait = Duration::from_secs(1);
+        let activity = Activity::new(LIMITS);
+        let started = Instant::now();
+        activity.request_within(wait).await;
+        assert_eq!(started.elapsed(), wait, "nothing came");
+
+        let busy = activity.busy();
+        let started = Instant::now();
+        activity.request_within(wait).await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "one is in flight");
+        drop(busy);
+
+        let waiting = Activity::new(LIMITS);
+        let later = waiting.clone();
+        let request = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            later.busy()
+        });
+        let started = Instant::now();
+        waiting.request_within(wait).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(300), "one arrived");
+        drop(request.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,28 +1,43 @@
 //! WebSocket tunnels: after the upstream answers `101 Switching Protocols`, bytes are
-//! copied both ways without parsing frames. Also bridges RFC 8441 (WebSocket over an
-//! HTTP/2 extended CONNECT stream) to an HTTP/1.1 upgrade on the upstream.
+//! relayed both ways, with the frame headers followed (not the payloads: see [`frames`])
+//! so that shutdown can close each side with a proper Close frame. Also bridges RFC 8441
+//! (WebSocket over an HTTP/2 extended CONNECT stream) to an HTTP/1.1 upgrade on the
+//! upstream.
 //!
 //! Lifecycle of a tunnel (one task each, tracked so shutdown can wait for it):
 //! - *handshaking*: the `101` (or `200` on HTTP/2) is on its way to the client; both
 //!   upgrades are pending. Ends when both resolve, or either side fails (→ *closed*).
-//! - *open*: two pumps copy bytes, one per direction. A pump that reads end of stream
-//!   shuts down the other side's write half (TCP FIN, TLS `close_notify`, or HTTP/2
-//!   `END_STREAM`) and stops; the other direction keeps flowing (half-close). An I/O error
-//!   in either direction ends the whole tunnel at once.
+//! - *open*: two pumps relay bytes, one per direction, each following frame boundaries.
+//!   A pump that reads end of stream shuts down the other side's write half (TCP FIN,
+//!   TLS `close_notify`, or HTTP/2 `END_STREAM`) and stops; the other direction keeps
+//!   flowing (half-close). An I/O error in either direction ends the whole tunnel at once.
+//! - *going away* (the gateway starts draining, after `server.shutdown_delay`): each
+//!   pump, at the next frame boundary (at once if it is between frames, else after the
+//!   frame in flight), sends a Close frame with status 1001: unmasked to the client,
+//!   masked to the app. A direction whose peer already sent its own Close needs none.
+//!   After its Close, a pump relays nothing more (RFC 6455 §5.5.1) and waits up to
+//!   [`CLOSE_WAIT`] for its peer's Close reply (or end of stream), then shuts down its
+//!   write half; the tunnel is *closed* when both pumps are done.
+//! - *blind*: a tunnel whose bytes are not WebSocket frames (another allowed upgrade
+//!   protocol, or a header no WebSocket peer sends) is relayed without framing from then
+//!   on and gets no Close on shutdown, only the end of the grace.
 //! - *closed*: both directions finished, or an error, or no byte moved either way for
-//!   `websocket.idle_timeout`, or the gateway's shutdown grace ended. Idle and shutdown
+//!   `websocket.idle_timeout`, or the gateway's shutdown grace ended. Idle and grace
 //!   closes first try (briefly) to shut down both write halves so each peer sees an
 //!   orderly end of stream, then drop both connections.
 //!
-//! Memory: an idle tunnel holds only small inline read buffers; a heap buffer is taken
-//! while data is flowing and given back as soon as the reader would block, so thousands
-//! of quiet sockets cost little more than their TLS and TCP state.
+//! Memory: an idle tunnel holds only small inline read buffers and two frame trackers
+//! (a few dozen bytes each); a heap buffer is taken while data is flowing and given back
+//! as soon as the reader would block, so thousands of quiet sockets cost little more than
+//! their TLS and TCP state.
+
+mod frames;
 
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -34,8 +49,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::clock::AtomicInstant;
 use crate::connection::{Drain, Peer};
@@ -49,7 +64,8 @@ const INLINE_BUFFER: usize = 512;
 /// reader would block.
 const BURST_BUFFER: usize = 16 * 1024;
 
-/// How long an idle or shutdown close waits for the peers to take the end of stream.
+/// How long an idle or grace close waits for the peers to take the end of stream, and how
+/// long a pump waits for its peer's Close reply after sending it the gateway's Close.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// Open tunnels and their settings.
@@ -85,7 +101,13 @@ impl Tunnels {
         client: IpAddr,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut *upstream_response);
-        self.spawn(downstream, upstream, peer, client);
+        // Another allowed upgrade protocol is not framed: relayed blind.
+        let framed = upstream_response
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.trim().eq_ignore_ascii_case("websocket"));
+        self.spawn(downstream, upstream, peer, client, framed);
         let mut response = Response::new(full(""));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *response.headers_mut() = std::mem::take(upstream_response.headers_mut());
@@ -102,7 +124,8 @@ impl Tunnels {
         client: IpAddr,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut *upstream_response);
-        self.spawn(downstream, upstream, peer, client);
+        // The client's side is an HTTP/2 stream carrying the same WebSocket frames.
+        self.spawn(downstream, upstream, peer, client, true);
         let mut response = Response::new(full(""));
         for name in [
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -116,9 +139,17 @@ impl Tunnels {
     }
 
     /// Relays in a task of its own; the task holds `peer`, and with it the client
-    /// connection's place under `server.max_connections`.
-    fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, peer: Arc<Peer>, client: IpAddr) {
-        let shutdown = self.drain.hard_stop.clone();
+    /// connection's place under `server.max_connections`. `framed`: the tunnel carries
+    /// WebSocket frames (it gets Close frames on shutdown).
+    fn spawn(
+        &self,
+        downstream: OnUpgrade,
+        upstream: OnUpgrade,
+        peer: Arc<Peer>,
+        client: IpAddr,
+        framed: bool,
+    ) {
+        let drain = self.drain.clone();
         let idle_timeout = self.idle_timeout;
         // An RFC 8441 tunnel lives inside its HTTP/2 connection: it keeps the connection
         // busy, so the watchdog does not close it as idle.
@@ -134,13 +165,14 @@ impl Tunnels {
                         return;
                     }
                 },
-                () = shutdown.cancelled() => return,
+                () = drain.hard_stop.cancelled() => return,
             };
             let relay = relay(
                 TokioIo::new(downstream),
                 TokioIo::new(upstream),
                 idle_timeout,
-                &shutdown,
+                framed,
+                &drain,
             );
             match relay.await {
                 Ok(closed) => tracing::debug!(%client, reason = ?closed, "websocket closed"),
@@ -155,37 +187,64 @@ impl Tunnels {
 enum Closed {
     /// Both directions reached end of stream.
     Finished,
+    /// The gateway is draining: both peers got Close 1001 (or had closed themselves).
+    GoingAway,
     /// No byte moved for the idle timeout.
     Idle,
     /// The gateway's shutdown grace ended.
     Shutdown,
 }
 
-/// Copies both ways until both directions finish, one fails, the tunnel idles out or
-/// `shutdown` is cancelled.
+/// Relays both ways until both directions finish, one fails, the tunnel idles out or the
+/// grace ends; when `drain` starts draining, a `framed` tunnel closes both peers with
+/// Close 1001 (see the module's lifecycle).
 async fn relay<A, B>(
     client: A,
     upstream: B,
     idle_timeout: Duration,
-    shutdown: &CancellationToken,
+    framed: bool,
+    drain: &Drain,
 ) -> io::Result<Closed>
 where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
 {
-    let activity = AtomicInstant::now();
+    let tunnel = Tunnel {
+        activity: AtomicInstant::now(),
+        framed: AtomicBool::new(framed),
+        went_away: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
+        closing_started: Notify::new(),
+    };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let mut to_app = Direction::new(&tunnel, Toward::App);
+    let mut to_client = Direction::new(&tunnel, Toward::Client);
     let copy = async {
         tokio::try_join!(
-            pump(&mut client_read, &mut upstream_write, &activity),
-            pump(&mut upstream_read, &mut client_write, &activity),
+            pump(&mut client_read, &mut upstream_write, &mut to_app),
+            pump(&mut upstream_read, &mut client_write, &mut to_client),
         )
     };
+    // One shared token at a time (`hard_stop` is only ever cancelled after `draining`):
+    // it is polled on every wake-up of every tunnel, and each poll takes its lock.
+    let shutdown = async {
+        drain.draining.cancelled().await;
+        tunnel.start_closing();
+        drain.hard_stop.cancelled().await;
+    };
     let closed = tokio::select! {
-        result = copy => return result.map(|_| Closed::Finished),
-        () = idle_for(&activity, idle_timeout) => Closed::Idle,
-        () = shutdown.cancelled() => Closed::Shutdown,
+        result = copy => {
+            return result.map(|_| {
+                if tunnel.went_away.load(Ordering::Relaxed) {
+                    Closed::GoingAway
+                } else {
+                    Closed::Finished
+                }
+            });
+        }
+        () = idle_for(&tunnel.activity, idle_timeout) => Closed::Idle,
+        () = shutdown => Closed::Shutdown,
     };
     // The pumps are gone (possibly mid-write); end both streams in order where the peers
     // let us within CLOSE_WAIT, instead of only dropping the sockets.
@@ -196,41 +255,221 @@ where
     Ok(closed)
 }
 
-/// Copies `reader` to `writer` until end of stream, then shuts `writer` down. Waits for
+/// What both directions of a tunnel share.
+struct Tunnel {
+    /// When a byte last moved either way.
+    activity: AtomicInstant,
+    /// Both directions have parsed as WebSocket frames so far. Cleared for good when a
+    /// direction's bytes stop making sense: the tunnel is relayed blind from then on.
+    framed: AtomicBool,
+    /// The gateway sent a Close of its own in at least one direction.
+    went_away: AtomicBool,
+    /// The gateway is draining: each direction closes at its next frame boundary.
+    closing: AtomicBool,
+    /// Wakes the pumps when `closing` is set. This tunnel's own, so the pumps' waiting
+    /// for it takes no lock that every other tunnel takes too.
+    closing_started: Notify,
+}
+
+impl Tunnel {
+    fn framed(&self) -> bool {
+        self.framed.load(Ordering::Relaxed)
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    fn start_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.closing_started.notify_waiters();
+    }
+
+    /// Stops following frames in both directions.
+    fn unframe(&self, err: frames::Unparseable) {
+        if self.framed.swap(false, Ordering::Relaxed) {
+            tracing::debug!(reason = %err, "websocket tunnel relayed blind from now on; no Close frames on shutdown");
+        }
+    }
+}
+
+/// Where a direction's bytes go, which decides how they are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Toward {
+    /// Client frames: masked.
+    App,
+    /// Server frames: unmasked.
+    Client,
+}
+
+/// One direction of a tunnel: its frame boundaries and how far shutdown has taken it.
+struct Direction<'a> {
+    tunnel: &'a Tunnel,
+    /// Boundaries of the frames read, which are written through unchanged.
+    frames: frames::FrameTracker,
+    /// Whether this direction's frames are masked (toward the app).
+    masked: bool,
+    /// A complete Close frame went to the writer: the reader's own, or the gateway's.
+    close_sent: bool,
+    /// Set when the gateway's Close went to the writer: until then the reader's Close
+    /// reply is awaited, and nothing it sends is relayed any more.
+    reply_deadline: Option<Instant>,
+    /// The reader's Close reply arrived (or it sent something no reply looks like).
+    replied: bool,
+}
+
+impl<'a> Direction<'a> {
+    fn new(tunnel: &'a Tunnel, toward: Toward) -> Direction<'a> {
+        let masked = toward == Toward::App;
+        Direction {
+            tunnel,
+            frames: frames::FrameTracker::new(masked),
+            masked,
+            close_sent: false,
+            reply_deadline: None,
+            replied: false,
+        }
+    }
+
+    /// Whether the gateway's Close should go out now, while the reader is quiet.
+    fn close_due_now(&self) -> bool {
+        !self.close_sent && self.tunnel.framed() && self.frames.at_boundary()
+    }
+
+    /// Whether the gateway's Close went out: the pump only awaits the reply now.
+    fn going_away(&self) -> bool {
+        self.reply_deadline.is_some()
+    }
+
+    /// Writes `chunk` (just read) through; once the gateway is draining, only up to the
+    /// first frame boundary: there the Close 1001 goes in, and what follows is not relayed.
+    async fn relay<W>(&mut self, chunk: &[u8], writer: &mut W) -> io::Result<()>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        self.tunnel.activity.set_now();
+        if !self.tunnel.framed() {
+            return writer.write_all(chunk).await;
+        }
+        let draining = !self.close_sent && self.tunnel.closing();
+        let closes = self.frames.closes();
+        let taken = if draining {
+            self.frames.feed_to_boundary(chunk)
+        } else {
+            self.frames.feed(chunk).map(|()| chunk.len())
+        };
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(err) => {
+                self.tunnel.unframe(err);
+                return writer.write_all(chunk).await;
+            }
+        };
+        writer.write_all(&chunk[..taken]).await?;
+        if self.frames.closes() > closes {
+            // The reader's own Close went through: the writer needs no other.
+            self.close_sent = true;
+        }
+        if draining && !self.close_sent && self.frames.at_boundary() {
+            // Boxed, as in `pump`: rare, so it need not grow every idle tunnel's future.
+            Box::pin(self.send_close(writer)).await?;
+            self.follow_reply(&chunk[taken..]);
+        }
+        Ok(())
+    }
+
+    /// Sends the gateway's Close 1001 (at a frame boundary) and starts waiting for the
+    /// reply.
+    async fn send_close<W>(&mut self, writer: &mut W) -> io::Result<()>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        writer.write_all(&frames::going_away(self.masked)).await?;
+        writer.flush().await?;
+        self.close_sent = true;
+        self.reply_deadline = Some(Instant::now() + CLOSE_WAIT);
+        self.tunnel.went_away.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Follows (and drops) what the reader sent after the gateway's Close, looking for its
+    /// own Close.
+    fn follow_reply(&mut self, chunk: &[u8]) {
+        let closes = self.frames.closes();
+        // Bytes that make no sense end the wait as a reply would.
+        self.replied |= self.frames.feed(chunk).is_err() || self.frames.closes() > closes;
+    }
+}
+
+/// Relays `reader` to `writer` until end of stream, then shuts `writer` down. Waits for
 /// data with an inline buffer; once a read fills it, switches to a heap buffer until the
-/// reader would block (see [`burst`]).
-async fn pump<R, W>(reader: &mut R, writer: &mut W, activity: &AtomicInstant) -> io::Result<()>
+/// reader would block (see [`burst`]). When the gateway's Close goes out, relays nothing
+/// more and waits up to [`CLOSE_WAIT`] for the reader's Close reply before the shutdown.
+async fn pump<R, W>(reader: &mut R, writer: &mut W, direction: &mut Direction<'_>) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut inline = [0u8; INLINE_BUFFER];
+    let tunnel = direction.tunnel;
     loop {
-        let read = reader.read(&mut inline).await?;
+        // Taken before the check: a start of closing in between still wakes it.
+        let closing_started = tunnel.closing_started.notified();
+        if tunnel.closing() && direction.close_due_now() {
+            // Boxed: shutdown's futures need not grow every idle tunnel's.
+            Box::pin(direction.send_close(writer)).await?;
+            break;
+        }
+        let read = tokio::select! {
+            biased;
+            () = closing_started, if !tunnel.closing() => continue,
+            read = reader.read(&mut inline) => read?,
+        };
         if read == 0 {
             break;
         }
-        activity.set_now();
-        writer.write_all(&inline[..read]).await?;
-        if read == inline.len() && burst(reader, writer, activity).await? == Burst::Ended {
+        direction.relay(&inline[..read], writer).await?;
+        if direction.going_away() {
+            break;
+        }
+        if read == inline.len() && burst(reader, writer, direction).await? == Burst::Ended {
+            break;
+        }
+        if direction.going_away() {
             break;
         }
         writer.flush().await?;
+    }
+    if let Some(deadline) = direction.reply_deadline {
+        let reply = async {
+            while !direction.replied {
+                match reader.read(&mut inline).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => direction.follow_reply(&inline[..read]),
+                }
+            }
+        };
+        // No reply in time is no reason to keep the tunnel: the peer has the Close.
+        let _ = Box::pin(tokio::time::timeout_at(deadline, reply)).await;
     }
     writer.shutdown().await
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Burst {
-    /// The reader has nothing more for now.
+    /// The reader has nothing more for now (or the gateway's Close went out).
     WouldBlock,
     /// The reader reached end of stream.
     Ended,
 }
 
-/// Copies what `reader` has ready through a heap buffer that is freed as soon as the
+/// Relays what `reader` has ready through a heap buffer that is freed as soon as the
 /// reader would block, so a quiet tunnel holds no large buffer.
-async fn burst<R, W>(reader: &mut R, writer: &mut W, activity: &AtomicInstant) -> io::Result<Burst>
+async fn burst<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    direction: &mut Direction<'_>,
+) -> io::Result<Burst>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -250,8 +489,10 @@ where
             None => return Ok(Burst::WouldBlock),
             Some(Ok(0)) => return Ok(Burst::Ended),
             Some(Ok(read)) => {
-                activity.set_now();
-                writer.write_all(&buffer[..read]).await?;
+                direction.relay(&buffer[..read], writer).await?;
+                if direction.going_away() {
+                    return Ok(Burst::WouldBlock);
+                }
             }
             Some(Err(err)) => return Err(err),
         }
@@ -324,7 +565,7 @@ fn handshake_key() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     #[test]
     fn handshake_keys_are_16_bytes_and_unique() {
@@ -337,17 +578,87 @@ mod tests {
         assert_eq!(decoded.len(), 16);
     }
 
+    /// A relay between two in-memory peers, as a task: `(client peer, app peer, drain,
+    /// task)`.
+    fn spawn_relay(
+        idle_timeout: Duration,
+        framed: bool,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        Arc<Drain>,
+        tokio::task::JoinHandle<io::Result<Closed>>,
+    ) {
+        let (client, client_peer) = duplex(64 * 1024);
+        let (upstream, app_peer) = duplex(64 * 1024);
+        let drain = Arc::new(Drain::default());
+        let task_drain = drain.clone();
+        let task = tokio::spawn(async move {
+            relay(client, upstream, idle_timeout, framed, &task_drain).await
+        });
+        (client_peer, app_peer, drain, task)
+    }
+
+    /// A frame as a client sends it: masked (key 1, 2, 3, 4), payload under 126 bytes.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [1u8, 2, 3, 4];
+        let mut frame = vec![first, 0x80 | u8::try_from(payload.len()).unwrap()];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+        frame
+    }
+
+    /// A frame as a server sends it: unmasked, payload under 126 bytes.
+    fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![first, u8::try_from(payload.len()).unwrap()];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Reads one frame (payload under 64 KiB): its first byte, whether it was masked, and
+    /// its payload unmasked.
+    async fn read_frame(peer: &mut DuplexStream) -> (u8, bool, Vec<u8>) {
+        let mut head = [0u8; 2];
+        peer.read_exact(&mut head).await.unwrap();
+        let masked = head[1] & 0x80 != 0;
+        let length = match head[1] & 0x7F {
+            126 => usize::from(peer.read_u16().await.unwrap()),
+            length => usize::from(length),
+        };
+        let mut key = [0u8; 4];
+        if masked {
+            peer.read_exact(&mut key).await.unwrap();
+        }
+        let mut payload = vec![0u8; length];
+        peer.read_exact(&mut payload).await.unwrap();
+        if masked {
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= key[i % 4];
+            }
+        }
+        (head[0], masked, payload)
+    }
+
+    /// Asserts a Close 1001 "going away", masked or not.
+    async fn assert_going_away(peer: &mut DuplexStream, masked: bool) {
+        let (first, was_masked, payload) = read_frame(peer).await;
+        assert_eq!((first, was_masked), (0x88, masked));
+        assert_eq!(payload[..2], 1001u16.to_be_bytes());
+        assert_eq!(&payload[2..], b"going away");
+    }
+
+    async fn rest_of(peer: &mut DuplexStream) -> Vec<u8> {
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        rest
+    }
+
     #[tokio::test]
     async fn relays_both_ways_and_propagates_half_close() {
-        let (client, mut client_peer) = duplex(64);
-        let (upstream, mut upstream_peer) = duplex(64);
-        let never = CancellationToken::new();
-        let tunnel =
-            tokio::spawn(
-                async move { relay(client, upstream, Duration::from_secs(60), &never).await },
-            );
+        let (mut client_peer, mut upstream_peer, _drain, tunnel) =
+            spawn_relay(Duration::from_secs(60), true);
         // Larger than the inline buffer and the duplex capacity: exercises the burst path
-        // and backpressure.
+        // and backpressure. Not WebSocket frames: the tunnel falls back to relaying blind.
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let expected = big.clone();
         let writer = tokio::spawn(async move {
@@ -370,12 +681,9 @@ mod tests {
 
     #[tokio::test]
     async fn idle_timeout_counts_from_the_last_byte() {
-        let (client, mut client_peer) = duplex(1024);
-        let (upstream, mut upstream_peer) = duplex(1024);
-        let never = CancellationToken::new();
-        let started = Instant::now();
         let timeout = Duration::from_millis(300);
-        let tunnel = tokio::spawn(async move { relay(client, upstream, timeout, &never).await });
+        let (mut client_peer, mut upstream_peer, _drain, tunnel) = spawn_relay(timeout, false);
+        let started = Instant::now();
         let mut byte = [0u8; 1];
         // Traffic every 200 ms keeps it open past the timeout, in either direction.
         for i in 0..4 {
@@ -402,20 +710,109 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_ends_an_open_tunnel() {
-        let (client, mut client_peer) = duplex(1024);
-        let (upstream, mut upstream_peer) = duplex(1024);
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let tunnel =
-            tokio::spawn(async move { relay(client, upstream, Duration::ZERO, &token).await });
-        client_peer.write_all(b"ping").await.unwrap();
-        let mut four = [0u8; 4];
-        upstream_peer.read_exact(&mut four).await.unwrap();
-        shutdown.cancel();
-        assert_eq!(tunnel.await.unwrap().unwrap(), Closed::Shutdown);
-        let mut byte = [0u8; 1];
-        assert_eq!(client_peer.read(&mut byte).await.unwrap(), 0);
-        assert_eq!(upstream_peer.read(&mut byte).await.unwrap(), 0);
+    async fn draining_closes_both_peers_with_1001_at_frame_boundaries() {
+        let (mut client_peer, mut app_peer, drain, tunnel) = spawn_relay(Duration::ZERO, true);
+        client_peer
+            .write_all(&client_frame(0x81, b"hello"))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_frame(&mut app_peer).await,
+            (0x81, true, b"hello".to_vec())
+        );
+        // A frame toward the app is a third of the way through when draining starts.
+        let frame = [vec![0x82, 0xFE, 0x03, 0xE8, 9, 9, 9, 9], vec![0x5A; 1000]].concat();
+        client_peer.write_all(&frame[..300]).await.unwrap();
+        let mut first_part = vec![0u8; 300];
+        app_peer.read_exact(&mut first_part).await.unwrap();
+        drain.draining.cancel();
+
+        // The client's side is between frames: its Close comes at once.
+        assert_going_away(&mut client_peer, false).await;
+        // The app's comes after the rest of the frame; the message the client sent after
+        // that frame (before it saw the Close) is not relayed, as nothing may follow a
+        // Close.
+        let rest = [&frame[300..], &client_frame(0x81, b"late")[..]].concat();
+        client_peer.write_all(&rest).await.unwrap();
+        let mut second_part = vec![0u8; 1008 - 300];
+        app_peer.read_exact(&mut second_part).await.unwrap();
+        assert_eq!([first_part, second_part].concat(), frame);
+        assert_going_away(&mut app_peer, true).await;
+
+        // Each peer answers with its own Close, which ends the wait and goes nowhere.
+        let reply = 1001u16.to_be_bytes();
+        client_peer
+            .write_all(&client_frame(0x88, &reply))
+            .await
+            .unwrap();
+        app_peer
+            .write_all(&server_frame(0x88, &reply))
+            .await
+            .unwrap();
+        assert_eq!(tunnel.await.unwrap().unwrap(), Closed::GoingAway);
+        assert_eq!(rest_of(&mut client_peer).await, b"");
+        assert_eq!(rest_of(&mut app_peer).await, b"");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closed_first_gets_no_second_close() {
+        let (mut client_peer, mut app_peer, drain, tunnel) = spawn_relay(Duration::ZERO, true);
+        // The app starts a close handshake; its Close reaches the client.
+        let close = server_frame(0x88, &1000u16.to_be_bytes());
+        app_peer.write_all(&close).await.unwrap();
+        assert_eq!(
+            read_frame(&mut client_peer).await,
+            (0x88, false, 1000u16.to_be_bytes().to_vec())
+        );
+        drain.draining.cancel();
+        // The app had not heard from the client yet: it gets the gateway's Close.
+        assert_going_away(&mut app_peer, true).await;
+        // The client answers the app's Close; the app closes its connection.
+        client_peer
+            .write_all(&client_frame(0x88, &1000u16.to_be_bytes()))
+            .await
+            .unwrap();
+        app_peer.shutdown().await.unwrap();
+        assert_eq!(tunnel.await.unwrap().unwrap(), Closed::GoingAway);
+        // The client saw one Close only.
+        assert_eq!(rest_of(&mut client_peer).await, b"");
+        assert_eq!(rest_of(&mut app_peer).await, b"");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_that_never_answer_the_close_are_let_go_after_close_wait() {
+        let (mut client_peer, mut app_peer, drain, tunnel) = spawn_relay(Duration::ZERO, true);
+        drain.draining.cancel();
+        let started = Instant::now();
+        assert_going_away(&mut client_peer, false).await;
+        assert_going_away(&mut app_peer, true).await;
+        assert_eq!(tunnel.await.unwrap().unwrap(), Closed::GoingAway);
+        assert_eq!(started.elapsed(), CLOSE_WAIT);
+        assert_eq!(rest_of(&mut client_peer).await, b"");
+        assert_eq!(rest_of(&mut app_peer).await, b"");
+    }
+
+    #[tokio::test]
+    async fn tunnels_that_are_not_websocket_framing_wait_for_the_grace() {
+        for framed in [false, true] {
+            let (mut client_peer, mut app_peer, drain, tunnel) =
+                spawn_relay(Duration::ZERO, framed);
+            // Not frames (a reserved opcode): a framed tunnel gives up following them.
+            client_peer.write_all(b"ping").await.unwrap();
+            let mut four = [0u8; 4];
+            app_peer.read_exact(&mut four).await.unwrap();
+            drain.draining.cancel();
+            // Still relaying, both ways, with no Close anywhere.
+            app_peer.write_all(b"pong").await.unwrap();
+            client_peer.read_exact(&mut four).await.unwrap();
+            assert_eq!(&four, b"pong");
+            client_peer.write_all(b"more").await.unwrap();
+            app_peer.read_exact(&mut four).await.unwrap();
+            assert_eq!(&four, b"more");
+            drain.hard_stop.cancel();
+            assert_eq!(tunnel.await.unwrap().unwrap(), Closed::Shutdown);
+            assert_eq!(rest_of(&mut client_peer).await, b"");
+            assert_eq!(rest_of(&mut app_peer).await, b"");
+        }
     }
 }

@@ -177,16 +177,57 @@ async fn readyz_caches_the_upstream_check_so_probes_do_not_hammer_the_app() {
 }
 
 #[tokio::test]
-async fn readyz_reports_draining_during_shutdown() {
+async fn readyz_answers_503_through_the_drain_and_the_listener_closes_after() {
     let pki = Pki::new("admin-drain");
     let (_, files) = pki.localhost("site");
     let upstream = Upstream::start().await;
-    let gateway = start_gateway(&base_config(&files, upstream.addr), &pki.dir).await;
+    let config = format!(
+        "{}\n[server]\nshutdown_grace = \"30s\"\n",
+        base_config(&files, upstream.addr)
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
     let admin = gateway.admin.unwrap();
     assert_eq!(readyz(admin).await.0, 200);
-    gateway.stop().await;
-    // Once draining, the admin listener is closed with the others: probes fail to connect,
-    // which every orchestrator reads as "not ready".
+
+    // A request the upstream holds keeps the drain going until it is released.
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    let held = tokio::spawn(client.get(gateway.url("/hold")).send());
+    eventually(
+        Duration::from_secs(10),
+        "the upstream holds the request",
+        || {
+            let seen = upstream.seen().len();
+            async move { seen == 1 }
+        },
+    )
+    .await;
+    let https = gateway.https;
+    gateway.shutdown.cancel();
+
+    // From the moment shutdown starts, and for as long as it drains, probes are answered:
+    // 503, saying why, rather than a refused connection.
+    let (status, json) = readyz(admin).await;
+    assert_eq!(status, 503, "{json}");
+    assert_eq!(json["ready"], false, "{json}");
+    assert_eq!(json["failing"], serde_json::json!(["listeners"]), "{json}");
+    assert_eq!(json["checks"]["listeners"]["state"], "draining", "{json}");
+    eventually(
+        Duration::from_secs(10),
+        "the HTTPS listener is closed",
+        || async move { tokio::net::TcpStream::connect(https).await.is_err() },
+    )
+    .await;
+    assert_eq!(readyz(admin).await.0, 503, "still answering once draining");
+
+    upstream.release_held(1);
+    let response = held.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "released");
+    tokio::time::timeout(Duration::from_secs(10), gateway.task)
+        .await
+        .expect("the gateway stops once the request is done")
+        .unwrap();
+    // Stopped: the admin listener is gone with the rest.
     assert!(plain_client()
         .get(format!("http://{admin}/readyz"))
         .send()

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    base_config, eventually, https_client, refused_addr, setup, start_gateway, tls_client_config,
-    Http, Setup, TestGateway, Upstream,
+    base_config, capture_logs, eventually, https_client, readyz, refused_addr, setup,
+    start_gateway, tls_client_config, Http, Setup, TestGateway, Upstream,
 };
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -488,6 +488,118 @@ async fn graceful_shutdown_lets_accepted_requests_finish() {
         tokio::net::TcpStream::connect(https).await.is_err(),
         "listener closed after shutdown"
     );
+}
+
+#[tokio::test]
+async fn shutdown_delay_keeps_accepting_while_readyz_answers_503() {
+    let s = setup("proxy-delay").await;
+    let logs = capture_logs();
+    // A delay far longer than the test: everything below happens inside it.
+    let gateway = s
+        .gateway("[server]\nshutdown_delay = \"60s\"\nshutdown_grace = \"90s\"")
+        .await;
+    let kept_alive = s.client(Http::One, &gateway);
+    let before = kept_alive.get(gateway.url("/before")).send().await.unwrap();
+    assert_eq!(before.status(), 200);
+
+    gateway.shutdown.cancel();
+    logs.lines
+        .wait_for_line(
+            "shutting down: not ready; still accepting for server.shutdown_delay",
+            Duration::from_secs(10),
+        )
+        .await;
+    let (status, json) = readyz(gateway.admin.unwrap()).await;
+    assert_eq!(status, 503, "{json}");
+    // Clients that load balancers still send here get served: on new connections, over
+    // both HTTP versions, and on the connection kept alive from before.
+    for version in BOTH {
+        let fresh = s.client(version, &gateway);
+        let response = fresh.get(gateway.url("/during")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let expected = match version {
+            Http::One => reqwest::Version::HTTP_11,
+            Http::Two => reqwest::Version::HTTP_2,
+        };
+        assert_eq!(response.version(), expected);
+    }
+    let again = kept_alive.get(gateway.url("/again")).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        logs.lines.count("no new connections, draining"),
+        0,
+        "{}",
+        logs.lines.text()
+    );
+    gateway.task.abort();
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: the head, lower-cased.
+async fn read_one_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut buffer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buffer.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("a response within the deadline")
+            .unwrap();
+        assert_eq!(
+            read,
+            1,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&buffer)
+        );
+        buffer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buffer).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head
+}
+
+#[tokio::test]
+async fn draining_serves_a_request_sent_on_an_idle_kept_alive_connection() {
+    let s = setup("proxy-drain-keepalive").await;
+    let logs = capture_logs();
+    let gateway = s.gateway("[server]\nshutdown_grace = \"10s\"").await;
+    let connector =
+        tokio_rustls::TlsConnector::from(tls_client_config(&s.pki.root_pem(), &[b"http/1.1"]));
+    let tcp = tokio::net::TcpStream::connect(gateway.https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tls.write_all(request("/first").as_bytes()).await.unwrap();
+    assert!(read_one_response(&mut tls)
+        .await
+        .starts_with("http/1.1 200"));
+
+    // The connection is idle when draining starts; the client, not knowing yet, sends
+    // its next request on it a moment later (as one a round trip away would). It is
+    // served, and then the connection ends.
+    gateway.shutdown.cancel();
+    logs.lines
+        .wait_for_line("no new connections, draining", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.write_all(request("/second").as_bytes()).await.unwrap();
+    let head = read_one_response(&mut tls).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends after the response")
+        .ok();
+    assert_eq!(rest, b"");
+    assert_eq!(s.upstream.last().uri.path(), "/second");
+    tokio::time::timeout(Duration::from_secs(10), gateway.task)
+        .await
+        .expect("the gateway stops")
+        .unwrap();
 }
 
 mod statics {

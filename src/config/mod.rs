@@ -59,6 +59,10 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// `server.shutdown_grace`: below Docker's 10 s before SIGKILL, so the drain completes.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// `server.shutdown_delay`: how long listeners keep accepting after SIGTERM while
+/// `/readyz` already answers 503. None by default; a few seconds under Kubernetes, whose
+/// endpoints keep routing to a terminating pod for that long.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::ZERO;
 /// `server.max_connections`: client connections (and tunnels) at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 
@@ -288,6 +292,12 @@ impl fmt::Debug for AdminToken {
 pub struct Server {
     /// Time in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Part of the grace during which listeners still accept (while `/readyz` is 503),
+    /// before draining starts. Shorter than `shutdown_grace`.
+    pub shutdown_delay: Duration,
+    /// `SO_REUSEPORT` on the client listeners, so a new instance can bind them while this
+    /// one drains.
+    pub reuse_port: bool,
     /// HTTPS connections (and WebSocket tunnels) at once; more wait in the kernel backlog.
     pub max_connections: usize,
     /// Plain-HTTP (redirect, ACME) connections at once, counted apart from HTTPS.
@@ -598,6 +608,9 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     shutdown_grace: Option<String>,
+    shutdown_delay: Option<String>,
+    #[serde(default)]
+    reuse_port: bool,
     max_connections: Option<usize>,
     max_plain_http_connections: Option<usize>,
     #[serde(default)]
@@ -674,6 +687,10 @@ impl Config {
             "server.max_plain_http_connections",
             self.server.max_plain_http_connections != new.server.max_plain_http_connections,
         );
+        restart_key(
+            "server.reuse_port",
+            self.server.reuse_port != new.server.reuse_port,
+        );
         restart_key("log.format", self.log.format != new.log.format);
         // The live part of `new`: restart-only keys keep their running values.
         let live = self.with_restart_keys_of(new);
@@ -709,6 +726,7 @@ impl Config {
         live.server.worker_threads = self.server.worker_threads;
         live.server.max_connections = self.server.max_connections;
         live.server.max_plain_http_connections = self.server.max_plain_http_connections;
+        live.server.reuse_port = self.server.reuse_port;
         live.log.format = self.log.format;
         live
     }
@@ -802,6 +820,12 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
             raw.server.shutdown_grace.as_deref(),
             DEFAULT_SHUTDOWN_GRACE,
         ),
+        shutdown_delay: p.duration(
+            "server.shutdown_delay",
+            raw.server.shutdown_delay.as_deref(),
+            DEFAULT_SHUTDOWN_DELAY,
+        ),
+        reuse_port: raw.server.reuse_port,
         max_connections: raw
             .server
             .max_connections
@@ -815,6 +839,17 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         worker_threads: raw.server.worker_threads.unwrap_or(0),
         watch_config: raw.server.watch_config,
     };
+    if !server.shutdown_delay.is_zero() && server.shutdown_delay >= server.shutdown_grace {
+        p.add(
+            "server.shutdown_delay",
+            format!(
+                "{} is not shorter than server.shutdown_grace ({}): the delay is the start of the grace, \
+                 so nothing would be left to drain; lower server.shutdown_delay or raise server.shutdown_grace",
+                humantime::format_duration(server.shutdown_delay),
+                humantime::format_duration(server.shutdown_grace),
+            ),
+        );
+    }
     if server.max_connections == 0 {
         p.add("server.max_connections", "must be at least 1");
     }
@@ -1268,6 +1303,34 @@ mod tests {
         let text = MINIMAL.replace("[upstream]", "[upstream]\nurls = []");
         let err = Config::parse(&text, Path::new("g.toml")).unwrap_err();
         assert!(err.to_string().contains("urls"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_delay_must_leave_part_of_the_grace() {
+        let config = Config::parse(MINIMAL, Path::new("g.toml")).unwrap();
+        assert_eq!(config.server.shutdown_delay, Duration::ZERO);
+        assert!(!config.server.reuse_port);
+
+        let server = |keys: &str| format!("{MINIMAL}\n[server]\n{keys}");
+        let config = Config::parse(
+            &server("shutdown_delay = \"3s\"\nreuse_port = true"),
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.server.shutdown_delay, Duration::from_secs(3));
+        assert!(config.server.reuse_port);
+        // A zero grace with no delay stays valid.
+        Config::parse(&server("shutdown_grace = \"0s\""), Path::new("g.toml")).unwrap();
+
+        let text = server("shutdown_delay = \"8s\"\nshutdown_grace = \"8s\"");
+        let err = Config::parse(&text, Path::new("g.toml")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "server.shutdown_delay");
+        let message = &err.problems[0].message;
+        assert!(
+            message.contains("server.shutdown_grace (8s)") && message.contains("lower"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -42,6 +42,7 @@ pub struct Seen {
 /// - `/ws/close`: accepts, sends "bye" and closes from the server side;
 /// - `/status/CODE`: answers CODE;
 /// - `/sleep/MS`: waits MS milliseconds, then 200;
+/// - `/hold`: waits until [`Upstream::release_held`], then 200 `released`;
 /// - `/bytes/N`: streams N bytes in 64 KiB chunks;
 /// - anything else: reads the whole body and answers 200 `seen METHOD PATH LEN`.
 ///
@@ -50,6 +51,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     rooms: Rooms,
+    /// One permit per `/hold` request allowed to finish.
+    held: Arc<Semaphore>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -66,9 +69,11 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let rooms: Rooms = Arc::new(Mutex::new(HashMap::new()));
+        let held = Arc::new(Semaphore::new(0));
         let stop = CancellationToken::new();
         let task = {
-            let (seen, rooms, stop) = (seen.clone(), rooms.clone(), stop.clone());
+            let (seen, rooms, held, stop) =
+                (seen.clone(), rooms.clone(), held.clone(), stop.clone());
             tokio::spawn(async move {
                 let connections = tokio_util::task::TaskTracker::new();
                 loop {
@@ -76,10 +81,11 @@ impl Upstream {
                         () = stop.cancelled() => break,
                         accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                     };
-                    let (seen, rooms, stop) = (seen.clone(), rooms.clone(), stop.clone());
+                    let (seen, rooms, held, stop) =
+                        (seen.clone(), rooms.clone(), held.clone(), stop.clone());
                     connections.spawn(async move {
                         let service = service_fn(move |req| {
-                            upstream_handle(req, seen.clone(), rooms.clone())
+                            upstream_handle(req, seen.clone(), rooms.clone(), held.clone())
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
@@ -96,6 +102,7 @@ impl Upstream {
             addr,
             seen,
             rooms,
+            held,
             stop,
             task,
         }
@@ -125,6 +132,11 @@ impl Upstream {
             .map_or(0, broadcast::Sender::receiver_count)
     }
 
+    /// Lets `count` `/hold` requests (waiting or still to come) answer.
+    pub fn release_held(&self, count: usize) {
+        self.held.add_permits(count);
+    }
+
     /// Stops accepting and drops open connections.
     pub async fn stop(self) {
         self.stop.cancel();
@@ -145,6 +157,7 @@ async fn upstream_handle(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
     rooms: Rooms,
+    held: Arc<Semaphore>,
 ) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let record = |len| Seen {
@@ -168,6 +181,13 @@ async fn upstream_handle(
         seen.lock().unwrap().push(record(0));
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         return Ok(text(StatusCode::OK, "slept"));
+    }
+    if path == "/hold" {
+        seen.lock().unwrap().push(record(0));
+        if let Ok(permit) = held.acquire().await {
+            permit.forget();
+        }
+        return Ok(text(StatusCode::OK, "released"));
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         seen.lock().unwrap().push(record(0));
