@@ -37,6 +37,8 @@ pub struct AccessRecord {
     pub started: Instant,
     /// Time the upstream took to send response headers, when proxied.
     pub upstream: Option<Duration>,
+    /// `X-Request-Id`, as the app and the client see it.
+    pub request_id: http::HeaderValue,
 }
 
 /// Wraps the response body so the request is counted (and logged) when it ends, and the
@@ -105,6 +107,7 @@ impl FinishingBody {
             bytes_out = self.bytes_out,
             ms = crate::clock::millis(record.started.elapsed()),
             upstream_ms = record.upstream.map(crate::clock::millis),
+            request_id = %record.request_id.to_str().unwrap_or("-"),
             completed,
         );
     }

@@ -9,8 +9,14 @@
 //! Hygiene: header names with `_` are dropped (or refused), `Connection` cannot declare
 //! the headers the gateway relies on hop-by-hop, and only allowed `Upgrade` protocols
 //! are tunnelled.
+//!
+//! Request IDs: `X-Request-Id` from a trusted proxy is kept (so one ID follows a request
+//! through every hop); from anyone else it is replaced by one of ours.
 
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
@@ -30,6 +36,35 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 /// `X-Real-IP`.
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest `X-Request-Id` accepted from a trusted proxy.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The request's ID, set on `headers` for the app: a trusted proxy's `X-Request-Id` when it
+/// sent one (printable ASCII, at most 128 bytes), else a new one (32 hex digits: a random
+/// per-process prefix and a counter, unique without a syscall per request).
+pub fn request_id(peer: &Peer, headers: &mut HeaderMap) -> HeaderValue {
+    if peer.trusted {
+        let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+        if let (Some(id), None) = (ids.next(), ids.next()) {
+            let usable = !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID
+                && id.as_bytes().iter().all(|b| b.is_ascii_graphic());
+            if usable {
+                return id.clone();
+            }
+        }
+    }
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let id = format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    headers.insert(&X_REQUEST_ID, value.clone());
+    value
+}
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");

@@ -133,10 +133,11 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         peer: Arc<Peer>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let version = req.version();
+        let request_id = forwarding::request_id(&peer, req.headers_mut());
         let client = forwarding::client_ip(&peer, req.headers(), &self.trusted_proxies);
         let bytes_in = content_length(req.headers());
         if let Some(declared) = bytes_in {
@@ -151,10 +152,17 @@ impl Proxy {
             bytes_in,
             started,
             upstream: None,
+            request_id: request_id.clone(),
         });
 
+        let finish = |mut response: Response<Body>, record, place| {
+            response
+                .headers_mut()
+                .insert(&forwarding::X_REQUEST_ID, request_id.clone());
+            self.finish(response, version, started, record, place)
+        };
         if let Err(err) = self.check_request(&req) {
-            return Ok(self.finish(err.into_response(), version, started, record, None));
+            return Ok(finish(err.into_response(), record, None));
         }
 
         let place = match self.requests_per_client.as_ref().map(|l| l.take(client)) {
@@ -162,7 +170,7 @@ impl Proxy {
                 let refused = ProxyError::ClientRequestsInFlight {
                     limit: self.requests_per_client.as_ref().map_or(0, |l| l.max()),
                 };
-                return Ok(self.finish(refused.into_response(), version, started, record, None));
+                return Ok(finish(refused.into_response(), record, None));
             }
             Some(Ok(place)) => place,
             None => None,
@@ -177,7 +185,7 @@ impl Proxy {
                 Ok(headers) => rate_headers = headers,
                 Err(rejection) => {
                     let response = rejection.into_response();
-                    return Ok(self.finish(response, version, started, record, place));
+                    return Ok(finish(response, record, place));
                 }
             }
         }
@@ -196,7 +204,7 @@ impl Proxy {
         if let Some(headers) = rate_headers {
             response.headers_mut().extend(headers);
         }
-        Ok(self.finish(response, version, started, record, place))
+        Ok(finish(response, record, place))
     }
 
     /// Adds HSTS to every response (429s included), then counts the request (and writes

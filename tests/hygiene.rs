@@ -503,3 +503,62 @@ async fn unknown_hosts_get_421_once_names_are_configured() {
     assert_eq!(answer.status(), 200, "{}", answer.head);
     gateway.stop().await;
 }
+
+/// `X-Request-Id`: a client's own is replaced by a generated one (only trusted proxies
+/// choose it); the app and the client see the same ID, and so does the access log.
+#[tokio::test]
+async fn request_ids_reach_the_app_the_client_and_the_access_log() {
+    let logs = common::capture_logs();
+    let s = setup("hygiene-request-id").await;
+    let first = start_gateway(
+        &base_config(&s.files, s.upstream.addr).replace("access_log = false", "access_log = true"),
+        &s.pki.dir,
+    )
+    .await;
+    let client = https_client(&s.pki.root_pem(), Http::Two, first.https);
+    let response = client
+        .get(first.url("/id"))
+        .header("x-request-id", "chosen-by-client")
+        .send()
+        .await
+        .unwrap();
+    let returned = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(returned.len(), 32, "{returned}");
+    assert!(
+        returned.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{returned}"
+    );
+    let seen = s.upstream.last();
+    let ids: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(
+        ids,
+        vec![returned.as_str()],
+        "the app sees exactly the returned ID"
+    );
+    let line = logs
+        .lines
+        .wait_for_line("gatehouse::access", std::time::Duration::from_secs(10))
+        .await;
+    assert!(line.contains(&format!("request_id={returned}")), "{line}");
+    // Another request, another ID.
+    let second = client.get(first.url("/id")).send().await.unwrap();
+    assert_ne!(second.headers()["x-request-id"].to_str().unwrap(), returned);
+    first.stop().await;
+
+    // Behind a trusted proxy, its ID is kept end to end.
+    let s = setup("hygiene-request-id-trusted").await;
+    let gateway = gateway(&s, "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n").await;
+    let client = https_client(&s.pki.root_pem(), Http::One, gateway.https);
+    let response = client
+        .get(gateway.url("/id"))
+        .header("x-request-id", "lb-7f3a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "lb-7f3a");
+    assert_eq!(s.upstream.last().headers["x-request-id"], "lb-7f3a");
+    gateway.stop().await;
+}
