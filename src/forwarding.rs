@@ -46,19 +46,19 @@ const MAX_REQUEST_ID: usize = 128;
 /// sent one (printable ASCII, at most 128 bytes), else a new one (32 hex digits: a random
 /// per-process prefix and a counter, unique without a syscall per request).
 pub fn request_id(peer: &Peer, headers: &mut HeaderMap) -> HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     if peer.trusted {
         let mut ids = headers.get_all(&X_REQUEST_ID).iter();
         if let (Some(id), None) = (ids.next(), ids.next()) {
             let usable = !id.is_empty()
                 && id.len() <= MAX_REQUEST_ID
-                && id.as_bytes().iter().all(|b| b.is_ascii_graphic());
+                && id.as_bytes().iter().all(u8::is_ascii_graphic);
             if usable {
                 return id.clone();
             }
         }
     }
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
     let id = format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed));
     let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
