@@ -179,3 +179,52 @@ impl Drain {
         }
     }
 }
+
+/// Connections in a row from one private address after which [`SharedAddress`] warns.
+const SHARED_ADDRESS_RUN: u32 = 200;
+
+/// Notices when every client arrives from one private (or loopback) address, which is what
+/// Docker's userland proxy (published ports without host networking) or a load balancer
+/// that hides clients look like: with rate limiting on and no trusted proxies, every user
+/// then shares one rate-limit bucket. Warns once per process.
+#[derive(Debug, Default)]
+pub struct SharedAddress {
+    /// The last address seen and how many connections in a row came from it.
+    run: std::sync::Mutex<Option<(IpAddr, u32)>>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl SharedAddress {
+    /// Counts a connection from `ip` (call only when the warning would apply: rate
+    /// limiting on, no trusted proxies).
+    pub fn observe(&self, ip: IpAddr) {
+        use std::sync::atomic::Ordering;
+        if self.warned.load(Ordering::Relaxed) || !is_private(ip) {
+            return;
+        }
+        let Ok(mut run) = self.run.lock() else {
+            return;
+        };
+        let count = match *run {
+            Some((last, count)) if last == ip => count + 1,
+            _ => 1,
+        };
+        *run = Some((ip, count));
+        if count >= SHARED_ADDRESS_RUN && !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                address = %ip,
+                connections = count,
+                "every client seems to come from one private address, so all of them share one rate-limit bucket; this is Docker's userland proxy (publish the ports with host networking, `network_mode: host`), or a load balancer in front: set proxy.trusted_proxies to its address so X-Forwarded-For is used (or enable PROXY protocol on it)"
+            );
+        }
+    }
+}
+
+/// Addresses that stand for a hop rather than a user: a container bridge or NAT
+/// (private ranges), or a proxy on the same host (loopback).
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private() || v4.is_loopback(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00 || v6.is_loopback(),
+    }
+}

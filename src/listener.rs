@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client_limit::{ClientPlace, LimitReached};
 use crate::config::Config;
-use crate::connection::{canonical_ip, Drain, Peer};
+use crate::connection::{canonical_ip, Drain, Peer, SharedAddress};
 use crate::error::Body;
 use crate::live::{ConnectionSettings, Live};
 use crate::metrics::{HandshakeFailure, Metrics};
@@ -41,6 +41,8 @@ pub(crate) struct Context {
     pub drain: Arc<Drain>,
     /// Connection and handshake counters.
     pub metrics: Arc<Metrics>,
+    /// Warns when every client seems to share one address (Docker's userland proxy).
+    pub shared_address: SharedAddress,
 }
 
 impl Context {
@@ -60,6 +62,7 @@ impl Context {
             ),
             drain,
             metrics,
+            shared_address: SharedAddress::default(),
         }
     }
 
@@ -141,6 +144,10 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
         let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
             continue;
         };
+        let config = &snapshot.config;
+        if config.rate_limit.is_some() && config.proxy.trusted_proxies.is_empty() {
+            ctx.shared_address.observe(canonical_ip(addr.ip()));
+        }
         let task_ctx = ctx.clone();
         ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();

@@ -774,3 +774,38 @@ async fn a_websocket_counts_as_one_request_and_its_frames_never() {
     drop(ws);
     a.stop().await;
 }
+
+/// With rate limiting on, no trusted proxies, and every connection from one private or
+/// loopback address (Docker's userland proxy looks like this), the log says once that all
+/// clients share one bucket and how to fix it.
+#[tokio::test]
+async fn one_shared_client_address_is_explained_once() {
+    let logs = common::capture_logs();
+    let site = common::setup("rl-shared-address").await;
+    let config = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 10000\nburst = 10000\n",
+        common::base_config(&site.files, site.upstream.addr)
+    );
+    let gateway = common::start_gateway(&config, &site.pki.dir).await;
+    for _ in 0..220 {
+        // A new connection each time, as many users behind one proxy would make.
+        let client = common::https_client(&site.pki.root_pem(), common::Http::One, gateway.https);
+        assert_eq!(
+            client.get(gateway.url("/")).send().await.unwrap().status(),
+            200
+        );
+    }
+    let line = logs
+        .lines
+        .wait_for_line(
+            "share one rate-limit bucket",
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        line.contains("trusted_proxies") && line.contains("network_mode: host"),
+        "{line}"
+    );
+    assert_eq!(logs.lines.count("share one rate-limit bucket"), 1);
+    gateway.stop().await;
+}
