@@ -751,12 +751,23 @@ impl Config {
 
     /// Validates configuration text as if it had been read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError {
-            source_path: path.to_path_buf(),
-            problems: vec![Problem {
-                key: "(syntax)".to_owned(),
-                message: err.to_string().trim_end().to_owned(),
-            }],
+        let raw: RawConfig = toml::from_str(text).map_err(|err| {
+            let mut message = err.to_string().trim_end().to_owned();
+            if message.contains("unknown field") {
+                // Keys are only added, and deprecated ones keep working (CHANGELOG.md), so
+                // an unknown key is a typo or a file written for a newer release.
+                message.push_str(&format!(
+                    "\nthis is a typo, or a key of a newer Gatehouse than this binary ({}): check the spelling against README.md, or upgrade",
+                    env!("CARGO_PKG_VERSION")
+                ));
+            }
+            ConfigError {
+                source_path: path.to_path_buf(),
+                problems: vec![Problem {
+                    key: "(syntax)".to_owned(),
+                    message,
+                }],
+            }
         })?;
         let base_dir = path
             .parent()
@@ -1303,6 +1314,13 @@ mod tests {
         let text = MINIMAL.replace("[upstream]", "[upstream]\nurls = []");
         let err = Config::parse(&text, Path::new("g.toml")).unwrap_err();
         assert!(err.to_string().contains("urls"), "{err}");
+        // It may be a key of a newer release: the message says which binary this is.
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            err.to_string()
+                .contains(&format!("newer Gatehouse than this binary ({version})")),
+            "{err}"
+        );
     }
 
     #[test]
