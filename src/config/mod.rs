@@ -756,10 +756,10 @@ impl Config {
             if message.contains("unknown field") {
                 // Keys are only added, and deprecated ones keep working (CHANGELOG.md), so
                 // an unknown key is a typo or a file written for a newer release.
-                message.push_str(&format!(
-                    "\nthis is a typo, or a key of a newer Gatehouse than this binary ({}): check the spelling against README.md, or upgrade",
-                    env!("CARGO_PKG_VERSION")
-                ));
+                message
+                    .push_str("\nthis is a typo, or a key of a newer Gatehouse than this binary (");
+                message.push_str(env!("CARGO_PKG_VERSION"));
+                message.push_str("): check the spelling against README.md, or upgrade");
             }
             ConfigError {
                 source_path: path.to_path_buf(),
