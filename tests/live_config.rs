@@ -557,3 +557,117 @@ async fn tls(addr: SocketAddr, root_pem: &str) -> tokio_rustls::client::TlsStrea
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await.unwrap()
 }
+
+/// One HTTP/1.1 request on an open connection; the start of the answer.
+async fn exchange(stream: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = b"GET /tls12 HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let read = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..read]).into_owned()
+}
+
+/// Per-connection settings apply to connections accepted after a reload; a connection
+/// accepted before keeps working: `tls.min_version = "1.3"` refuses new TLS 1.2
+/// handshakes while an open TLS 1.2 connection still serves requests.
+#[tokio::test]
+async fn tls_settings_apply_to_new_connections_only() {
+    let site = setup("live-tls-version").await;
+    let dir = site.files.cert.parent().unwrap().to_path_buf();
+    let gateway = start_gateway(&base_config(&site.files, site.upstream.addr), &dir).await;
+    let tls12 = {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls::pki_types::CertificateDer::pem_slice_iter(site.pki.root_pem().as_bytes())
+        {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let connect = || async {
+        let tcp = TcpStream::connect(gateway.https).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tls12.connect(name, tcp).await
+    };
+    let mut open = connect()
+        .await
+        .expect("TLS 1.2 is accepted before the reload");
+    assert!(exchange(&mut open).await.starts_with("HTTP/1.1 200"));
+
+    write_config(&dir, &site.files, site.upstream.addr, "");
+    let text = std::fs::read_to_string(dir.join("gateway.toml"))
+        .unwrap()
+        .replace("\n[upstream]", "min_version = \"1.3\"\n\n[upstream]");
+    std::fs::write(dir.join("gateway.toml"), text).unwrap();
+    let (status, report) = post_reload(gateway.admin.unwrap(), None).await;
+    assert_eq!(
+        (status, strings(&report["changed"])),
+        (200, vec!["tls".to_owned()]),
+        "{report}"
+    );
+
+    assert!(
+        connect().await.is_err(),
+        "new TLS 1.2 handshakes are refused"
+    );
+    assert!(
+        exchange(&mut open).await.starts_with("HTTP/1.1 200"),
+        "the connection accepted before the reload keeps serving"
+    );
+    gateway.stop().await;
+}
+
+/// `server.watch_config` follows a Kubernetes ConfigMap mount: `gateway.toml` is a
+/// symlink into `..data`, which is swapped atomically to a new timestamped directory.
+#[tokio::test]
+async fn watch_config_follows_a_configmap_data_swap() {
+    let site = setup("live-configmap").await;
+    let other = Upstream::start().await;
+    let base = site.files.cert.parent().unwrap().to_path_buf();
+    let mount = base.join("configmap");
+    std::fs::create_dir_all(&mount).unwrap();
+    let version = |name: &str, upstream: SocketAddr| {
+        let dir = mount.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = base_config(&site.files, upstream) + "\n[server]\nwatch_config = true\n";
+        std::fs::write(dir.join("gateway.toml"), text).unwrap();
+    };
+    version("..2026_11_30_01", site.upstream.addr);
+    std::os::unix::fs::symlink("..2026_11_30_01", mount.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/gateway.toml", mount.join("gateway.toml")).unwrap();
+    let config = gatehouse::Config::load(&mount.join("gateway.toml")).unwrap();
+    let gateway = gatehouse::Gateway::bind(config).await.unwrap();
+    let (https, metrics) = (gateway.https_addr(), gateway.metrics());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(gateway.run(shutdown.clone()));
+    let client = https_client(&site.pki.root_pem(), Http::One, https);
+    let url = format!("https://localhost:{}/before", https.port());
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+
+    // What the kubelet does: write the new version, then rename a new `..data` link over
+    // the old one.
+    version("..2026_11_30_02", other.addr);
+    std::os::unix::fs::symlink("..2026_11_30_02", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    eventually(PROMPT, "the swapped ConfigMap is applied", || {
+        let applied = parse_metrics(&metrics.render(0))
+            .count("gatehouse_config_reloads_total{outcome=\"applied\"}");
+        async move { applied == 1 }
+    })
+    .await;
+    let url = format!("https://localhost:{}/after", https.port());
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(other.seen().len(), 1, "the new upstream serves");
+    shutdown.cancel();
+    let _ = task.await;
+}
