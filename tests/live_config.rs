@@ -627,7 +627,7 @@ async fn tls_settings_apply_to_new_connections_only() {
     gateway.stop().await;
 }
 
-/// `server.watch_config` follows a Kubernetes ConfigMap mount: `gateway.toml` is a
+/// `server.watch_config` follows a Kubernetes `ConfigMap` mount: `gateway.toml` is a
 /// symlink into `..data`, which is swapped atomically to a new timestamped directory.
 #[tokio::test]
 async fn watch_config_follows_a_configmap_data_swap() {
