@@ -1,4 +1,4 @@
-//! Request bodies on their way upstream. This module owns three decisions nginx makes for
+//! Request bodies on their way upstream. This module owns four decisions nginx makes for
 //! an app behind it:
 //! - *read first or stream* (`proxy.request_buffer_size`; nginx `proxy_request_buffering`
 //!   with `client_body_buffer_size`): a body that fits is read whole before the upstream
@@ -8,6 +8,9 @@
 //!   the part already read first.
 //! - *how long a client may pause mid-body* (`proxy.client_body_timeout`, nginx's name):
 //!   timed only while the gateway waits on the client, never while the app reads slowly.
+//! - *whose time a slow streamed upload is*: [`UploadProgress`] tells the upstream side
+//!   when the upload last moved and whether it waits on the client, so
+//!   `upstream.response_timeout` counts only the time the app holds it up.
 //! - *when a streamed upload stops*: once the upstream's response has ended, the rest of
 //!   the upload has nobody to read it. The client's body is dropped (hyper's HTTP/2 server
 //!   then resets the stream with `NO_ERROR`, and its HTTP/1.1 server closes the
@@ -31,8 +34,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
+use crate::clock::AtomicInstant;
 use crate::config;
 use crate::error::{chain, BoxError, ProxyError};
 use crate::metrics::{BodyMode, Metrics};
@@ -192,6 +196,10 @@ impl Uploads {
             prefix,
             prefix_len,
             shared: shared.clone(),
+            progress: UploadProgress(Arc::new(ProgressState {
+                last: AtomicInstant::now(),
+                waiting_on_client: AtomicBool::new(false),
+            })),
             timeout: self.timeout,
             pause: None,
             metrics: self.metrics.clone(),
@@ -283,6 +291,9 @@ struct Streamed<B> {
     prefix_len: u64,
     /// The rest of the client's body, which the response side may take away.
     shared: Arc<Shared<B>>,
+    /// Read by the upstream side, which times the app only while the upload is not
+    /// waiting on the client.
+    progress: UploadProgress,
     timeout: Duration,
     /// Armed while waiting on the client.
     pause: Option<Pin<Box<Sleep>>>,
@@ -330,6 +341,14 @@ impl<B> RequestBody<B> {
     /// Whether there is no body at all.
     pub fn is_empty(&self) -> bool {
         matches!(self.0, Kind::Empty)
+    }
+
+    /// How far the upload has got, for a streamed body.
+    pub fn progress(&self) -> Option<UploadProgress> {
+        match &self.0 {
+            Kind::Streamed(streamed) => Some(streamed.progress.clone()),
+            Kind::Empty | Kind::Buffered(_) => None,
+        }
     }
 }
 
@@ -414,6 +433,7 @@ where
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(chunk) = self.prefix.pop_front() {
             self.prefix_len -= chunk.len() as u64;
+            self.progress.0.last.set_now();
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         let mut slot = self.shared.lock();
@@ -426,6 +446,7 @@ where
         match Pin::new(&mut *rest).poll_frame(cx) {
             Poll::Ready(frame) => {
                 self.pause = None;
+                self.progress.moved();
                 // Done once nothing is left to send, which for a body of known length is
                 // before hyper asks for the end.
                 if frame.is_none() || rest.is_end_stream() {
@@ -436,6 +457,10 @@ where
             Poll::Pending => {
                 slot.waker = Some(cx.waker().clone());
                 drop(slot);
+                self.progress
+                    .0
+                    .waiting_on_client
+                    .store(true, Ordering::Relaxed);
                 let timeout = self.timeout;
                 let pause = self
                     .pause
@@ -450,8 +475,34 @@ where
     }
 }
 
-/// Held by the response side of a streamed upload: when the response ends (or is
-/// dropped) while the upload is still going, the upload is cut.
+/// How far a streamed upload has got: when it last moved, and whether it waits on the
+/// client now.
+#[derive(Clone)]
+pub struct UploadProgress(Arc<ProgressState>);
+
+struct ProgressState {
+    /// The last data handed upstream, or the body's end.
+    last: AtomicInstant,
+    /// The body is waiting for the client's next data (the client's time, bounded by
+    /// `proxy.client_body_timeout`).
+    waiting_on_client: AtomicBool,
+}
+
+impl UploadProgress {
+    fn moved(&self) {
+        self.0.waiting_on_client.store(false, Ordering::Relaxed);
+        self.0.last.set_now();
+    }
+
+    /// Since when the app has been holding the upload up: its last move, or `None` while
+    /// the upload waits on the client.
+    pub fn app_time_since(&self) -> Option<Instant> {
+        (!self.0.waiting_on_client.load(Ordering::Relaxed)).then(|| self.0.last.get())
+    }
+}
+
+/// Held by the response side of a streamed upload: when the response ends, or the
+/// exchange fails or is dropped, while the upload is still going, the upload is cut.
 pub struct UploadEnd<B = Incoming> {
     shared: Arc<Shared<B>>,
     /// The upstream connection the upload goes to, once known.
@@ -490,7 +541,14 @@ impl<B> UploadEnd<B> {
     }
 }
 
-/// A response body that cuts its request's upload when it ends, fails or is dropped.
+impl<B> Drop for UploadEnd<B> {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// A response body that cuts its request's upload when it ends, fails or is dropped
+/// (the [`UploadEnd`] it holds goes with it).
 pub struct CutOnEnd<R, B = Incoming> {
     inner: R,
     end: Option<UploadEnd<B>>,
@@ -513,9 +571,8 @@ impl<R: HttpBody + Unpin, B> HttpBody for CutOnEnd<R, B> {
     ) -> Poll<Option<Result<Frame<R::Data>, R::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            if let Some(end) = self.end.take() {
-                end.cut();
-            }
+            // Dropping it cuts the upload.
+            self.end = None;
         }
         polled
     }
@@ -526,14 +583,6 @@ impl<R: HttpBody + Unpin, B> HttpBody for CutOnEnd<R, B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl<R, B> Drop for CutOnEnd<R, B> {
-    fn drop(&mut self) {
-        if let Some(end) = self.end.take() {
-            end.cut();
-        }
     }
 }
 

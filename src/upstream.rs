@@ -6,6 +6,7 @@
 //! `upstream.unhealthy_for` → *healthy* again. When every instance is skipped the next
 //! one is tried anyway, so a recovered upstream is noticed without waiting.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use http::request::Parts;
 use http::uri::{self, PathAndQuery};
 use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
@@ -21,8 +22,8 @@ use tokio::time::Instant;
 use crate::clock::AtomicInstant;
 use crate::config::{self, UpstreamTarget};
 use crate::error::{chain, ProxyError};
-use crate::request_body::{BodyStopped, DownstreamBodyError, RequestBody};
-use crate::upstream_io;
+use crate::request_body::{BodyStopped, DownstreamBodyError, RequestBody, UploadProgress};
+use crate::upstream_io::{self, UpstreamConnection};
 
 /// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
 type UpstreamClient = Client<upstream_io::Connector, RequestBody>;
@@ -126,15 +127,29 @@ impl Upstreams {
     async fn send_to(
         &self,
         instance: &Instance,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
-                upstream: instance.target.clone(),
-                after: self.response_timeout,
-            }),
-            Ok(Err(err)) => {
+        let progress = request.body().progress();
+        let captured = progress.is_some().then(|| capture_connection(&mut request));
+        let response = self.client.request(request);
+        let answered = match progress {
+            None => tokio::time::timeout(self.response_timeout, response)
+                .await
+                .ok(),
+            Some(progress) => self.within_app_time(response, &progress).await,
+        };
+        match answered {
+            Some(Ok(response)) => Ok(response),
+            None => {
+                if let Some(captured) = &captured {
+                    kill(captured);
+                }
+                Err(ProxyError::UpstreamTimeout {
+                    upstream: instance.target.clone(),
+                    after: self.response_timeout,
+                })
+            }
+            Some(Err(err)) => {
                 if err.is_connect() {
                     self.mark_down(instance);
                     return Err(ProxyError::UpstreamConnect {
@@ -157,6 +172,34 @@ impl Upstreams {
                     upstream: instance.target.clone(),
                     reason: chain(&err),
                 })
+            }
+        }
+    }
+
+    /// Waits for `response` while the app holds a streamed upload up for less than
+    /// `upstream.response_timeout` at a stretch (not taking it, or not answering once it
+    /// is sent). Time the upload waits on the client is the client's, bounded by
+    /// `proxy.client_body_timeout`: a slow but steady upload is not an upstream timeout.
+    async fn within_app_time<F: Future>(
+        &self,
+        response: F,
+        progress: &UploadProgress,
+    ) -> Option<F::Output> {
+        tokio::pin!(response);
+        let timer = tokio::time::sleep(self.response_timeout);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                output = &mut response => return Some(output),
+                () = &mut timer => {
+                    let now = Instant::now();
+                    let deadline = match progress.app_time_since() {
+                        Some(since) if since + self.response_timeout <= now => return None,
+                        Some(since) => since + self.response_timeout,
+                        None => now + self.response_timeout,
+                    };
+                    timer.as_mut().reset(deadline);
+                }
             }
         }
     }
@@ -223,6 +266,18 @@ impl RetryTemplate {
         *request.uri_mut() = upstream_uri(target, &self.uri);
         *request.headers_mut() = self.headers.clone();
         request
+    }
+}
+
+/// Closes the connection a timed-out streamed upload was going to: hyper may be waiting
+/// to write into a socket the app no longer reads, holding the client's body with it.
+fn kill(captured: &CaptureConnection) {
+    if let Some(connected) = captured.connection_metadata().as_ref() {
+        let mut extras = http::Extensions::new();
+        connected.get_extras(&mut extras);
+        if let Some(connection) = extras.get::<UpstreamConnection>() {
+            connection.kill();
+        }
     }
 }
 

@@ -40,6 +40,8 @@ enum Refusal {
     Close { read: usize },
     /// Answers 413 after the head, keeps the connection open and never reads again.
     Stall,
+    /// Takes the head, then neither reads nor answers.
+    Silent,
 }
 
 /// An app that refuses every upload as `refusal` says; each accepted connection's peer
@@ -76,11 +78,12 @@ async fn refusing_app(refusal: Refusal) -> (SocketAddr, mpsc::UnboundedReceiver<
                     Refusal::Stall => {
                         b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n\r\ntoo large"
                     }
+                    Refusal::Silent => b"",
                 };
                 if stream.write_all(answer).await.is_err() {
                     return;
                 }
-                if let Refusal::Stall = refusal {
+                if let Refusal::Stall | Refusal::Silent = refusal {
                     std::future::pending::<()>().await;
                 }
             });
@@ -507,4 +510,91 @@ async fn a_body_in_memory_fails_over_when_an_instance_refuses() {
         assert_eq!(s.upstream.last().body_len, 4096);
         gateway.stop().await;
     }
+}
+
+#[test]
+fn upload_keys_have_nginx_like_defaults_and_bad_values_are_named() {
+    let parse = |extra: &str| {
+        gatehouse::Config::parse(
+            &format!("[listen]\nhttps = \"127.0.0.1:8443\"\n[tls]\ncert = \"a.crt\"\nkey = \"a.key\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n{extra}"),
+            std::path::Path::new("/tmp/g.toml"),
+        )
+    };
+    let config = parse("").unwrap();
+    assert_eq!(config.proxy.request_buffer_size, 1024 * 1024);
+    assert_eq!(config.proxy.request_buffer_memory, 128 * 1024 * 1024);
+    assert_eq!(config.proxy.client_body_timeout, Duration::from_secs(60));
+    let off = parse("[proxy]\nrequest_buffer_size = \"0\"").unwrap();
+    assert_eq!(off.proxy.request_buffer_size, 0);
+
+    let err = parse("[proxy]\nrequest_buffer_size = \"256MiB\"\nclient_body_timeout = \"0s\"")
+        .unwrap_err()
+        .to_string();
+    for key in ["proxy.request_buffer_size", "proxy.client_body_timeout"] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+}
+
+/// A body of `chunks` × `size` bytes sent with a pause before each chunk: a slow client.
+fn slow_body(chunks: usize, size: usize, pause: Duration) -> reqwest::Body {
+    let chunk = Bytes::from(vec![b's'; size]);
+    let stream = futures_util::stream::unfold(0, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent == chunks {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            Some((Ok::<_, std::io::Error>(chunk), sent + 1))
+        }
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+/// A gateway whose `upstream.response_timeout` is 300 ms.
+async fn with_response_timeout(s: &Setup, upstream: SocketAddr, extra: &str) -> TestGateway {
+    let url = format!("url = \"http://{upstream}\"");
+    let config = base_config(&s.files, upstream)
+        .replace(&url, &format!("{url}\nresponse_timeout = \"300ms\""));
+    start_gateway(&format!("{config}\n{extra}"), &s.pki.dir).await
+}
+
+#[tokio::test]
+async fn a_streamed_upload_is_timed_by_what_the_app_holds_up_not_by_the_client() {
+    let s = setup("uploads-response-timeout").await;
+    // The test upstream answers once it has read the whole body.
+    let steady =
+        with_response_timeout(&s, s.upstream.addr, "[proxy]\nrequest_buffer_size = 0").await;
+    // A client slower than the response timeout, but never pausing for long: the app
+    // reads every chunk as it comes and answers once the body is complete.
+    for version in BOTH {
+        let client = https_client(&s.pki.root_pem(), version, steady.https);
+        let response = client
+            .post(steady.url("/slow"))
+            .body(slow_body(6, 1024, Duration::from_millis(100)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{version:?}");
+        assert_eq!(response.text().await.unwrap(), "seen POST /slow 6144");
+    }
+    steady.stop().await;
+
+    // An app that takes the head and then neither reads nor answers is still timed out.
+    let (app, mut accepted) = refusing_app(Refusal::Silent).await;
+    let gateway = with_response_timeout(&s, app, "").await;
+    for version in BOTH {
+        let client = https_client(&s.pki.root_pem(), version, gateway.https);
+        let outcome = post(&client, gateway.url("/upload"), 32_000_000).await;
+        assert_eq!(outcome.map(|(status, _)| status), Ok(504), "{version:?}");
+        // The connection hyper was stuck writing into is closed, and with it goes the
+        // client's body (the gateway's shutdown below would wait for it otherwise).
+        closed_by_gateway(app, accepted.recv().await.unwrap()).await;
+    }
+    let samples = gateway.samples();
+    assert_eq!(
+        samples.count("gatehouse_upstream_errors_total{kind=\"timeout\"}"),
+        2
+    );
+    gateway.stop().await;
 }

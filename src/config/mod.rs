@@ -177,7 +177,9 @@ pub struct Upstream {
     pub targets: Vec<UpstreamTarget>,
     /// Time allowed to open a TCP connection to the upstream.
     pub connect_timeout: Duration,
-    /// Time allowed for the upstream to send response headers.
+    /// Time allowed for the upstream to send response headers; while an upload is
+    /// streamed to it, time it holds the upload up (not taking it) counts, time waiting
+    /// on the client does not.
     pub response_timeout: Duration,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
