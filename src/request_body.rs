@@ -295,7 +295,7 @@ struct Streamed<B> {
     /// waiting on the client.
     progress: UploadProgress,
     timeout: Duration,
-    /// Armed while waiting on the client.
+    /// Runs while the body waits on the client (armed at the first wait).
     pause: Option<Pin<Box<Sleep>>>,
     metrics: Arc<Metrics>,
     _memory: Option<Reservation>,
@@ -445,7 +445,6 @@ where
         };
         match Pin::new(&mut *rest).poll_frame(cx) {
             Poll::Ready(frame) => {
-                self.pause = None;
                 self.progress.moved();
                 // Done once nothing is left to send, which for a body of known length is
                 // before hyper asks for the end.
@@ -455,16 +454,26 @@ where
                 Poll::Ready(frame.map(|result| result.map_err(stopped)))
             }
             Poll::Pending => {
-                slot.waker = Some(cx.waker().clone());
+                if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    slot.waker = Some(cx.waker().clone());
+                }
                 drop(slot);
-                self.progress
+                let timeout = self.timeout;
+                let started_waiting = !self
+                    .progress
                     .0
                     .waiting_on_client
-                    .store(true, Ordering::Relaxed);
-                let timeout = self.timeout;
-                let pause = self
-                    .pause
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    .swap(true, Ordering::Relaxed);
+                let pause = match &mut self.pause {
+                    Some(pause) => {
+                        if started_waiting {
+                            pause.as_mut().reset(Instant::now() + timeout);
+                        }
+                        pause
+                    }
+                    // One timer per upload, re-armed at each new wait.
+                    None => self.pause.insert(Box::pin(tokio::time::sleep(timeout))),
+                };
                 if pause.as_mut().poll(cx).is_ready() {
                     self.metrics.client_body_timeout();
                     return Poll::Ready(Some(Err(stopped(BodyStopped::Timeout(timeout)))));
