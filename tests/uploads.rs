@@ -42,6 +42,9 @@ enum Refusal {
     Stall,
     /// Takes the head, then neither reads nor answers.
     Silent,
+    /// Reads the head and `read` bytes of the body, then closes without answering (an app
+    /// that crashed mid-upload; the unread rest makes the kernel reset the connection).
+    Crash { read: usize },
 }
 
 /// An app that refuses every upload as `refusal` says; each accepted connection's peer
@@ -66,12 +69,15 @@ async fn refusing_app(refusal: Refusal) -> (SocketAddr, mpsc::UnboundedReceiver<
                     }
                 };
                 let answer: &[u8] = match refusal {
-                    Refusal::Close { read } => {
+                    Refusal::Close { read } | Refusal::Crash { read } => {
                         while seen.len() - head_end < read {
                             match stream.read(&mut buf).await {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => seen.extend_from_slice(&buf[..n]),
                             }
+                        }
+                        if let Refusal::Crash { .. } = refusal {
+                            return;
                         }
                         b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
                     }
@@ -147,6 +153,35 @@ async fn an_app_refusing_an_upload_before_reading_it_is_heard() {
         assert_eq!(
             samples.count("gatehouse_upstream_errors_total{kind=\"broken\"}"),
             0
+        );
+        gateway.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_app_that_dies_mid_upload_gives_a_clean_502() {
+    let s = setup("uploads-crash").await;
+    let (app, _) = refusing_app(Refusal::Crash { read: 1 << 20 }).await;
+    for extra in [
+        "",
+        "[proxy]\nrequest_buffer_size = \"32MiB\"\nrequest_buffer_memory = \"32MiB\"",
+    ] {
+        let gateway = gateway(&s, app, extra).await;
+        for version in BOTH {
+            let client = https_client(&s.pki.root_pem(), version, gateway.https);
+            for round in 0..2 {
+                let outcome = post(&client, gateway.url("/upload"), 16_000_000).await;
+                assert_eq!(
+                    outcome.as_ref().map(|(status, _)| *status),
+                    Ok(502),
+                    "{version:?} {extra:?} round {round}: {outcome:?}"
+                );
+            }
+        }
+        let samples = gateway.samples();
+        assert_eq!(
+            samples.count("gatehouse_upstream_errors_total{kind=\"broken\"}"),
+            4
         );
         gateway.stop().await;
     }
