@@ -24,9 +24,11 @@ pub(crate) mod path;
 pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;
+pub(crate) mod request_body;
 pub(crate) mod static_files;
 pub mod tls;
 pub(crate) mod upstream;
+pub(crate) mod upstream_io;
 pub(crate) mod watchdog;
 pub(crate) mod websocket;
 

@@ -73,6 +73,19 @@ pub enum Stall {
     SlowReader,
 }
 
+/// How a request body went upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    /// Read whole first (it fit `proxy.request_buffer_size`), then sent.
+    Buffered,
+    /// Larger than the buffer (or `proxy.request_buffer_size = 0`): streamed as it came.
+    Streamed,
+    /// It would have fit, but `proxy.request_buffer_memory` was in use: streamed.
+    StreamedMemoryFull,
+}
+
+const BODY_MODES: [&str; 3] = ["buffered", "streamed", "streamed_memory_full"];
+
 const STALLS: [&str; 3] = ["no_request", "keepalive_idle", "send_timeout"];
 
 impl Stall {
@@ -159,6 +172,10 @@ pub struct Metrics {
     request_bytes: AtomicU64,
     /// Response body bytes actually sent.
     response_bytes: AtomicU64,
+    /// Request bodies sent upstream, by how.
+    request_bodies: [AtomicU64; 3],
+    /// Request bodies whose client paused longer than `proxy.client_body_timeout`.
+    client_body_timeouts: AtomicU64,
     /// Client connections (TLS and plain) open now.
     connections_open: AtomicI64,
     /// Client connections accepted.
@@ -223,6 +240,16 @@ impl Metrics {
     /// Counts a request body's declared size.
     pub fn request_body(&self, declared: u64) {
         self.request_bytes.fetch_add(declared, Ordering::Relaxed);
+    }
+
+    /// Counts a request body going upstream.
+    pub fn request_body_sent(&self, mode: BodyMode) {
+        self.request_bodies[mode as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a client that paused longer than `proxy.client_body_timeout` mid-body.
+    pub fn client_body_timeout(&self) {
+        self.client_body_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records how long the upstream took to answer.
@@ -344,6 +371,20 @@ impl Metrics {
             "gatehouse_response_body_bytes_total",
             "Response body bytes sent to clients.",
             &self.response_bytes,
+        );
+        labelled(
+            &mut out,
+            "gatehouse_request_bodies_total",
+            "Request bodies sent upstream: buffered (read whole first), streamed (larger than proxy.request_buffer_size), streamed_memory_full (proxy.request_buffer_memory in use).",
+            "mode",
+            &BODY_MODES,
+            &self.request_bodies,
+        );
+        counter(
+            &mut out,
+            "gatehouse_client_body_timeouts_total",
+            "Request bodies whose client paused longer than proxy.client_body_timeout.",
+            &self.client_body_timeouts,
         );
         header(
             &mut out,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
@@ -22,8 +22,10 @@ use crate::error::{plain_response, Body, IntoResponse, ProxyError};
 use crate::forwarding;
 use crate::metrics::{Metrics, UpstreamFailure};
 use crate::ratelimit::RateLimiter;
+use crate::request_body::{CutOnEnd, RequestBody, Upload, Uploads};
 use crate::static_files::{StaticFiles, StaticTarget};
-use crate::upstream::{ClientBody, Upstreams};
+use crate::upstream::Upstreams;
+use crate::upstream_io::UpstreamConnection;
 use crate::websocket;
 
 /// Everything a request needs, built once at startup and shared by all connections.
@@ -39,6 +41,8 @@ pub struct Proxy {
     trusted_proxies: Vec<IpNet>,
     /// `proxy.max_body_size`.
     max_body_size: u64,
+    /// Request bodies: read first or streamed, and the client's time limit.
+    uploads: Uploads,
     /// Value of `X-Forwarded-Port`.
     public_port: HeaderValue,
     /// `Strict-Transport-Security` value, when enabled.
@@ -110,6 +114,12 @@ impl Proxy {
             limiter,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             max_body_size: config.proxy.max_body_size,
+            uploads: match previous {
+                Some((_, proxy)) => {
+                    Uploads::new(&config.proxy, metrics.clone()).carrying_over(&proxy.uploads)
+                }
+                None => Uploads::new(&config.proxy, metrics.clone()),
+            },
             public_port: HeaderValue::from(config.listen.public_https_port),
             hsts,
             access_log: config.log.access_log,
@@ -344,21 +354,16 @@ impl Proxy {
                 && forwarding::upgrade_allowed(req.headers(), &self.allowed_upgrades));
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let body = if h2_websocket {
+        if h2_websocket {
             // The CONNECT stream becomes the tunnel; the handshake itself has no body.
             websocket::h2_to_h1_handshake(&mut parts);
-            Either::Right(Empty::new())
-        } else {
-            if let Some(length) = content_length(&parts.headers) {
-                if length > self.max_body_size {
-                    return Err(ProxyError::BodyTooLarge {
-                        limit: self.max_body_size,
-                    });
-                }
+        } else if let Some(length) = content_length(&parts.headers) {
+            if length > self.max_body_size {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.max_body_size,
+                });
             }
-            let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
-            Either::Left(ClientBody::new(body, limit))
-        };
+        }
         forwarding::underscore_headers(&mut parts.headers, self.underscores)?;
         let host = request_host(&mut parts)?;
         forwarding::prepare_request(
@@ -370,7 +375,16 @@ impl Proxy {
             upgrade,
         );
         parts.version = Version::HTTP_11;
-        let mut response = self.upstreams.send(parts, body).await?;
+        // Read last, once everything that can refuse the request has had its say.
+        let upload = if h2_websocket {
+            Upload {
+                body: RequestBody::empty(),
+                end: None,
+            }
+        } else {
+            self.uploads.read(&mut parts.headers, body).await?
+        };
+        let mut response = self.upstreams.send(parts, upload.body).await?;
         if let Some(downstream) = downstream_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let (peer, tunnels) = (peer.clone(), &self.tunnels);
@@ -383,6 +397,8 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         forwarding::strip_hop_by_hop(&mut parts.headers, false);
+        let connection = parts.extensions.remove::<UpstreamConnection>();
+        let body = CutOnEnd::new(body, upload.end.map(|end| end.on(connection)));
         Ok(Response::from_parts(
             parts,
             body.map_err(Into::into).boxed_unsync(),

@@ -1,77 +1,32 @@
 //! The upstream side of a request: the pooled keep-alive HTTP/1.1 client, the choice of
 //! instance (round robin, skipping those that recently refused), the response timeout,
-//! and failover of requests that never left.
+//! and failover of requests that never left or can be sent again.
 //!
 //! Passive health of an instance: *healthy* → (connection refused) *skipped* for
 //! `upstream.unhealthy_for` → *healthy* again. When every instance is skipped the next
 //! one is tried anyway, so a recovered upstream is noticed without waiting.
 
-use std::pin::Pin;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::request::Parts;
 use http::uri::{self, PathAndQuery};
 use http::{Method, Request, Response, Uri};
-use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::{Either, Empty, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::clock::AtomicInstant;
 use crate::config::{self, UpstreamTarget};
-use crate::error::{chain, BoxError, ProxyError};
-
-/// Request body sent upstream: the client's body under the size limit, or nothing (the
-/// handshake of an HTTP/2 WebSocket, whose stream becomes the tunnel).
-pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
-
-/// The client's request body on its way upstream. Its errors (a cut or badly chunked
-/// body, the size limit) are tagged [`DownstreamBodyError`], so a failed upstream
-/// exchange can tell the client's fault (400) from the upstream's (502).
-pub struct ClientBody(Limited<Incoming>);
-
-impl ClientBody {
-    /// Wraps the client's body, limited to `limit` bytes.
-    pub fn new(body: Incoming, limit: usize) -> ClientBody {
-        ClientBody(Limited::new(body, limit))
-    }
-}
-
-impl http_body::Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.0)
-            .poll_frame(cx)
-            .map_err(|source| Box::new(DownstreamBodyError(source)) as BoxError)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
-    }
-}
-
-/// Reading the client's request body failed (the source says how).
-#[derive(Debug, thiserror::Error)]
-#[error("reading the request body: {0}")]
-pub struct DownstreamBodyError(#[source] BoxError);
+use crate::error::{chain, ProxyError};
+use crate::request_body::{BodyStopped, DownstreamBodyError, RequestBody, UploadProgress};
+use crate::upstream_io::{self, UpstreamConnection};
 
 /// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
-type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+type UpstreamClient = Client<upstream_io::Connector, RequestBody>;
 
 /// The upstream instances and the pooled client that reaches them.
 pub struct Upstreams {
@@ -106,7 +61,7 @@ impl Upstreams {
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle)
             .http1_preserve_header_case(false)
-            .build(connector);
+            .build(upstream_io::connector(connector));
         Upstreams {
             client,
             instances: settings
@@ -125,33 +80,38 @@ impl Upstreams {
     }
 
     /// Sends the request (its URI is rewritten to the chosen instance) and waits for the
-    /// response headers. An idempotent request without a body whose connection is refused,
-    /// or closed before a response head, goes to the next instances in turn.
+    /// response headers. A request whose connection is refused goes to the next instances
+    /// in turn when its body is in memory (or absent); an idempotent request without a
+    /// body also when its connection closed before a response head.
     pub async fn send(
         &self,
         parts: Parts,
-        body: UpstreamBody,
+        body: RequestBody,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let retry =
-            (self.instances.len() > 1 && is_idempotent(&parts.method) && body.is_end_stream())
-                .then(|| RetryTemplate::of(&parts));
+        let retry = if self.instances.len() > 1 {
+            RetryTemplate::of(&parts, &body)
+        } else {
+            None
+        };
         let mut instance = self.pick();
         let mut request = Request::from_parts(parts, body);
         *request.uri_mut() = upstream_uri(&instance.target, request.uri());
         let mut attempts = 1;
         loop {
             match self.send_to(instance, request).await {
-                // Refused, or closed before its response head (an instance restarting
-                // drops the requests on its connections): an idempotent request without
-                // a body can go to the next instance, as nginx's `proxy_next_upstream
-                // error` does.
+                // Refused: nothing was sent, so any request whose body can be sent again
+                // goes to the next instance. Closed before its response head (an instance
+                // restarting drops the requests on its connections): the request may have
+                // been acted on, so only an idempotent one without a body goes, as
+                // nginx's `proxy_next_upstream error` does.
                 Err(
                     err @ (ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamBroken { .. }),
                 ) => {
                     let Some(template) = retry.as_ref() else {
                         return Err(err);
                     };
-                    if attempts >= self.instances.len() {
+                    let refused = matches!(err, ProxyError::UpstreamConnect { .. });
+                    if attempts >= self.instances.len() || !(refused || template.after_close) {
                         return Err(err);
                     }
                     tracing::warn!(error = %err, "upstream failed before answering; trying the next instance");
@@ -167,15 +127,29 @@ impl Upstreams {
     async fn send_to(
         &self,
         instance: &Instance,
-        request: Request<UpstreamBody>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
-                upstream: instance.target.clone(),
-                after: self.response_timeout,
-            }),
-            Ok(Err(err)) => {
+        let progress = request.body().progress();
+        let captured = progress.is_some().then(|| capture_connection(&mut request));
+        let response = self.client.request(request);
+        let answered = match progress {
+            None => tokio::time::timeout(self.response_timeout, response)
+                .await
+                .ok(),
+            Some(progress) => self.within_app_time(response, &progress).await,
+        };
+        match answered {
+            Some(Ok(response)) => Ok(response),
+            None => {
+                if let Some(captured) = &captured {
+                    kill(captured);
+                }
+                Err(ProxyError::UpstreamTimeout {
+                    upstream: instance.target.clone(),
+                    after: self.response_timeout,
+                })
+            }
+            Some(Err(err)) => {
                 if err.is_connect() {
                     self.mark_down(instance);
                     return Err(ProxyError::UpstreamConnect {
@@ -198,6 +172,34 @@ impl Upstreams {
                     upstream: instance.target.clone(),
                     reason: chain(&err),
                 })
+            }
+        }
+    }
+
+    /// Waits for `response` while the app holds a streamed upload up for less than
+    /// `upstream.response_timeout` at a stretch (not taking it, or not answering once it
+    /// is sent). Time the upload waits on the client is the client's, bounded by
+    /// `proxy.client_body_timeout`: a slow but steady upload is not an upstream timeout.
+    async fn within_app_time<F: Future>(
+        &self,
+        response: F,
+        progress: &UploadProgress,
+    ) -> Option<F::Output> {
+        tokio::pin!(response);
+        let timer = tokio::time::sleep(self.response_timeout);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                output = &mut response => return Some(output),
+                () = &mut timer => {
+                    let now = Instant::now();
+                    let deadline = match progress.app_time_since() {
+                        Some(since) if since + self.response_timeout <= now => return None,
+                        Some(since) => since + self.response_timeout,
+                        None => now + self.response_timeout,
+                    };
+                    timer.as_mut().reset(deadline);
+                }
             }
         }
     }
@@ -235,28 +237,47 @@ impl Upstreams {
     }
 }
 
-/// What is needed to resend a body-less idempotent request to another instance.
+/// What is needed to send a request again to another instance: one without a body, or
+/// whose body was read whole.
 struct RetryTemplate {
     method: Method,
     uri: Uri,
     headers: http::HeaderMap,
+    body: RequestBody,
+    /// Also after the connection closed before a response head (idempotent, no body).
+    after_close: bool,
 }
 
 impl RetryTemplate {
-    fn of(parts: &Parts) -> RetryTemplate {
-        RetryTemplate {
+    fn of(parts: &Parts, body: &RequestBody) -> Option<RetryTemplate> {
+        Some(RetryTemplate {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
-        }
+            body: body.replay()?,
+            after_close: is_idempotent(&parts.method) && body.is_empty(),
+        })
     }
 
-    fn build(&self, target: &UpstreamTarget) -> Request<UpstreamBody> {
-        let mut request = Request::new(Either::Right(Empty::new()));
+    fn build(&self, target: &UpstreamTarget) -> Request<RequestBody> {
+        let body = self.body.replay().unwrap_or_else(RequestBody::empty);
+        let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = upstream_uri(target, &self.uri);
         *request.headers_mut() = self.headers.clone();
         request
+    }
+}
+
+/// Closes the connection a timed-out streamed upload was going to: hyper may be waiting
+/// to write into a socket the app no longer reads, holding the client's body with it.
+fn kill(captured: &CaptureConnection) {
+    if let Some(connected) = captured.connection_metadata().as_ref() {
+        let mut extras = http::Extensions::new();
+        connected.get_extras(&mut extras);
+        if let Some(connection) = extras.get::<UpstreamConnection>() {
+            connection.kill();
+        }
     }
 }
 
@@ -285,6 +306,8 @@ fn client_body_failure(err: &(dyn std::error::Error + 'static)) -> Option<bool> 
     while let Some(cause) = source {
         if cause.is::<DownstreamBodyError>() {
             client_side = true;
+        } else if let Some(BodyStopped::Timeout(_)) = cause.downcast_ref::<BodyStopped>() {
+            return Some(true);
         } else if client_side {
             if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
                 return Some(hyper_error.is_timeout());

@@ -6,92 +6,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use common::{base_config, https_client, plain_client, setup, start_gateway, tls_client_config};
-use common::{Http, Setup, TestGateway};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
+use common::{base_config, https_client, plain_client, read_answer, setup, start_gateway};
+use common::{tls_connect as tls, Answer, Http, Setup, TestGateway};
+use tokio::io::AsyncWriteExt;
 
 const BOTH: [Http; 2] = [Http::One, Http::Two];
 
 async fn gateway(s: &Setup, extra: &str) -> TestGateway {
     let config = format!("{}\n{extra}", base_config(&s.files, s.upstream.addr));
     start_gateway(&config, &s.pki.dir).await
-}
-
-/// A TLS connection to the gateway offering `alpn`.
-async fn tls(addr: SocketAddr, root_pem: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let connector = tokio_rustls::TlsConnector::from(tls_client_config(root_pem, alpn));
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    connector.connect(name, tcp).await.unwrap()
-}
-
-/// One response read off a raw HTTP/1.1 connection: the head (status line and headers,
-/// lowercase names kept as sent) and the body, framed by `Content-Length` or by the close.
-struct Answer {
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn status(&self) -> u16 {
-        self.head
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Reads one response: waits for the head, then for `Content-Length` bytes (or the end of
-/// the connection when there is none).
-async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> Answer {
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    let head_end = loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at;
-        }
-        let read = stream.read(&mut chunk).await.unwrap_or(0);
-        assert!(
-            read > 0,
-            "connection closed before a response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..read]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut answer = Answer {
-        head,
-        body: buf[head_end + 4..].to_vec(),
-    };
-    match answer.header("content-length").map(str::parse::<usize>) {
-        Some(Ok(length)) => {
-            while answer.body.len() < length {
-                let read = stream.read(&mut chunk).await.unwrap_or(0);
-                assert!(read > 0, "connection closed inside the body");
-                answer.body.extend_from_slice(&chunk[..read]);
-            }
-        }
-        _ => {
-            let _ = stream.read_to_end(&mut answer.body).await;
-        }
-    }
-    answer
 }
 
 /// Sends `request` on a fresh HTTP/1.1 TLS connection and reads one response.

@@ -53,6 +53,17 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// `server.max_plain_http_connections`: the redirect port's own budget, so it cannot take
 /// the places of HTTPS clients.
 pub const DEFAULT_MAX_PLAIN_HTTP_CONNECTIONS: usize = 1_024;
+/// `proxy.request_buffer_size`: request bodies up to this size are read whole before the
+/// upstream is contacted (nginx buffers every body, spilling to disk past
+/// `client_body_buffer_size`; Gatehouse keeps them in memory, so the limit is smaller
+/// than `max_body_size`).
+pub const DEFAULT_REQUEST_BUFFER_SIZE: u64 = 1024 * 1024;
+/// `proxy.request_buffer_memory`: what all request buffers together may hold; bodies
+/// that would go past it are streamed instead.
+pub const DEFAULT_REQUEST_BUFFER_MEMORY: u64 = 128 * 1024 * 1024;
+/// `proxy.client_body_timeout`: the longest pause between two reads of a request body
+/// (nginx `client_body_timeout` is 60 s too).
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// `proxy.max_concurrent_streams`: HTTP/2 streams per connection.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// `websocket.idle_timeout`: a tunnel with no frames either way for this long is closed.
@@ -173,7 +184,9 @@ pub struct Upstream {
     pub targets: Vec<UpstreamTarget>,
     /// Time allowed to open a TCP connection to the upstream.
     pub connect_timeout: Duration,
-    /// Time allowed for the upstream to send response headers.
+    /// Time allowed for the upstream to send response headers; while an upload is
+    /// streamed to it, time it holds the upload up (not taking it) counts, time waiting
+    /// on the client does not.
     pub response_timeout: Duration,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
@@ -228,6 +241,14 @@ pub struct Proxy {
     /// Hosts requests may name (`tls` names, `*.` wildcards); others get 421 instead of
     /// reaching the app. Empty: every host is forwarded.
     pub served_hosts: Vec<String>,
+    /// Request bodies up to this size are read whole before the upstream is contacted;
+    /// larger ones are streamed. 0 streams every body.
+    pub request_buffer_size: u64,
+    /// What all request buffers together may hold at once; past it bodies are streamed.
+    pub request_buffer_memory: u64,
+    /// The longest a client may pause while sending a request body (408 when reading
+    /// it first, the upload cut off when streaming).
+    pub client_body_timeout: Duration,
 }
 
 /// `proxy.underscores_in_headers`: request header names with `_`, which Django's
@@ -575,6 +596,10 @@ struct RawProxy {
     allow_trace: Option<bool>,
     max_uri_size: Option<bytesize::ByteSize>,
     reject_unknown_hosts: Option<bool>,
+    // Request bodies.
+    request_buffer_size: Option<bytesize::ByteSize>,
+    request_buffer_memory: Option<bytesize::ByteSize>,
+    client_body_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1139,11 +1164,33 @@ fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
         allow_trace: raw.allow_trace.unwrap_or(false),
         max_uri_size: validate_max_uri_size(raw.max_uri_size, p),
         served_hosts: Vec::new(),
+        request_buffer_size: raw
+            .request_buffer_size
+            .map_or(DEFAULT_REQUEST_BUFFER_SIZE, |s| s.as_u64()),
+        request_buffer_memory: raw
+            .request_buffer_memory
+            .map_or(DEFAULT_REQUEST_BUFFER_MEMORY, |s| s.as_u64()),
+        client_body_timeout: p.duration(
+            "proxy.client_body_timeout",
+            raw.client_body_timeout.as_deref(),
+            DEFAULT_CLIENT_BODY_TIMEOUT,
+        ),
     };
+    if proxy.request_buffer_size > proxy.request_buffer_memory {
+        p.add(
+            "proxy.request_buffer_size",
+            format!(
+                "{} is more than proxy.request_buffer_memory ({}), so no body could be buffered; lower it (default \"1MiB\", \"0\" streams every body) or raise request_buffer_memory",
+                bytesize::ByteSize(proxy.request_buffer_size),
+                bytesize::ByteSize(proxy.request_buffer_memory)
+            ),
+        );
+    }
     for (key, value) in [
         ("proxy.header_read_timeout", proxy.header_read_timeout),
         ("proxy.keepalive_timeout", proxy.keepalive_timeout),
         ("proxy.send_timeout", proxy.send_timeout),
+        ("proxy.client_body_timeout", proxy.client_body_timeout),
     ] {
         if value.is_zero() {
             p.add(

@@ -6,6 +6,7 @@
 //! - [`metrics`]: a Prometheus text-format parser, over HTTP (`/metrics`) or in-process;
 //! - [`process`]: the real binary, its output as awaitable lines, and log capture for the
 //!   in-process gateway;
+//! - [`raw`]: raw TLS connections to the gateway and HTTP/1.1 responses read as bytes;
 //! - [`redis`]: redis-server processes on free ports;
 //! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
 #![allow(
@@ -20,6 +21,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod pki;
 pub mod process;
+pub mod raw;
 pub mod redis;
 pub mod upstream;
 pub mod wait;
@@ -33,6 +35,7 @@ pub use gateway::*;
 pub use metrics::*;
 pub use pki::*;
 pub use process::*;
+pub use raw::*;
 pub use redis::*;
 pub use upstream::*;
 pub use wait::*;

@@ -1,7 +1,9 @@
 //! `loadtest-origin`: the fast upstream the load tests proxy to. Plain HTTP/1.1 with
 //! keep-alive on one thread: `GET /ws` with an `Upgrade: websocket` header becomes a
 //! WebSocket echo (text and binary frames are sent back as they came), anything else gets
-//! the same fixed 1 KiB body. It prints `listening ADDR` once bound.
+//! the same fixed 1 KiB body once its request body has been read (as an app's would be:
+//! an unread body makes hyper close the connection, which would measure reconnects). It
+//! prints `listening ADDR` once bound.
 //!
 //! ```text
 //! loadtest-origin [--listen 127.0.0.1:18000]
@@ -14,7 +16,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -78,6 +80,9 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         if let Some(response) = websocket(req) {
             return Ok(response);
         }
+        return Ok(status(StatusCode::BAD_REQUEST));
+    }
+    if req.into_body().collect().await.is_err() {
         return Ok(status(StatusCode::BAD_REQUEST));
     }
     let mut response = Response::new(Full::new(Bytes::from_static(&BODY)));
