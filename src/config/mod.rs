@@ -14,8 +14,10 @@ use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod acme;
 pub mod rate_limit;
 
+use acme::{AcmeConfig, RawAcme};
 use rate_limit::{RateLimitConfig, RawRateLimit};
 
 // Defaults: what a key means when it is absent. The README's configuration table repeats
@@ -96,6 +98,8 @@ pub struct Config {
     pub websocket: WebSocket,
     /// Rate limiting; `None` when the section is absent.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Certificates obtained and renewed over ACME; `None` when the section is absent.
+    pub acme: Option<AcmeConfig>,
     /// Admin listener (health, readiness, metrics).
     pub admin: Option<Admin>,
     /// Process-wide settings.
@@ -483,6 +487,7 @@ struct RawConfig {
     #[serde(default)]
     websocket: RawWebSocket,
     rate_limit: Option<RawRateLimit>,
+    acme: Option<RawAcme>,
     admin: Option<RawAdmin>,
     #[serde(default)]
     server: RawServer,
@@ -647,6 +652,8 @@ impl Config {
             self.server.max_plain_http_connections != new.server.max_plain_http_connections,
         );
         restart_key("log.format", self.log.format != new.log.format);
+        // The ACME manager runs with the settings it started with.
+        restart_key("acme", self.acme != new.acme);
         // The live part of `new`: restart-only keys keep their running values.
         let live = self.with_restart_keys_of(new);
         let mut applied = Vec::new();
@@ -682,6 +689,7 @@ impl Config {
         live.server.max_connections = self.server.max_connections;
         live.server.max_plain_http_connections = self.server.max_plain_http_connections;
         live.log.format = self.log.format;
+        live.acme.clone_from(&self.acme);
         live
     }
 
@@ -733,7 +741,10 @@ impl Config {
 
 fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
     let listen = validate_listen(raw.listen, p);
-    let tls = validate_tls(raw.tls, p);
+    let (tls, tls_names) = validate_tls(raw.tls, raw.acme.is_some(), p);
+    let acme = raw
+        .acme
+        .map(|acme| acme::validate(acme, &tls_names, listen.http.is_some(), p));
     let upstream = validate_upstream(raw.upstream, p);
     let proxy = validate_proxy(&raw.proxy, p);
     let redirect = Redirect {
@@ -798,6 +809,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         statics,
         websocket,
         rate_limit,
+        acme,
         admin,
         server,
         log,
@@ -830,22 +842,25 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> Listen {
     }
 }
 
-fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
+/// `[tls]`, and its `names` (the default of `acme.names`). With `acme`, no certificate
+/// files are needed.
+fn validate_tls(raw: RawTls, acme: bool, p: &mut Problems) -> (Tls, Vec<String>) {
     let mut certificates = Vec::new();
     // A cert without key (or the reverse) is reported once, as the missing key.
     let half_configured = raw.cert.is_some() != raw.key.is_some();
+    let names = normalize_names(raw.names, "tls.names", p);
     match (raw.cert, raw.key) {
         (Some(cert), Some(key)) => certificates.push(CertificateSource {
             cert: p.path(&cert),
             key: p.path(&key),
             ca_bundle: raw.ca_bundle.as_deref().map(|b| p.path(b)),
-            names: normalize_names(raw.names, "tls.names", p),
+            names: names.clone(),
             key_path: "tls".to_owned(),
         }),
         (Some(_), None) => p.add("tls.key", "tls.cert is set but tls.key is missing; add key = \"path/to/private.key\""),
         (None, Some(_)) => p.add("tls.cert", "tls.key is set but tls.cert is missing; add cert = \"path/to/fullchain.crt\" (leaf first, then intermediates)"),
         (None, None) => {
-            if raw.ca_bundle.is_some() || !raw.names.is_empty() {
+            if raw.ca_bundle.is_some() || (!names.is_empty() && !acme) {
                 p.add("tls", "ca_bundle/names are set without cert and key; put them inside the [[tls.certificates]] entry they belong to");
             }
         }
@@ -860,10 +875,10 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             key_path,
         });
     }
-    if certificates.is_empty() && !half_configured {
+    if certificates.is_empty() && !half_configured && !acme {
         p.add(
             "tls",
-            "no certificate configured; set cert = \"...\" and key = \"...\" under [tls] (or add [[tls.certificates]] entries)",
+            "no certificate configured; set cert = \"...\" and key = \"...\" under [tls] (or add [[tls.certificates]] entries, or an [acme] section to obtain one automatically)",
         );
     }
     let min_version = match raw.min_version.as_deref() {
@@ -893,7 +908,7 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             "re-reading the certificate files this often wastes CPU; write e.g. \"30s\" (the default), or \"0s\" to poll never (file-system events and SIGHUP still reload)",
         );
     }
-    Tls {
+    let tls = Tls {
         certificates,
         handshake_timeout: p.duration(
             "tls.handshake_timeout",
@@ -908,7 +923,8 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             .unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
         reload_poll_interval,
         reload_watch: raw.reload_watch.unwrap_or(true),
-    }
+    };
+    (tls, names)
 }
 
 fn normalize_names(names: Vec<String>, key: &str, p: &mut Problems) -> Vec<String> {
