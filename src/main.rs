@@ -1,4 +1,4 @@
-//! The `gatehouse` binary: `run` (default), `check`, `health` and `reload`. Loads the config, sets up
+//! The `gatehouse` binary: `run` (default), `check`, `health`, `reload` and `renew`. Loads the config, sets up
 //! logging and the runtime, and turns errors into messages and exit codes:
 //! 0 success, 64 bad configuration, 65 bad certificate, 1 anything else.
 
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use gatehouse::admin::{Readiness, ReloadReport};
 use gatehouse::config::{Config, LogFormat};
 use gatehouse::live::{LogLevelHook, ReloadHandle};
+use gatehouse::tls::acme::AttemptReport;
 use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
 use tokio_util::sync::CancellationToken;
@@ -54,12 +55,18 @@ enum Command {
     /// Ask the running gateway to reload its configuration file, and print the outcome.
     /// Only `[admin] listen` and `token_file` are read here; the gateway validates the rest.
     Reload,
+    /// Ask the running gateway to order a new ACME certificate now (`[acme]`), wait for
+    /// it and print the outcome. Reads only `[admin] listen` and `token_file`.
+    Renew,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::Reload)) {
         return reload(&cli.config);
+    }
+    if matches!(cli.command, Some(Command::Renew)) {
+        return renew(&cli.config);
     }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -72,7 +79,7 @@ fn main() -> ExitCode {
         Command::Check => check(&config),
         Command::Health => health(&config),
         Command::Run => run(config),
-        Command::Reload => unreachable!("handled above"),
+        Command::Reload | Command::Renew => unreachable!("handled above"),
     }
 }
 
@@ -248,6 +255,10 @@ fn check(config: &Config) -> ExitCode {
             }
         }
     }
+    if let Some(acme) = &config.acme {
+        served_names.extend(acme.names.iter().cloned());
+        print_acme(config, acme, &provider);
+    }
     let mut missing = Vec::new();
     for entry in &config.statics {
         if !entry.dir.is_dir() {
@@ -277,6 +288,53 @@ fn check(config: &Config) -> ExitCode {
     } else {
         println!("\nresult: OK");
         ExitCode::SUCCESS
+    }
+}
+
+/// The ACME settings and what `acme.storage` holds (account, certificate); never a
+/// failure: a missing or refused certificate is ordered at start.
+fn print_acme(
+    config: &Config,
+    acme: &gatehouse::config::acme::AcmeConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) {
+    println!();
+    println!("acme ({})", acme.directory);
+    println!("  names:     {}", acme.names.join(", "));
+    println!("  challenge: {}", acme.challenge.as_str());
+    println!("  storage:   {}", acme.storage.display());
+    println!(
+        "  renew:     with {} or a third of the lifetime left, whichever is smaller",
+        humantime::format_duration(acme.renew_before)
+    );
+    match tls::acme::storage::account_summary(&acme.storage) {
+        Some(account) if account.directory == acme.directory => {
+            println!("  account:   {} ({})", account.id, account.email);
+        }
+        Some(account) => println!(
+            "  account:   {} is for another directory ({}); a new account is created at start",
+            account.id, account.directory
+        ),
+        None => println!("  account:   none yet (created at the first order)"),
+    }
+    let source = tls::acme::certificate_source(acme);
+    match tls::certs::load(
+        &source,
+        provider,
+        SystemTime::now(),
+        config.tls.expiry_warning_days,
+    ) {
+        Ok(loaded) => {
+            println!("  certificate {}", source.cert.display());
+            print_report(&loaded.report);
+        }
+        Err(_) if !source.cert.exists() => println!(
+            "  certificate: none yet; a self-signed placeholder is served until the first one is issued"
+        ),
+        Err(err) => {
+            println!("  certificate: not served: {err}");
+            println!("  (a new one is ordered at start; the placeholder serves meanwhile)");
+        }
     }
 }
 
@@ -361,8 +419,14 @@ fn probe_ready(config: &Config) -> anyhow::Result<String> {
     let admin = config.admin.as_ref().context(
         "no [admin] listen address in the config; add [admin] listen = \"127.0.0.1:9090\"",
     )?;
-    let (addr, status_line, body) = admin_request(admin.listen, "GET", "/readyz", None)
-        .map_err(|err| anyhow::anyhow!("not ready: {err:#}"))?;
+    let (addr, status_line, body) = admin_request(
+        admin.listen,
+        "GET",
+        "/readyz",
+        None,
+        std::time::Duration::from_secs(30),
+    )
+    .map_err(|err| anyhow::anyhow!("not ready: {err:#}"))?;
     let report: Option<Readiness> = serde_json::from_str(body.trim()).ok();
     match report {
         Some(report) if report.ready && status_line.contains(" 200 ") => {
@@ -423,9 +487,47 @@ fn print_reload(report: &ReloadReport) {
     }
 }
 
+/// `gatehouse renew`: `POST /acme/renew`, the outcome printed; exit 0 when a certificate
+/// was issued, 1 otherwise.
+fn renew(path: &std::path::Path) -> ExitCode {
+    let result = admin_settings(path).and_then(|(listen, token)| {
+        // An order takes seconds to minutes (the gateway gives up after 5).
+        let timeout = std::time::Duration::from_secs(330);
+        let (addr, status_line, body) =
+            admin_request(listen, "POST", "/acme/renew", token.as_deref(), timeout)?;
+        serde_json::from_str::<AttemptReport>(body.trim())
+            .with_context(|| format!("{addr} answered {status_line:?}: {}", body.trim()))
+    });
+    match result {
+        Ok(report) if report.outcome == "issued" => {
+            println!(
+                "gatehouse renew: issued: serial {} (not after {}), served now",
+                report.serial.unwrap_or_default(),
+                report.not_after.unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!(
+                "gatehouse renew: failed: {}",
+                report.error.unwrap_or_default()
+            );
+            println!("the current certificate keeps serving");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("gatehouse renew: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn request_reload(path: &std::path::Path) -> anyhow::Result<ReloadReport> {
     let (listen, token) = admin_settings(path)?;
-    let (addr, status_line, body) = admin_request(listen, "POST", "/reload", token.as_deref())?;
+    // A reload may wait for a new Redis connection.
+    let timeout = std::time::Duration::from_secs(30);
+    let (addr, status_line, body) =
+        admin_request(listen, "POST", "/reload", token.as_deref(), timeout)?;
     serde_json::from_str(body.trim())
         .with_context(|| format!("{addr} answered {status_line:?}: {}", body.trim()))
 }
@@ -482,6 +584,7 @@ fn admin_request(
     method: &str,
     path: &str,
     token: Option<&str>,
+    read_timeout: std::time::Duration,
 ) -> anyhow::Result<(std::net::SocketAddr, String, String)> {
     use std::io::{Read, Write};
     let mut addr = listen;
@@ -495,8 +598,7 @@ fn admin_request(
     let timeout = std::time::Duration::from_secs(3);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("cannot connect to the admin listener at {addr}"))?;
-    // A reload may wait for a new Redis connection; probes answer at once.
-    stream.set_read_timeout(Some(timeout * 10))?;
+    stream.set_read_timeout(Some(read_timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let authorization = token.map_or_else(String::new, |token| {
         format!("Authorization: Bearer {token}\r\n")

@@ -7,6 +7,7 @@
 //! - [`process`]: the real binary, its output as awaitable lines, and log capture for the
 //!   in-process gateway;
 //! - [`redis`]: redis-server processes on free ports;
+//! - [`pebble`]: a real ACME CA (pebble and its DNS server) on free ports;
 //! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
 #![allow(
     dead_code,
@@ -18,6 +19,7 @@
 
 pub mod gateway;
 pub mod metrics;
+pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod redis;
@@ -31,6 +33,7 @@ use std::sync::Once;
 
 pub use gateway::*;
 pub use metrics::*;
+pub use pebble::*;
 pub use pki::*;
 pub use process::*;
 pub use redis::*;
