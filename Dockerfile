@@ -6,6 +6,7 @@
 #   docker run --rm -p 80:8080 -p 443:8443 \
 #     -v "$PWD/gateway.toml:/etc/gatehouse/gateway.toml:ro" \
 #     -v /etc/gatehouse/certs:/etc/gatehouse/certs:ro gatehouse
+#   (with [acme] instead of certificate files: -v gatehouse-acme:/var/lib/gatehouse/acme)
 #
 # The process listens on 8080 (HTTP -> HTTPS redirect, ACME challenges) and 8443 (HTTPS):
 # a non-root user cannot bind ports below 1024, so the host maps 80:8080 and 443:8443
@@ -24,12 +25,16 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin gatehouse \
-    && install -m 0755 target/release/gatehouse /usr/local/bin/gatehouse
+    && install -m 0755 target/release/gatehouse /usr/local/bin/gatehouse \
+    && install -d -m 0700 /var/lib/gatehouse/acme
 
 # ---- runtime ----------------------------------------------------------------------------
 # glibc + libgcc, CA roots, no shell, no package manager; `nonroot` is uid/gid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=build /usr/local/bin/gatehouse /usr/local/bin/gatehouse
+# `acme.storage`'s default, owned by nonroot: a named volume mounted there starts with
+# this owner, so the ACME account and certificate can be written (docs/operations.md).
+COPY --from=build --chown=65532:65532 /var/lib/gatehouse /var/lib/gatehouse
 USER nonroot:nonroot
 ENV GATEHOUSE_CONFIG=/etc/gatehouse/gateway.toml
 EXPOSE 8080 8443

@@ -224,6 +224,32 @@ async fn a_restart_keeps_the_account_and_the_certificate() {
     assert_eq!(logs.lines.count("ACME account created"), 0);
     assert_eq!(pebble.output.count("POST /order-plz"), orders_before);
     gateway.stop().await;
+
+    // `gatehouse check` reports the settings and what storage holds.
+    let path = dir.join("gateway.toml");
+    let output = run_binary(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    for expected in [
+        format!("acme ({})", pebble.directory),
+        format!("  names:     {name}"),
+        "  challenge: http-01".to_owned(),
+        format!(
+            "  account:   {}",
+            pebble.directory.replace("/dir", "/my-account/")
+        ),
+        "(ops@gatehouse.test)".to_owned(),
+    ] {
+        assert!(stdout.contains(&expected), "{expected:?} in:\n{stdout}");
+    }
+    let serial = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("  serial:    "))
+        .unwrap();
+    assert_eq!(
+        serial.replace(':', ""),
+        first_serial.replace(':', "").to_lowercase()
+    );
 }
 
 #[tokio::test]
