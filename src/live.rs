@@ -208,6 +208,7 @@ impl Live {
             tokio::spawn(tls::acme::run(
                 state.clone(),
                 startup.provider.clone(),
+                startup.metrics.clone(),
                 startup.shutdown.child_token(),
             ));
         }

@@ -86,21 +86,27 @@ async fn trusted_serial(gateway: std::net::SocketAddr, name: &str, root: &str) -
     .await
 }
 
-/// An HTTPS request through the gateway to `name`, verifying against `root`.
-async fn get_through(gateway: std::net::SocketAddr, name: &str, root: &str) -> u16 {
+/// An HTTPS request through the gateway to `name` on a new connection, verifying
+/// against `root`: the status, or why it failed.
+async fn try_get_through(
+    gateway: std::net::SocketAddr,
+    name: &str,
+    root: &str,
+) -> Result<u16, reqwest::Error> {
     let client = reqwest::Client::builder()
         .use_preconfigured_tls((*tls_client_config(root, &[b"http/1.1"])).clone())
         .resolve(name, gateway)
         .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    client
+        .build()?;
+    let response = client
         .get(format!("https://{name}:{}/", gateway.port()))
         .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+async fn get_through(gateway: std::net::SocketAddr, name: &str, root: &str) -> u16 {
+    try_get_through(gateway, name, root).await.unwrap()
 }
 
 async fn issues_without_restart(challenge: &str, name: &str) {
@@ -154,6 +160,15 @@ async fn issues_without_restart(challenge: &str, name: &str) {
         serial.replace(':', "").to_lowercase()
     );
     assert_eq!(logs.lines.count("ACME account created"), 1);
+    let samples = gateway.samples();
+    assert_eq!(
+        samples.count("gatehouse_acme_orders_total{outcome=\"issued\"}"),
+        1
+    );
+    assert_eq!(
+        samples.count("gatehouse_acme_orders_total{outcome=\"failed\"}"),
+        0
+    );
     gateway.stop().await;
 }
 
@@ -329,6 +344,12 @@ async fn a_challenge_failure_is_explained_and_the_placeholder_keeps_serving() {
         (now + 50..=now + 70).contains(&next),
         "next {next}, now {now}"
     );
+    assert_eq!(
+        gateway
+            .samples()
+            .count("gatehouse_acme_orders_total{outcome=\"failed\"}"),
+        1
+    );
     gateway.stop().await;
 }
 
@@ -366,11 +387,47 @@ async fn gatehouse_renew_forces_a_new_certificate() {
     process.wait_for_line(ISSUED, ISSUE_WITHIN).await;
     let first = trusted_serial(process.https, name, &root).await;
 
+    // Clients keep opening new connections (new handshakes) through the renewal.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (stop, root, https) = (stop.clone(), root.clone(), process.https);
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop.is_cancelled() {
+                match try_get_through(https, name, &root).await {
+                    Ok(200) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
     let output = tokio::task::spawn_blocking(move || {
         run_binary(&["renew", "--config", path.to_str().unwrap()])
     })
     .await
     .unwrap();
+    let renewed = eventually(
+        ISSUE_WITHIN,
+        "the renewed certificate is served",
+        || async {
+            served_serial(process.https, name, &root)
+                .await
+                .ok()
+                .filter(|serial| *serial != first)
+        },
+    )
+    .await;
+    stop.cancel();
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 0);
+    eprintln!("{ok} requests on new connections during the renewal, 0 failed");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -381,8 +438,6 @@ async fn gatehouse_renew_forces_a_new_certificate() {
         stdout.starts_with("gatehouse renew: issued: serial "),
         "{stdout}"
     );
-    let renewed = served_serial(process.https, name, &root).await.unwrap();
-    assert_ne!(renewed, first);
     let printed = stdout
         .trim_start_matches("gatehouse renew: issued: serial ")
         .split_whitespace()

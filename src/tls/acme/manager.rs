@@ -6,25 +6,29 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use instant_acme::Account;
+use instant_acme::{Account, CertificateIdentifier};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::Der;
 use tokio_util::sync::CancellationToken;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use super::schedule::{self, Wake};
 use super::{
     order, storage, AcmeError, AcmeState, AttemptReport, ISSUED, ORDERING, RENEWING, WAITING,
 };
+use crate::metrics::Metrics;
 use crate::tls::certs::{self, CertificateFiles};
 use crate::tls::LoadedCertificate;
 
 /// Longest one attempt may take, from the account to the stored certificate.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Obtains and renews the certificate of `state` until `shutdown` is cancelled.
+/// Obtains and renews the certificate of `state` until `shutdown` is cancelled; counts
+/// orders in `metrics`.
 pub async fn run(
     state: Arc<AcmeState>,
     provider: Arc<CryptoProvider>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let config = state.config().clone();
@@ -32,27 +36,38 @@ pub async fn run(
     let mut failures: u32 = 0;
     loop {
         let now = SystemTime::now();
-        let delay = if failures > 0 {
-            schedule::backoff(failures, schedule::random_unit(&provider))
+        // When an attempt is due, and when to wake before it to ask the CA's renewal
+        // information again (RFC 9773 Retry-After).
+        let (due, recheck) = if failures > 0 {
+            (
+                now + schedule::backoff(failures, schedule::random_unit(&provider)),
+                None,
+            )
         } else if state.waiting() {
-            Duration::ZERO
+            (now, None)
         } else {
-            let due = renewal_time(&state, &provider).unwrap_or(now);
-            let delay = due.duration_since(now).unwrap_or(Duration::ZERO);
-            if !delay.is_zero() {
+            let local = renewal_time(&state, &provider).unwrap_or(now);
+            let ari = renewal_info(&state, &provider, &mut account).await;
+            let due = ari.map_or(local, |(due, _)| due);
+            if due > now {
                 tracing::info!(
                     names = %config.names.join(","),
-                    renew_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+                    renew_in = %humantime::format_duration(Duration::from_secs(due.duration_since(now).unwrap_or_default().as_secs())),
                     at_unix = unix(due),
+                    source = if ari.is_some() { "the CA's renewal information (ARI)" } else { "renew_before" },
                     "ACME renewal scheduled"
                 );
             }
-            delay
+            (due, ari.map(|(_, recheck)| recheck))
         };
-        state.set_status(|status| status.next_attempt_unix = Some(unix(now + delay)));
-        let forced = match schedule::wait(delay, &state.renew, &shutdown).await {
+        let delay = due.duration_since(now).unwrap_or(Duration::ZERO);
+        let wake_in = recheck.map_or(delay, |recheck| delay.min(recheck));
+        state.set_status(|status| status.next_attempt_unix = Some(unix(due)));
+        let forced = match schedule::wait(wake_in, &state.renew, &shutdown).await {
             Wake::Shutdown => return,
             Wake::Forced => true,
+            // Woken to ask the CA again before the renewal is due.
+            Wake::Due if wake_in < delay => continue,
             Wake::Due => false,
         };
         let renewing = !state.waiting();
@@ -76,6 +91,7 @@ pub async fn run(
             step: "the whole attempt",
             seconds: ATTEMPT_TIMEOUT.as_secs(),
         }));
+        metrics.acme_order(result.is_ok());
         match result {
             Ok(loaded) => {
                 failures = 0;
@@ -156,6 +172,65 @@ async fn attempt(
     )?;
     storage::write_certificate(config, &issued.chain_pem, &issued.key_pem)?;
     Ok(loaded)
+}
+
+/// The CA's suggested renewal time for the served certificate (RFC 9773) and when to
+/// ask again, or `None` when the directory offers no renewal information (Debian's
+/// pebble 2.4, for one) or it cannot be had now. Loads the stored account to ask.
+async fn renewal_info(
+    state: &AcmeState,
+    provider: &CryptoProvider,
+    account: &mut Option<Account>,
+) -> Option<(SystemTime, Duration)> {
+    if account.is_none() && storage::read_account(state.config()).ok()?.is_some() {
+        match order::account(state.config()).await {
+            Ok(loaded) => *account = Some(loaded),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot load the ACME account to ask for renewal information");
+                return None;
+            }
+        }
+    }
+    let account = account.as_ref()?;
+    let current = state.slot().current();
+    let identifier = certificate_identifier(current.cert.first()?.as_ref())?;
+    match account.renewal_info(&identifier).await {
+        Ok((info, retry_after)) => {
+            let due = schedule::ari_renew_at(
+                info.suggested_window.start.into(),
+                info.suggested_window.end.into(),
+                SystemTime::now(),
+                schedule::random_unit(provider),
+            );
+            Some((due, schedule::ari_recheck(retry_after)))
+        }
+        Err(instant_acme::Error::Unsupported(_)) => None,
+        Err(err) => {
+            tracing::warn!(error = %super::error::describe_error(&err), "cannot get the CA's renewal information (ARI); renewing by acme.renew_before");
+            None
+        }
+    }
+}
+
+/// The ARI certificate identifier (RFC 9773 §4.1): the authority key identifier and the
+/// serial as encoded in the certificate.
+fn certificate_identifier(leaf: &[u8]) -> Option<CertificateIdentifier<'static>> {
+    let (_, parsed) = X509Certificate::from_der(leaf).ok()?;
+    let key_identifier = parsed
+        .iter_extensions()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|id| id.0)
+            }
+            _ => None,
+        })?;
+    Some(
+        CertificateIdentifier::new(
+            Der::from_slice(key_identifier),
+            Der::from_slice(parsed.tbs_certificate.raw_serial()),
+        )
+        .into_owned(),
+    )
 }
 
 /// When the served certificate is due for renewal.

@@ -15,7 +15,9 @@
 //! - *issued*: the chain is validated by the doctor, written to `storage`, and swapped
 //!   into the slot ([`crate::tls::CertSlot::replace`]) like a hot reload: new handshakes
 //!   get it, open connections keep theirs. The next renewal is scheduled at
-//!   `not_after - min(renew_before, lifetime / 3)`, a little earlier by a random jitter.
+//!   `not_after - min(renew_before, lifetime / 3)`, a little earlier by a random jitter,
+//!   or at a random time in the CA's suggested window when the directory offers renewal
+//!   information (RFC 9773), asked again after its `Retry-After`.
 //! - *failed*: the current certificate (or the placeholder) keeps serving; the CA's
 //!   problem document is logged in plain words, and the next attempt waits a backoff
 //!   (minutes, then hours: [`schedule::backoff`]). A renewal request (`POST /acme/renew`,

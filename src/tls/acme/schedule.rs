@@ -54,6 +54,25 @@ pub fn renew_at(
         .unwrap_or(not_before)
 }
 
+/// RFC 9773 §4.2: a random time within the CA's suggested window `[start, end]`, or now
+/// when the window has begun (the part already past is skipped) or ended.
+pub fn ari_renew_at(start: SystemTime, end: SystemTime, now: SystemTime, unit: f64) -> SystemTime {
+    if end <= now {
+        return now;
+    }
+    let from = start.max(now);
+    from + end
+        .duration_since(from)
+        .unwrap_or(Duration::ZERO)
+        .mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// How long until the renewal information is asked again: the CA's `Retry-After`,
+/// kept between an hour and a day.
+pub fn ari_recheck(retry_after: Duration) -> Duration {
+    retry_after.clamp(Duration::from_secs(3600), Duration::from_secs(86_400))
+}
+
 /// A random number in `[0, 1)` from the crypto provider (0 if it fails).
 pub(crate) fn random_unit(provider: &CryptoProvider) -> f64 {
     let mut bytes = [0u8; 4];
@@ -143,6 +162,43 @@ mod tests {
             renew_at(start, end, &config(), 1.0),
             end - Duration::from_secs(23)
         );
+    }
+
+    /// A renewalInfo response as RFC 9773 §4.2 shows it (what Let's Encrypt serves).
+    const RENEWAL_INFO: &str = r#"{
+        "suggestedWindow": {
+            "start": "2025-01-02T04:00:00Z",
+            "end": "2025-01-03T04:00:00Z"
+        },
+        "explanationURL": "https://acme.example.com/docs/ari"
+    }"#;
+
+    #[test]
+    fn ari_picks_a_time_in_the_suggested_window() {
+        let info: instant_acme::RenewalInfo = serde_json::from_str(RENEWAL_INFO).unwrap();
+        let start: SystemTime = info.suggested_window.start.into();
+        let end: SystemTime = info.suggested_window.end.into();
+        assert_eq!(
+            start,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_735_790_400)
+        );
+        let before = start - DAY;
+        assert_eq!(ari_renew_at(start, end, before, 0.0), start);
+        assert_eq!(ari_renew_at(start, end, before, 0.5), start + DAY / 2);
+        // Inside the window: only what is left of it.
+        let inside = start + DAY / 2;
+        assert_eq!(ari_renew_at(start, end, inside, 0.5), inside + DAY / 4);
+        // After it (e.g. a revocation moved it into the past): now.
+        assert_eq!(ari_renew_at(start, end, end + DAY, 0.7), end + DAY);
+        assert_eq!(
+            ari_recheck(Duration::from_secs(21_600)),
+            Duration::from_secs(21_600)
+        );
+        assert_eq!(
+            ari_recheck(Duration::from_secs(5)),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(ari_recheck(7 * DAY), DAY);
     }
 
     #[tokio::test(start_paused = true)]
