@@ -494,3 +494,76 @@ async fn short_lived_certificates_are_renewed_on_schedule() {
     );
     gateway.stop().await;
 }
+
+/// `POST path` on the admin listener: status and JSON body.
+async fn admin_post(admin: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let response = plain_client()
+        .post(format!("http://{admin}{path}"))
+        .timeout(ISSUE_WITHIN)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_acme_certificate_and_its_challenges_answered() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "reload.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let config = acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0);
+    let gateway = start_gateway(&config, &dir).await;
+    logs.lines.wait_for_line(ISSUED, ISSUE_WITHIN).await;
+    let first = trusted_serial(gateway.https, name, &root).await;
+    let admin = gateway.admin.unwrap();
+
+    // A [tls] change builds a new certificate store; an [acme] change waits for a restart.
+    let changed = config
+        .replace("[tls]\n", "[tls]\nexpiry_warning_days = 20\n")
+        .replace("ops@gatehouse.test", "web@gatehouse.test");
+    std::fs::write(dir.join("gateway.toml"), changed).unwrap();
+    let (status, report) = admin_post(admin, "/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["changed"], serde_json::json!(["tls"]), "{report}");
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["acme"]),
+        "{report}"
+    );
+    assert_eq!(
+        served_serial(gateway.https, name, &root).await.unwrap(),
+        first
+    );
+
+    // The new snapshot still answers the CA's HTTP-01 requests: a forced renewal works.
+    let (status, renewed) = admin_post(admin, "/acme/renew").await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(renewed["outcome"], "issued");
+    let serial = served_serial(gateway.https, name, &root).await.unwrap();
+    assert_ne!(serial, first);
+    assert_eq!(
+        renewed["serial"].as_str().unwrap().replace(':', ""),
+        serial.replace(':', "").to_lowercase()
+    );
+    gateway.stop().await;
+}

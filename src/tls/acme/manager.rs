@@ -23,6 +23,9 @@ use crate::tls::LoadedCertificate;
 /// Longest one attempt may take, from the account to the stored certificate.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Longest wait for the CA's renewal information (and the account it is asked with).
+const ARI_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Obtains and renews the certificate of `state` until `shutdown` is cancelled; counts
 /// orders in `metrics`.
 pub async fn run(
@@ -47,7 +50,11 @@ pub async fn run(
             (now, None)
         } else {
             let local = renewal_time(&state, &provider).unwrap_or(now);
-            let ari = renewal_info(&state, &provider, &mut account).await;
+            // A CA that does not answer must not hold up the local schedule.
+            let ari =
+                tokio::time::timeout(ARI_TIMEOUT, renewal_info(&state, &provider, &mut account))
+                    .await
+                    .unwrap_or(None);
             let due = ari.map_or(local, |(due, _)| due);
             if due > now {
                 tracing::info!(
