@@ -181,24 +181,23 @@ impl CertStore {
         self.acme.as_ref()
     }
 
-    fn which(&self, which: Which) -> &CertSlot {
+    fn which(&self, which: Which) -> Option<&CertSlot> {
         match (which, &self.acme) {
-            (Which::Acme, Some(state)) => state.slot(),
-            (Which::File(index), _) if index < self.slots.len() => &self.slots[index],
-            _ => self.default_slot(),
+            (Which::Acme, Some(state)) => Some(state.slot()),
+            (Which::File(index), _) => self.slots.get(index),
+            (Which::Acme, None) => self.default_slot(),
         }
     }
 
-    /// The first file slot, else the ACME slot (the configuration has one of them).
-    fn default_slot(&self) -> &CertSlot {
-        match (self.slots.first(), &self.acme) {
-            (Some(slot), _) => slot,
-            (None, Some(state)) => state.slot(),
-            (None, None) => unreachable!("a store always has a file or an ACME slot"),
-        }
+    /// The first file slot, else the ACME slot; `None` only for a store built from an
+    /// empty `[tls]` without `[acme]`, which validation refuses (the handshake fails).
+    fn default_slot(&self) -> Option<&CertSlot> {
+        self.slots
+            .first()
+            .or_else(|| self.acme.as_deref().map(acme::AcmeState::slot))
     }
 
-    fn slot_for(&self, server_name: Option<&str>) -> &CertSlot {
+    fn slot_for(&self, server_name: Option<&str>) -> Option<&CertSlot> {
         let index = server_name.and_then(|name| {
             let lowered;
             let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -228,11 +227,8 @@ impl ResolvesServerCert for CertStore {
             let state = self.acme.as_ref()?;
             return state.challenges().tls_alpn(client_hello.server_name()?);
         }
-        Some(
-            self.slot_for(client_hello.server_name())
-                .current
-                .load_full(),
-        )
+        self.slot_for(client_hello.server_name())
+            .map(|slot| slot.current.load_full())
     }
 }
 
