@@ -567,3 +567,39 @@ async fn a_reload_keeps_the_acme_certificate_and_its_challenges_answered() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn an_unwritable_storage_stops_startup_before_any_order() {
+    // No CA needed: the gateway refuses to start before it would order.
+    let dir = scratch_dir("acme-storage");
+    std::fs::write(dir.join("not-a-directory"), "").unwrap();
+    let upstream = Upstream::start().await;
+    let config = format!(
+        r#"[listen]
+https = "127.0.0.1:0"
+
+[tls]
+names = ["storage.gatehouse.test"]
+
+[acme]
+email = "ops@gatehouse.test"
+accept_terms = true
+directory = "https://127.0.0.1:1/dir"
+storage = "{storage}"
+challenge = "tls-alpn-01"
+
+[upstream]
+url = "http://{upstream}"
+"#,
+        storage = dir.join("not-a-directory/acme").display(),
+        upstream = upstream.addr,
+    );
+    let Err(err) = try_start_gateway(&config, &dir).await else {
+        panic!("started with an unwritable acme.storage");
+    };
+    assert!(
+        err.starts_with("acme.storage: ") && err.contains("not-a-directory/acme"),
+        "{err}"
+    );
+    assert!(err.contains("mounted and writable"), "{err}");
+}

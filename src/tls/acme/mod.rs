@@ -105,14 +105,15 @@ pub struct AcmeState {
 }
 
 impl AcmeState {
-    /// Loads the certificate kept in `config.storage` when the doctor accepts it (names
-    /// included), else a placeholder; nothing is ordered yet.
+    /// Checks that `config.storage` is writable, and loads the certificate kept there when
+    /// the doctor accepts it (names included), else a placeholder; nothing is ordered yet.
     pub fn load(
         config: &AcmeConfig,
         provider: &CryptoProvider,
         now: SystemTime,
         expiry_warning_days: u32,
     ) -> Result<AcmeState, AcmeError> {
+        storage::check_writable(&config.storage)?;
         let source = storage::certificate_source(config);
         let stored = match certs::load(&source, provider, now, expiry_warning_days) {
             Ok(loaded) => {

@@ -133,6 +133,19 @@ pub(crate) fn ensure_dir(storage: &Path) -> Result<(), AcmeError> {
         })
 }
 
+/// Creates `storage` when missing and checks that a file can be written there, so an
+/// unwritable volume stops startup instead of wasting orders whose certificates could not
+/// be kept (each restart would order again, into the CA's rate limits).
+pub(crate) fn check_writable(storage: &Path) -> Result<(), AcmeError> {
+    ensure_dir(storage)?;
+    let probe = storage.join(".write-test");
+    write_atomically(&probe, b"", false)?;
+    std::fs::remove_file(&probe).map_err(|source| AcmeError::Storage {
+        path: probe,
+        source,
+    })
+}
+
 fn write_atomically(path: &Path, bytes: &[u8], secret: bool) -> Result<(), AcmeError> {
     let error = |source| AcmeError::Storage {
         path: path.to_path_buf(),
