@@ -4,6 +4,7 @@
 #   docker run --rm -p 80:8080 -p 443:8443 \
 #     -v "$PWD/gateway.toml:/etc/gatehouse/gateway.toml:ro" \
 #     -v /etc/gatehouse/certs:/etc/gatehouse/certs:ro gatehouse
+#   (with [acme] instead of certificate files: -v gatehouse-acme:/var/lib/gatehouse/acme)
 #
 # The process listens on 8080 (HTTP -> HTTPS redirect, ACME challenges) and 8443 (HTTPS):
 # a non-root user cannot bind ports below 1024, so the host maps 80:8080 and 443:8443
@@ -27,12 +28,16 @@ WORKDIR /src
 # workspace); .dockerignore keeps target/, .git/ and the dev keys out of the context.
 COPY . .
 RUN cargo build --release --locked --bin gatehouse \
-    && install -m 0755 target/release/gatehouse /usr/local/bin/gatehouse
+    && install -m 0755 target/release/gatehouse /usr/local/bin/gatehouse \
+    && install -d -m 0700 /var/lib/gatehouse/acme
 
 # ---- runtime ----------------------------------------------------------------------------
 # glibc + libgcc, CA roots, no shell, no package manager; `nonroot` is uid/gid 65532.
 FROM ${RUNTIME_IMAGE} AS runtime
 COPY --from=build /usr/local/bin/gatehouse /usr/local/bin/gatehouse
+# `acme.storage`'s default, owned by nonroot: a named volume mounted there starts with
+# this owner, so the ACME account and certificate can be written (docs/operations.md).
+COPY --from=build --chown=65532:65532 /var/lib/gatehouse /var/lib/gatehouse
 USER nonroot:nonroot
 ENV GATEHOUSE_CONFIG=/etc/gatehouse/gateway.toml
 EXPOSE 8080 8443

@@ -35,6 +35,7 @@ use crate::listener::{accept_until, Context};
 use crate::live::{Cause, Live};
 use crate::metrics::{self, Metrics};
 use crate::ratelimit::OnRedisError;
+use crate::tls::acme::AcmeStatus;
 use crate::tls::{expiry, CertStore, ExpiryState};
 
 pub use crate::live::ReloadReport;
@@ -131,6 +132,9 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
     if req.uri().path() == "/reload" {
         return reload(req, state).await;
     }
+    if req.uri().path() == "/acme/renew" {
+        return acme_renew(req, state).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
     }
@@ -158,7 +162,7 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
         }
         _ => plain_response(
             StatusCode::NOT_FOUND,
-            "404 Not Found (admin endpoints: /healthz, /readyz, /metrics, POST /reload)\n",
+            "404 Not Found (admin endpoints: /healthz, /readyz, /metrics, POST /reload, POST /acme/renew)\n",
         ),
     }
 }
@@ -167,11 +171,52 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
 /// [`ReloadReport`] (200 applied or unchanged, 422 refused). Needs the `admin.token_file`
 /// token as `Authorization: Bearer`; without a token it is only open on loopback.
 async fn reload(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
-    if req.method() != Method::POST {
+    if let Some(refused) = authorize(req, state, "/reload") {
+        return refused;
+    }
+    let report = state.live().reload(Cause::Admin).await;
+    let status = if report.refused() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    json_response(status, &report)
+}
+
+/// `POST /acme/renew`: orders a new ACME certificate now and answers with the attempt's
+/// [`AttemptReport`] (200 issued, 502 failed, 404 without `[acme]`). The same token rules
+/// as `POST /reload`.
+async fn acme_renew(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
+    if let Some(refused) = authorize(req, state, "/acme/renew") {
+        return refused;
+    }
+    let Some(acme) = state.live().current().certificates.acme().cloned() else {
         return plain_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "405 Method Not Allowed (POST /reload)\n",
+            StatusCode::NOT_FOUND,
+            "404 Not Found: no [acme] section in the running configuration\n",
         );
+    };
+    let report = acme.renew_now().await;
+    let status = if report.outcome == "issued" {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    json_response(status, &report)
+}
+
+/// The refusal for a mutating request to `endpoint` (wrong method, missing or wrong
+/// token, no token configured off loopback), or `None` when it may proceed.
+fn authorize(
+    req: &Request<Incoming>,
+    state: &AdminState,
+    endpoint: &str,
+) -> Option<Response<Body>> {
+    if req.method() != Method::POST {
+        return Some(plain_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("405 Method Not Allowed (POST {endpoint})\n"),
+        ));
     }
     let config = state.live().current().config.clone();
     let token = config.admin.as_ref().and_then(|admin| admin.token.as_ref());
@@ -185,27 +230,21 @@ async fn reload(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
             if !given
                 .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.0.as_bytes()))
             {
-                return plain_response(
+                return Some(plain_response(
                     StatusCode::UNAUTHORIZED,
-                    "401 Unauthorized: send the token of admin.token_file as `Authorization: Bearer TOKEN` (`gatehouse reload` does)\n",
-                );
+                    "401 Unauthorized: send the token of admin.token_file as `Authorization: Bearer TOKEN` (`gatehouse reload` and `gatehouse renew` do)\n",
+                ));
             }
         }
         None if !state.admin.ip().is_loopback() => {
-            return plain_response(
+            return Some(plain_response(
                 StatusCode::FORBIDDEN,
-                "403 Forbidden: the admin listener is not on loopback, so POST /reload needs a token; set [admin] token_file\n",
-            );
+                format!("403 Forbidden: the admin listener is not on loopback, so POST {endpoint} needs a token; set [admin] token_file\n"),
+            ));
         }
         None => {}
     }
-    let report = state.live().reload(Cause::Admin).await;
-    let status = if report.refused() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
-    json_response(status, &report)
+    None
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -261,6 +300,10 @@ pub struct Checks {
     /// running configuration still serves) until a later reload is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_reload: Option<ReloadReport>,
+    /// The ACME certificate, when `[acme]` is set: *degraded* while the placeholder is
+    /// served ("waiting for ACME"), never unready (the CA must reach this instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeStatus>,
 }
 
 /// `checks.listeners`.
@@ -442,6 +485,12 @@ impl Readiness {
                 .filter_map(|r| r.state.clone())
                 .collect(),
             "listeners" => vec![checks.listeners.state.clone()],
+            "acme" => checks
+                .acme
+                .iter()
+                .flat_map(|acme| [Some(acme.state.clone()), acme.last_error.clone()])
+                .flatten()
+                .collect(),
             _ => Vec::new(),
         };
         errors.join("; ")
@@ -538,6 +587,13 @@ async fn readiness(state: &AdminState) -> Readiness {
         _ => None,
     };
 
+    let acme = snapshot.certificates.acme().map(|acme| {
+        if acme.waiting() {
+            degraded.push("acme".to_owned());
+        }
+        acme.status()
+    });
+
     let config_reload = state.live().last_reload();
     if config_reload.as_ref().is_some_and(ReloadReport::refused) {
         degraded.push("config_reload".to_owned());
@@ -554,6 +610,7 @@ async fn readiness(state: &AdminState) -> Readiness {
             upstream,
             redis,
             config_reload,
+            acme,
         },
     }
 }
@@ -563,8 +620,7 @@ async fn readiness(state: &AdminState) -> Readiness {
 fn certificates(store: &CertStore, warning_days: u32) -> CertificatesCheck {
     let now = SystemTime::now();
     let served: Vec<ServedCertificate> = store
-        .slots()
-        .iter()
+        .served()
         .map(|slot| {
             let report = slot.report();
             let left = expiry(report.not_after_unix, now, warning_days);
@@ -661,7 +717,7 @@ fn render_certificates(out: &mut String, certificates: &CertStore) {
     );
     let mut not_after_lines = String::new();
     let mut refused_lines = String::new();
-    for slot in certificates.slots() {
+    for slot in certificates.served() {
         let report = slot.report();
         let name = report.names.first().map_or("", String::as_str);
         let cert = report.cert_path.display();

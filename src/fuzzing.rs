@@ -285,7 +285,7 @@ pub fn redirect_location(host: &[u8], path_and_query: &[u8], https_port: u16) ->
         Some(PathAndQuery::try_from(path_and_query).ok()?)
     };
     let target = target.as_ref().map(PathAndQuery::as_str);
-    let redirector = Redirector::new(https_port, None);
+    let redirector = Redirector::new(https_port, None, None);
     let location = redirector.location(host, target);
     let Some(location) = location else {
         panic!("no Location for host {host:?} and target {target:?}");

@@ -65,6 +65,9 @@ pub enum StartError {
     /// The rate limiter could not start (the message names the `rate_limit.*` key).
     #[error("{0}")]
     RateLimit(String),
+    /// The ACME state could not be set up (the placeholder certificate).
+    #[error(transparent)]
+    Acme(#[from] tls::acme::AcmeError),
 }
 
 /// A gateway with its certificates validated and its sockets bound, ready to run.
@@ -89,7 +92,22 @@ impl Gateway {
             tracing::warn!(config = %config.source.display(), "{warning}");
         }
         let provider = tls::provider();
-        let certificates = Arc::new(CertStore::load(&config.tls, &provider, SystemTime::now())?);
+        let now = SystemTime::now();
+        let acme = match &config.acme {
+            Some(acme) => Some(Arc::new(tls::acme::AcmeState::load(
+                acme,
+                &provider,
+                now,
+                config.tls.expiry_warning_days,
+            )?)),
+            None => None,
+        };
+        let certificates = Arc::new(CertStore::load_with_acme(
+            &config.tls,
+            acme,
+            &provider,
+            now,
+        )?);
         for slot in certificates.slots() {
             let report = slot.report();
             for warning in &report.warnings {

@@ -167,6 +167,10 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
                 }
             };
             task_ctx.metrics.handshake_ok();
+            if tls.get_ref().1.alpn_protocol() == Some(crate::tls::acme::ALPN) {
+                // A TLS-ALPN-01 validation: the handshake was the answer (RFC 8737).
+                return;
+            }
             let tls_version = match tls.get_ref().1.protocol_version() {
                 Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",

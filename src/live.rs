@@ -202,6 +202,16 @@ impl Live {
         let limiter = build_limiter(&config, &startup.metrics, None).await?;
         let acceptor = acceptor(&config, &startup.certificates, &startup.provider)?;
         let watch = watch_certificates(&config, &startup.certificates, &startup);
+        if let Some(state) = startup.certificates.acme() {
+            // The ACME certificate's slot is shared by every store a reload builds, so
+            // the manager outlives them; it stops at shutdown.
+            tokio::spawn(tls::acme::run(
+                state.clone(),
+                startup.provider.clone(),
+                startup.metrics.clone(),
+                startup.shutdown.child_token(),
+            ));
+        }
         let snapshot = assemble(
             config,
             startup.certificates,
@@ -324,8 +334,13 @@ impl Live {
         let certificates = if same_certificates {
             current.certificates.clone()
         } else {
-            let store = CertStore::load(&config.tls, &self.provider, SystemTime::now())
-                .map_err(|err| failed(err.into()))?;
+            let store = CertStore::load_with_acme(
+                &config.tls,
+                current.certificates.acme().cloned(),
+                &self.provider,
+                SystemTime::now(),
+            )
+            .map_err(|err| failed(err.into()))?;
             Arc::new(store)
         };
         let acceptor =
@@ -548,6 +563,7 @@ fn assemble(
     let redirector = Redirector::new(
         config.listen.public_https_port,
         config.redirect.acme_challenge_dir.as_deref(),
+        certificates.acme().cloned(),
     );
     let exempt = [config.limit_exempt(), &config.proxy.trusted_proxies].concat();
     let per_client = match previous {

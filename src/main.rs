@@ -1,4 +1,4 @@
-//! The `gatehouse` binary: `run` (default), `check`, `health` and `reload`. Loads the config, sets up
+//! The `gatehouse` binary: `run` (default), `check`, `health`, `reload` and `renew`. Loads the config, sets up
 //! logging and the runtime, and turns errors into messages and exit codes:
 //! 0 success, 64 bad configuration, 65 bad certificate, 1 anything else.
 
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use gatehouse::admin::{Readiness, ReloadReport};
 use gatehouse::config::{Config, LogFormat};
 use gatehouse::live::{LogLevelHook, ReloadHandle};
+use gatehouse::tls::acme::AttemptReport;
 use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
 use tokio_util::sync::CancellationToken;
@@ -56,12 +57,18 @@ enum Command {
     /// Ask the running gateway to reload its configuration file, and print the outcome.
     /// Only `[admin] listen` and `token_file` are read here; the gateway validates the rest.
     Reload,
+    /// Ask the running gateway to order a new ACME certificate now (`[acme]`), wait for
+    /// it and print the outcome. Reads only `[admin] listen` and `token_file`.
+    Renew,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::Reload)) {
         return reload(&cli.config);
+    }
+    if matches!(cli.command, Some(Command::Renew)) {
+        return renew(&cli.config);
     }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -74,7 +81,7 @@ fn main() -> ExitCode {
         Command::Check => check(&config),
         Command::Health => health(&config),
         Command::Run => run(config),
-        Command::Reload => unreachable!("handled above"),
+        Command::Reload | Command::Renew => unreachable!("handled above"),
     }
 }
 
@@ -250,6 +257,10 @@ fn check(config: &Config) -> ExitCode {
             }
         }
     }
+    if let Some(acme) = &config.acme {
+        served_names.extend(acme.names.iter().cloned());
+        print_acme(config, acme, &provider);
+    }
     let missing = config.warnings();
     for warning in &missing {
         println!("\nwarning: {warning}");
@@ -262,6 +273,53 @@ fn check(config: &Config) -> ExitCode {
     } else {
         println!("\nresult: OK");
         ExitCode::SUCCESS
+    }
+}
+
+/// The ACME settings and what `acme.storage` holds (account, certificate); never a
+/// failure: a missing or refused certificate is ordered at start.
+fn print_acme(
+    config: &Config,
+    acme: &gatehouse::config::acme::AcmeConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) {
+    println!();
+    println!("acme ({})", acme.directory);
+    println!("  names:     {}", acme.names.join(", "));
+    println!("  challenge: {}", acme.challenge.as_str());
+    println!("  storage:   {}", acme.storage.display());
+    println!(
+        "  renew:     with {} or a third of the lifetime left, whichever is smaller",
+        humantime::format_duration(acme.renew_before)
+    );
+    match tls::acme::storage::account_summary(&acme.storage) {
+        Some(account) if account.directory == acme.directory => {
+            println!("  account:   {} ({})", account.id, account.email);
+        }
+        Some(account) => println!(
+            "  account:   {} is for another directory ({}); a new account is created at start",
+            account.id, account.directory
+        ),
+        None => println!("  account:   none yet (created at the first order)"),
+    }
+    let source = tls::acme::certificate_source(acme);
+    match tls::certs::load(
+        &source,
+        provider,
+        SystemTime::now(),
+        config.tls.expiry_warning_days,
+    ) {
+        Ok(loaded) => {
+            println!("  certificate {}", source.cert.display());
+            print_report(&loaded.report);
+        }
+        Err(_) if !source.cert.exists() => println!(
+            "  certificate: none yet; a self-signed placeholder is served until the first one is issued"
+        ),
+        Err(err) => {
+            println!("  certificate: not served: {err}");
+            println!("  (a new one is ordered at start; the placeholder serves meanwhile)");
+        }
     }
 }
 
@@ -406,6 +464,41 @@ fn print_reload(report: &ReloadReport) {
             "  needs a restart to take effect: {}",
             report.restart_needed.join(", ")
         );
+    }
+}
+
+/// `gatehouse renew`: `POST /acme/renew`, the outcome printed; exit 0 when a certificate
+/// was issued, 1 otherwise.
+fn renew(path: &std::path::Path) -> ExitCode {
+    let result = admin_settings(path).and_then(|(listen, token)| {
+        // An order takes seconds to minutes (the gateway gives up after 5).
+        let timeout = std::time::Duration::from_secs(330);
+        let (addr, status_line, body) =
+            admin_request(listen, "POST", "/acme/renew", token.as_deref(), timeout)?;
+        serde_json::from_str::<AttemptReport>(body.trim())
+            .with_context(|| format!("{addr} answered {status_line:?}: {}", body.trim()))
+    });
+    match result {
+        Ok(report) if report.outcome == "issued" => {
+            println!(
+                "gatehouse renew: issued: serial {} (not after {}), served now",
+                report.serial.unwrap_or_default(),
+                report.not_after.unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!(
+                "gatehouse renew: failed: {}",
+                report.error.unwrap_or_default()
+            );
+            println!("the current certificate keeps serving");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("gatehouse renew: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -101,6 +101,7 @@ const OUTCOMES: [&str; 3] = ["allowed", "rejected", "shadow_rejected"];
 const HANDSHAKE_REASONS: [&str; 4] = ["timeout", "client_alert", "protocol", "io"];
 const UPSTREAM_KINDS: [&str; 3] = ["connect", "timeout", "broken"];
 const CONFIG_RELOADS: [&str; 3] = ["applied", "unchanged", "refused"];
+const ACME_OUTCOMES: [&str; 2] = ["issued", "failed"];
 
 /// How a configuration reload ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +205,8 @@ pub struct Metrics {
     reloads_failed: AtomicU64,
     /// Configuration reloads, by outcome.
     config_reloads: [AtomicU64; 3],
+    /// ACME orders, by outcome (issued, failed).
+    acme_orders: [AtomicU64; 2],
 }
 
 /// Keeps a connection in the open-connections gauge until dropped (by the connection
@@ -324,6 +327,11 @@ impl Metrics {
     /// Counts a configuration reload.
     pub fn config_reload(&self, outcome: ConfigReload) {
         self.config_reloads[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an ACME order that ended with a certificate (`issued`) or without.
+    pub fn acme_order(&self, issued: bool) {
+        self.acme_orders[usize::from(!issued)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Open client connections now.
@@ -513,6 +521,14 @@ impl Metrics {
                 count.load(Ordering::Relaxed)
             );
         }
+        labelled(
+            &mut out,
+            "gatehouse_acme_orders_total",
+            "ACME orders, by outcome (failed: the current certificate kept serving).",
+            "outcome",
+            &ACME_OUTCOMES,
+            &self.acme_orders,
+        );
         out
     }
 }

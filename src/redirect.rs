@@ -1,7 +1,8 @@
 //! The plain-HTTP listener's service: every request is redirected to HTTPS on the same
 //! host, path and query (301 for GET/HEAD, 308 otherwise so bodies are not turned into
-//! GETs), except ACME HTTP-01 challenges, which are served from a directory so certbot's
-//! webroot renewals work through the gateway.
+//! GETs), except ACME HTTP-01 challenges: those of the built-in ACME client (`[acme]`)
+//! from memory, then files from a directory so certbot's webroot renewals work through
+//! the gateway.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use tower_http::services::ServeDir;
 
 use crate::error::{full, plain_response, Body};
 use crate::static_files::{confine, Confinement};
+use crate::tls::acme::AcmeState;
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -26,6 +28,8 @@ pub struct Redirector {
     port_suffix: String,
     /// Serves ACME challenge files, when configured.
     acme: Option<Acme>,
+    /// The built-in ACME client's HTTP-01 tokens, when `[acme]` is configured.
+    tokens: Option<Arc<AcmeState>>,
 }
 
 /// The ACME challenge directory.
@@ -37,7 +41,11 @@ struct Acme {
 
 impl Redirector {
     /// `public_https_port` is the port clients use for HTTPS.
-    pub fn new(public_https_port: u16, acme_challenge_dir: Option<&Path>) -> Redirector {
+    pub fn new(
+        public_https_port: u16,
+        acme_challenge_dir: Option<&Path>,
+        tokens: Option<Arc<AcmeState>>,
+    ) -> Redirector {
         Redirector {
             port_suffix: if public_https_port == 443 {
                 String::new()
@@ -48,6 +56,7 @@ impl Redirector {
                 root: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
                 files: ServeDir::new(dir).append_index_html_on_directories(false),
             }),
+            tokens,
         }
     }
 
@@ -66,6 +75,18 @@ impl Redirector {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        if let (Some(state), Some(token)) =
+            (&self.tokens, req.uri().path().strip_prefix(ACME_PREFIX))
+        {
+            if let Some(key_authorization) = state.challenges().http(token) {
+                let mut response = Response::new(full(key_authorization));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                return Ok(response);
+            }
+        }
         if let Some(acme) = &self.acme {
             if let Some(token) = req.uri().path().strip_prefix(ACME_PREFIX) {
                 let token = token.to_owned();

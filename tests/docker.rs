@@ -185,16 +185,27 @@ fn dockerfile_is_multi_stage_locked_non_root_with_gatehouse_health() {
         "the build must use Cargo.lock as committed"
     );
 
-    // Runtime stage: copies only the binary from the build stage.
+    // Runtime stage: copies only the binary from the build stage, and the empty ACME
+    // storage directory owned by nonroot (a named volume takes its owner).
     let runtime_from = &in_stage(last_stage, "FROM")[0].args;
     assert!(
         runtime_from.contains("distroless") || runtime_from.contains("slim"),
         "small runtime image: {runtime_from}"
     );
     let copies = in_stage(last_stage, "COPY");
-    assert_eq!(copies.len(), 1, "{copies:?}");
-    assert!(copies[0].args.starts_with(&format!("--from={build_name} ")));
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert!(copies
+        .iter()
+        .all(|copy| copy.args.starts_with(&format!("--from={build_name} "))));
     let binary = copies[0].args.split_whitespace().last().unwrap().to_owned();
+    assert_eq!(
+        copies[1].args,
+        format!("--from={build_name} --chown=65532:65532 /var/lib/gatehouse /var/lib/gatehouse")
+    );
+    assert_eq!(
+        gatehouse::config::acme::DEFAULT_ACME_STORAGE,
+        "/var/lib/gatehouse/acme"
+    );
 
     // Non-root: the last USER of the runtime stage.
     let user = &in_stage(last_stage, "USER").last().expect("USER").args;

@@ -14,8 +14,10 @@ use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod acme;
 pub mod rate_limit;
 
+use acme::{AcmeConfig, RawAcme};
 use rate_limit::{RateLimitConfig, RawRateLimit};
 
 // Defaults: what a key means when it is absent. The README's configuration table repeats
@@ -111,6 +113,8 @@ pub struct Config {
     pub websocket: WebSocket,
     /// Rate limiting; `None` when the section is absent.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Certificates obtained and renewed over ACME; `None` when the section is absent.
+    pub acme: Option<AcmeConfig>,
     /// Admin listener (health, readiness, metrics).
     pub admin: Option<Admin>,
     /// Process-wide settings.
@@ -517,6 +521,7 @@ struct RawConfig {
     #[serde(default)]
     websocket: RawWebSocket,
     rate_limit: Option<RawRateLimit>,
+    acme: Option<RawAcme>,
     admin: Option<RawAdmin>,
     #[serde(default)]
     server: RawServer,
@@ -717,6 +722,8 @@ impl Config {
             self.server.reuse_port != new.server.reuse_port,
         );
         restart_key("log.format", self.log.format != new.log.format);
+        // The ACME manager runs with the settings it started with.
+        restart_key("acme", self.acme != new.acme);
         // The live part of `new`: restart-only keys keep their running values.
         let live = self.with_restart_keys_of(new);
         let mut applied = Vec::new();
@@ -753,6 +760,7 @@ impl Config {
         live.server.max_plain_http_connections = self.server.max_plain_http_connections;
         live.server.reuse_port = self.server.reuse_port;
         live.log.format = self.log.format;
+        live.acme.clone_from(&self.acme);
         live
     }
 
@@ -815,7 +823,10 @@ impl Config {
 
 fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
     let listen = validate_listen(raw.listen, p);
-    let tls = validate_tls(raw.tls, p);
+    let (tls, tls_names) = validate_tls(raw.tls, raw.acme.is_some(), p);
+    let acme = raw
+        .acme
+        .map(|acme| acme::validate(acme, &tls_names, listen.http.is_some(), p));
     let upstream = validate_upstream(raw.upstream, p);
     let mut proxy = validate_proxy(&raw.proxy, p);
     // On by default once names are configured: a request for another host would only
@@ -906,6 +917,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         statics,
         websocket,
         rate_limit,
+        acme,
         admin,
         server,
         log,
@@ -938,22 +950,25 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> Listen {
     }
 }
 
-fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
+/// `[tls]`, and its `names` (the default of `acme.names`). With `acme`, no certificate
+/// files are needed.
+fn validate_tls(raw: RawTls, acme: bool, p: &mut Problems) -> (Tls, Vec<String>) {
     let mut certificates = Vec::new();
     // A cert without key (or the reverse) is reported once, as the missing key.
     let half_configured = raw.cert.is_some() != raw.key.is_some();
+    let names = normalize_names(raw.names, "tls.names", p);
     match (raw.cert, raw.key) {
         (Some(cert), Some(key)) => certificates.push(CertificateSource {
             cert: p.path(&cert),
             key: p.path(&key),
             ca_bundle: raw.ca_bundle.as_deref().map(|b| p.path(b)),
-            names: normalize_names(raw.names, "tls.names", p),
+            names: names.clone(),
             key_path: "tls".to_owned(),
         }),
         (Some(_), None) => p.add("tls.key", "tls.cert is set but tls.key is missing; add key = \"path/to/private.key\""),
         (None, Some(_)) => p.add("tls.cert", "tls.key is set but tls.cert is missing; add cert = \"path/to/fullchain.crt\" (leaf first, then intermediates)"),
         (None, None) => {
-            if raw.ca_bundle.is_some() || !raw.names.is_empty() {
+            if raw.ca_bundle.is_some() || (!names.is_empty() && !acme) {
                 p.add("tls", "ca_bundle/names are set without cert and key; put them inside the [[tls.certificates]] entry they belong to");
             }
         }
@@ -968,10 +983,10 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             key_path,
         });
     }
-    if certificates.is_empty() && !half_configured {
+    if certificates.is_empty() && !half_configured && !acme {
         p.add(
             "tls",
-            "no certificate configured; set cert = \"...\" and key = \"...\" under [tls] (or add [[tls.certificates]] entries)",
+            "no certificate configured; set cert = \"...\" and key = \"...\" under [tls] (or add [[tls.certificates]] entries, or an [acme] section to obtain one automatically)",
         );
     }
     let min_version = match raw.min_version.as_deref() {
@@ -1001,7 +1016,7 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             "re-reading the certificate files this often wastes CPU; write e.g. \"30s\" (the default), or \"0s\" to poll never (file-system events and SIGHUP still reload)",
         );
     }
-    Tls {
+    let tls = Tls {
         certificates,
         handshake_timeout: p.duration(
             "tls.handshake_timeout",
@@ -1016,7 +1031,8 @@ fn validate_tls(raw: RawTls, p: &mut Problems) -> Tls {
             .unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
         reload_poll_interval,
         reload_watch: raw.reload_watch.unwrap_or(true),
-    }
+    };
+    (tls, names)
 }
 
 fn normalize_names(names: Vec<String>, key: &str, p: &mut Problems) -> Vec<String> {

@@ -9,7 +9,10 @@
 //! - [`certs`]: the doctor (files read once, bytes in, report or [`CertError`] out).
 //! - [`reload`]: watches, polls and reloads the files into their slots.
 //! - [`expiry()`]: days left and the expiry verdict, shared by every place that reports it.
+//! - [`acme`]: certificates obtained and renewed over ACME; their slot is shared by every
+//!   store a reload builds, and the resolver answers TLS-ALPN-01 challenges from it.
 
+pub mod acme;
 pub mod certs;
 mod error;
 mod expiry;
@@ -25,6 +28,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 
+use crate::config::acme::AcmeChallenge;
 use crate::config::{CertificateSource, Tls, TlsVersion};
 pub use certs::{CertificateReport, LoadedCertificate};
 pub use error::{CertError, Role};
@@ -61,6 +65,17 @@ pub struct Refusal {
 }
 
 impl CertSlot {
+    /// A slot serving `loaded`, read from `source`.
+    pub(crate) fn new(source: CertificateSource, loaded: LoadedCertificate) -> CertSlot {
+        CertSlot {
+            source,
+            current: ArcSwap::new(loaded.certified_key),
+            report: ArcSwap::from_pointee(loaded.report),
+            fingerprint: AtomicU64::new(loaded.fingerprint),
+            refusal: ArcSwapOption::empty(),
+        }
+    }
+
     /// Summary of the chain being served now.
     pub fn report(&self) -> Arc<CertificateReport> {
         self.report.load_full()
@@ -101,30 +116,53 @@ impl CertSlot {
     }
 }
 
+/// Which slot serves a name: ACME's or a configured file set's.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    /// The ACME certificate.
+    Acme,
+    /// `slots[index]`.
+    File(usize),
+}
+
 /// All served certificates, chosen per handshake by SNI.
 #[derive(Debug)]
 pub struct CertStore {
+    /// The `[tls]` certificate files, in config order.
     slots: Vec<CertSlot>,
-    exact: HashMap<String, usize>,
-    wildcard: HashMap<String, usize>,
+    /// The ACME certificate, when `[acme]` is set; shared by every store a reload builds.
+    acme: Option<Arc<acme::AcmeState>>,
+    exact: HashMap<String, Which>,
+    wildcard: HashMap<String, Which>,
 }
 
 impl CertStore {
     /// Loads and validates every configured certificate; the first error stops startup.
     pub fn load(tls: &Tls, provider: &CryptoProvider, now: SystemTime) -> Result<Self, CertError> {
+        CertStore::load_with_acme(tls, None, provider, now)
+    }
+
+    /// Like [`CertStore::load`], also serving the ACME certificate of `acme`: its names
+    /// take precedence over those of the files, and it is the default (no or unknown SNI)
+    /// when no file is configured.
+    pub fn load_with_acme(
+        tls: &Tls,
+        acme: Option<Arc<acme::AcmeState>>,
+        provider: &CryptoProvider,
+        now: SystemTime,
+    ) -> Result<Self, CertError> {
         let mut slots = Vec::with_capacity(tls.certificates.len());
         for source in &tls.certificates {
             let loaded = certs::load(source, provider, now, tls.expiry_warning_days)?;
-            slots.push(CertSlot {
-                source: source.clone(),
-                current: ArcSwap::new(loaded.certified_key),
-                report: ArcSwap::from_pointee(loaded.report),
-                fingerprint: AtomicU64::new(loaded.fingerprint),
-                refusal: ArcSwapOption::empty(),
-            });
+            slots.push(CertSlot::new(source.clone(), loaded));
         }
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
+        if let Some(state) = &acme {
+            for name in &state.config().names {
+                exact.insert(name.to_ascii_lowercase(), Which::Acme);
+            }
+        }
         for (index, slot) in slots.iter().enumerate() {
             let names = if slot.source.names.is_empty() {
                 slot.report().names.clone()
@@ -135,24 +173,58 @@ impl CertStore {
                 let name = name.to_ascii_lowercase();
                 // The first entry naming a host wins, as in the config's order.
                 match name.strip_prefix("*.") {
-                    Some(parent) => wildcard.entry(parent.to_owned()).or_insert(index),
-                    None => exact.entry(name).or_insert(index),
+                    Some(parent) => wildcard
+                        .entry(parent.to_owned())
+                        .or_insert(Which::File(index)),
+                    None => exact.entry(name).or_insert(Which::File(index)),
                 };
             }
         }
         Ok(CertStore {
             slots,
+            acme,
             exact,
             wildcard,
         })
     }
 
-    /// Every slot, in config order; the first is the default.
+    /// Every `[tls]` certificate file slot, in config order; the first is the default.
+    /// The ACME slot is not among them: see [`CertStore::served`].
     pub fn slots(&self) -> &[CertSlot] {
         &self.slots
     }
 
-    fn slot_for(&self, server_name: Option<&str>) -> &CertSlot {
+    /// Every slot served: the ACME one first (when configured), then the files'.
+    pub fn served(&self) -> impl Iterator<Item = &CertSlot> {
+        self.acme
+            .as_deref()
+            .map(acme::AcmeState::slot)
+            .into_iter()
+            .chain(&self.slots)
+    }
+
+    /// The ACME state, when `[acme]` is configured.
+    pub fn acme(&self) -> Option<&Arc<acme::AcmeState>> {
+        self.acme.as_ref()
+    }
+
+    fn which(&self, which: Which) -> Option<&CertSlot> {
+        match (which, &self.acme) {
+            (Which::Acme, Some(state)) => Some(state.slot()),
+            (Which::File(index), _) => self.slots.get(index),
+            (Which::Acme, None) => self.default_slot(),
+        }
+    }
+
+    /// The first file slot, else the ACME slot; `None` only for a store built from an
+    /// empty `[tls]` without `[acme]`, which validation refuses (the handshake fails).
+    fn default_slot(&self) -> Option<&CertSlot> {
+        self.slots
+            .first()
+            .or_else(|| self.acme.as_deref().map(acme::AcmeState::slot))
+    }
+
+    fn slot_for(&self, server_name: Option<&str>) -> Option<&CertSlot> {
         let index = server_name.and_then(|name| {
             let lowered;
             let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -166,17 +238,24 @@ impl CertStore {
                 self.wildcard.get(parent).copied()
             })
         });
-        &self.slots[index.unwrap_or(0)]
+        match index {
+            Some(which) => self.which(which),
+            None => self.default_slot(),
+        }
     }
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.slot_for(client_hello.server_name())
-                .current
-                .load_full(),
-        )
+        // A TLS-ALPN-01 validation (RFC 8737) offers only `acme-tls/1` and gets the
+        // challenge certificate for its name, or nothing (the handshake fails).
+        let mut alpn = client_hello.alpn().into_iter().flatten();
+        if alpn.next() == Some(acme::ALPN) && alpn.next().is_none() {
+            let state = self.acme.as_ref()?;
+            return state.challenges().tls_alpn(client_hello.server_name()?);
+        }
+        self.slot_for(client_hello.server_name())
+            .map(|slot| slot.current.load_full())
     }
 }
 
@@ -191,11 +270,17 @@ pub fn server_config(
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
+    let tls_alpn = store
+        .acme()
+        .is_some_and(|state| state.config().challenge == AcmeChallenge::TlsAlpn01);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if tls_alpn {
+        config.alpn_protocols.push(acme::ALPN.to_vec());
+    }
     config.session_storage = ServerSessionMemoryCache::new(20_000);
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(config))

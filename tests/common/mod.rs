@@ -8,6 +8,7 @@
 //!   in-process gateway;
 //! - [`raw`]: raw TLS connections to the gateway and HTTP/1.1 responses read as bytes;
 //! - [`redis`]: redis-server processes on free ports;
+//! - [`pebble`]: a real ACME CA (pebble and its DNS server) on free ports;
 //! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
 #![allow(
     dead_code,
@@ -19,6 +20,7 @@
 
 pub mod gateway;
 pub mod metrics;
+pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod raw;
@@ -33,6 +35,7 @@ use std::sync::Once;
 
 pub use gateway::*;
 pub use metrics::*;
+pub use pebble::*;
 pub use pki::*;
 pub use process::*;
 pub use raw::*;

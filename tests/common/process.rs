@@ -43,7 +43,8 @@ impl Lines {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    fn end(&self) {
+    /// Marks one of the writers (a pipe) as closed.
+    pub fn end(&self) {
         *self.ended.lock().unwrap() += 1;
         self.changed.send_modify(|n| *n += 1);
     }

@@ -1,0 +1,605 @@
+//! Automatic HTTPS against a real ACME CA (pebble, real HTTP-01 and TLS-ALPN-01
+//! validation): certificates issued without a restart and trusted by a client that
+//! trusts pebble's root, kept across restarts, renewed on request and on schedule, and
+//! failures explained while the placeholder keeps serving. Skipped (with a message)
+//! only when pebble is not installed.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ISSUED: &str = "ACME certificate issued and served";
+/// Generous: pebble validates in milliseconds, but CI machines are slow.
+const ISSUE_WITHIN: Duration = Duration::from_secs(90);
+
+/// Listener ports picked before pebble starts (it needs them in its config).
+struct Ports {
+    http: u16,
+    https: u16,
+}
+
+impl Ports {
+    fn free() -> Ports {
+        Ports {
+            http: free_port(),
+            https: free_port(),
+        }
+    }
+}
+
+/// A gateway config with `[acme]` for `name` against `pebble`, storage under `dir`.
+fn acme_config(
+    name: &str,
+    ports: &Ports,
+    challenge: &str,
+    pebble: &Pebble,
+    dir: &Path,
+    upstream: std::net::SocketAddr,
+    admin_port: u16,
+) -> String {
+    let http = if challenge == "http-01" {
+        format!("http = \"127.0.0.1:{}\"\n", ports.http)
+    } else {
+        String::new()
+    };
+    format!(
+        r#"[listen]
+{http}https = "127.0.0.1:{https}"
+
+[tls]
+names = ["{name}"]
+
+[acme]
+email = "ops@gatehouse.test"
+accept_terms = true
+directory = "{directory}"
+directory_ca_file = "{ca}"
+storage = "{storage}"
+challenge = "{challenge}"
+
+[upstream]
+url = "http://{upstream}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[log]
+access_log = false
+"#,
+        https = ports.https,
+        directory = pebble.directory,
+        ca = pebble.ca_file.display(),
+        storage = dir.join("acme").display(),
+    )
+}
+
+/// The serial the gateway serves for `name`, verified against pebble's `root`.
+async fn trusted_serial(gateway: std::net::SocketAddr, name: &str, root: &str) -> String {
+    eventually(
+        ISSUE_WITHIN,
+        format!("{name} is served with a certificate that pebble's root verifies"),
+        || served_serial(gateway, name, root),
+    )
+    .await
+}
+
+/// An HTTPS request through the gateway to `name` on a new connection, verifying
+/// against `root`: the status, or why it failed.
+async fn try_get_through(
+    gateway: std::net::SocketAddr,
+    name: &str,
+    root: &str,
+) -> Result<u16, reqwest::Error> {
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls_client_config(root, &[b"http/1.1"])).clone())
+        .resolve(name, gateway)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let response = client
+        .get(format!("https://{name}:{}/", gateway.port()))
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+async fn get_through(gateway: std::net::SocketAddr, name: &str, root: &str) -> u16 {
+    try_get_through(gateway, name, root).await.unwrap()
+}
+
+async fn issues_without_restart(challenge: &str, name: &str) {
+    if !pebble_installed() {
+        return;
+    }
+    let logs = capture_logs();
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let started = Instant::now();
+    let gateway = start_gateway(
+        &acme_config(name, &ports, challenge, &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    let serial = trusted_serial(gateway.https, name, &root).await;
+    eprintln!(
+        "{challenge}: first certificate served {} ms after start",
+        started.elapsed().as_millis()
+    );
+    logs.lines.wait_for_line(ISSUED, ISSUE_WITHIN).await;
+    assert_eq!(get_through(gateway.https, name, &root).await, 200);
+    let (status, ready) = readyz(gateway.admin.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["checks"]["acme"]["state"], "issued", "{ready}");
+    assert!(
+        !ready["degraded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "acme"),
+        "{ready}"
+    );
+    let served = ready["checks"]["certificates"]["served"][0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        served.replace(':', "").to_lowercase(),
+        serial.replace(':', "").to_lowercase()
+    );
+    assert_eq!(logs.lines.count("ACME account created"), 1);
+    let samples = gateway.samples();
+    assert_eq!(
+        samples.count("gatehouse_acme_orders_total{outcome=\"issued\"}"),
+        1
+    );
+    assert_eq!(
+        samples.count("gatehouse_acme_orders_total{outcome=\"failed\"}"),
+        0
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn http01_issues_a_certificate_that_clients_trust_without_a_restart() {
+    issues_without_restart("http-01", "http01.gatehouse.test").await;
+}
+
+#[tokio::test]
+async fn tls_alpn01_issues_a_certificate_that_clients_trust_without_a_restart() {
+    issues_without_restart("tls-alpn-01", "alpn.gatehouse.test").await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_account_and_the_certificate() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "restart.gatehouse.test";
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let config = acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0);
+
+    let first_serial = {
+        let logs = capture_logs();
+        let gateway = start_gateway(&config, &dir).await;
+        logs.lines.wait_for_line(ISSUED, ISSUE_WITHIN).await;
+        let serial = trusted_serial(gateway.https, name, &root).await;
+        gateway.stop().await;
+        serial
+    };
+    let orders_before = pebble.output.count("POST /order-plz");
+    assert!(orders_before >= 1, "{}", pebble.output.text());
+
+    let logs = capture_logs();
+    let gateway = start_gateway(&config, &dir).await;
+    // Loaded at start, then the manager schedules the renewal instead of ordering.
+    logs.lines
+        .wait_for_line("ACME certificate loaded from storage", ISSUE_WITHIN)
+        .await;
+    logs.lines
+        .wait_for_line("ACME renewal scheduled", ISSUE_WITHIN)
+        .await;
+    assert_eq!(
+        served_serial(gateway.https, name, &root).await.unwrap(),
+        first_serial
+    );
+    let (status, ready) = readyz(gateway.admin.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["checks"]["acme"]["state"], "issued", "{ready}");
+    assert_eq!(
+        logs.lines.count("ACME: ordering"),
+        0,
+        "{}",
+        logs.lines.text()
+    );
+    assert_eq!(logs.lines.count("ACME account created"), 0);
+    assert_eq!(pebble.output.count("POST /order-plz"), orders_before);
+    gateway.stop().await;
+
+    // `gatehouse check` reports the settings and what storage holds.
+    let path = dir.join("gateway.toml");
+    let output = run_binary(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    for expected in [
+        format!("acme ({})", pebble.directory),
+        format!("  names:     {name}"),
+        "  challenge: http-01".to_owned(),
+        format!(
+            "  account:   {}",
+            pebble.directory.replace("/dir", "/my-account/")
+        ),
+        "(ops@gatehouse.test)".to_owned(),
+    ] {
+        assert!(stdout.contains(&expected), "{expected:?} in:\n{stdout}");
+    }
+    let serial = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("  serial:    "))
+        .unwrap();
+    assert_eq!(
+        serial.replace(':', ""),
+        first_serial.replace(':', "").to_lowercase()
+    );
+}
+
+#[tokio::test]
+async fn a_challenge_failure_is_explained_and_the_placeholder_keeps_serving() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "unreachable.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    // The CA validates on a port nothing listens on: port 80 "not forwarded".
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: refused_addr().port(),
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(
+        &acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    let line = logs
+        .lines
+        .wait_for_line("ACME order failed", ISSUE_WITHIN)
+        .await;
+    eprintln!("{line}");
+    assert!(
+        line.contains(&format!("the CA could not validate {name} over http-01"))
+            && line.contains("(connection)")
+            && line.contains("is port 80 forwarded to Gatehouse")
+            && line.contains("the placeholder keeps serving")
+            && line.contains("retrying in about 1m"),
+        "{line}"
+    );
+    // The placeholder still answers, and readiness says why (degraded, still 200).
+    let acme = gateway.certificates.acme().unwrap().clone();
+    assert_eq!(
+        acme.slot().report().subject,
+        "CN=Gatehouse placeholder: waiting for ACME"
+    );
+    let (status, ready) = readyz(gateway.admin.unwrap()).await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(
+        ready["degraded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "acme"),
+        "{ready}"
+    );
+    assert_eq!(
+        ready["checks"]["acme"]["state"], "waiting for ACME",
+        "{ready}"
+    );
+    assert!(
+        ready["checks"]["acme"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("is port 80 forwarded"),
+        "{ready}"
+    );
+    // The retry is scheduled (backoff: a minute, plus up to a tenth).
+    let next = ready["checks"]["acme"]["next_attempt_unix"]
+        .as_u64()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 50..=now + 70).contains(&next),
+        "next {next}, now {now}"
+    );
+    assert_eq!(
+        gateway
+            .samples()
+            .count("gatehouse_acme_orders_total{outcome=\"failed\"}"),
+        1
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn gatehouse_renew_forces_a_new_certificate() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "renew.gatehouse.test";
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let config = acme_config(
+        name,
+        &ports,
+        "http-01",
+        &pebble,
+        &dir,
+        upstream.addr,
+        free_port(),
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, &config).unwrap();
+    let process = spawn_binary(&path).await;
+    process.wait_for_line(ISSUED, ISSUE_WITHIN).await;
+    let first = trusted_serial(process.https, name, &root).await;
+
+    // Clients keep opening new connections (new handshakes) through the renewal.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (stop, root, https) = (stop.clone(), root.clone(), process.https);
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop.is_cancelled() {
+                match try_get_through(https, name, &root).await {
+                    Ok(200) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let output = tokio::task::spawn_blocking(move || {
+        run_binary(&["renew", "--config", path.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    let renewed = eventually(
+        ISSUE_WITHIN,
+        "the renewed certificate is served",
+        || async {
+            served_serial(process.https, name, &root)
+                .await
+                .ok()
+                .filter(|serial| *serial != first)
+        },
+    )
+    .await;
+    stop.cancel();
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 0);
+    eprintln!("{ok} requests on new connections during the renewal, 0 failed");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with("gatehouse renew: issued: serial "),
+        "{stdout}"
+    );
+    let printed = stdout
+        .trim_start_matches("gatehouse renew: issued: serial ")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_lowercase();
+    assert_eq!(printed, renewed.replace(':', "").to_lowercase());
+    assert_eq!(process.count_lines(ISSUED), 2, "{}", process.output());
+}
+
+#[tokio::test]
+async fn short_lived_certificates_are_renewed_on_schedule() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "short.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    // 30-second certificates: renewed with a third of the lifetime (10 s) left.
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: Some(30),
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(
+        &acme_config(name, &ports, "tls-alpn-01", &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    logs.lines.wait_for_line(ISSUED, ISSUE_WITHIN).await;
+    let first = trusted_serial(gateway.https, name, &root).await;
+    let scheduled = logs
+        .lines
+        .wait_for_line("ACME renewal scheduled", ISSUE_WITHIN)
+        .await;
+    let issued_first = Instant::now();
+    logs.lines.wait_for_lines(ISSUED, 2, ISSUE_WITHIN).await;
+    let renewed_after = issued_first.elapsed();
+    let second = served_serial(gateway.https, name, &root).await.unwrap();
+    assert_ne!(second, first, "{scheduled}");
+    // Renewed with about 10 s left of 30, never after expiry.
+    assert!(renewed_after < Duration::from_secs(30), "{renewed_after:?}");
+    eprintln!(
+        "renewal {} ms after the first issuance ({scheduled})",
+        renewed_after.as_millis()
+    );
+    gateway.stop().await;
+}
+
+/// `POST path` on the admin listener: status and JSON body.
+async fn admin_post(admin: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let response = plain_client()
+        .post(format!("http://{admin}{path}"))
+        .timeout(ISSUE_WITHIN)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_acme_certificate_and_its_challenges_answered() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "reload.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let config = acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0);
+    let gateway = start_gateway(&config, &dir).await;
+    logs.lines.wait_for_line(ISSUED, ISSUE_WITHIN).await;
+    let first = trusted_serial(gateway.https, name, &root).await;
+    let admin = gateway.admin.unwrap();
+
+    // A [tls] change builds a new certificate store; an [acme] change waits for a restart.
+    let changed = config
+        .replace("[tls]\n", "[tls]\nexpiry_warning_days = 20\n")
+        .replace("ops@gatehouse.test", "web@gatehouse.test");
+    std::fs::write(dir.join("gateway.toml"), changed).unwrap();
+    let (status, report) = admin_post(admin, "/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["changed"], serde_json::json!(["tls"]), "{report}");
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["acme"]),
+        "{report}"
+    );
+    assert_eq!(
+        served_serial(gateway.https, name, &root).await.unwrap(),
+        first
+    );
+
+    // The new snapshot still answers the CA's HTTP-01 requests: a forced renewal works.
+    let (status, renewed) = admin_post(admin, "/acme/renew").await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(renewed["outcome"], "issued");
+    let serial = served_serial(gateway.https, name, &root).await.unwrap();
+    assert_ne!(serial, first);
+    assert_eq!(
+        renewed["serial"].as_str().unwrap().replace(':', ""),
+        serial.replace(':', "").to_lowercase()
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn an_unwritable_storage_stops_startup_before_any_order() {
+    // No CA needed: the gateway refuses to start before it would order.
+    let dir = scratch_dir("acme-storage");
+    std::fs::write(dir.join("not-a-directory"), "").unwrap();
+    let upstream = Upstream::start().await;
+    let config = format!(
+        r#"[listen]
+https = "127.0.0.1:0"
+
+[tls]
+names = ["storage.gatehouse.test"]
+
+[acme]
+email = "ops@gatehouse.test"
+accept_terms = true
+directory = "https://127.0.0.1:1/dir"
+storage = "{storage}"
+challenge = "tls-alpn-01"
+
+[upstream]
+url = "http://{upstream}"
+"#,
+        storage = dir.join("not-a-directory/acme").display(),
+        upstream = upstream.addr,
+    );
+    let Err(err) = try_start_gateway(&config, &dir).await else {
+        panic!("started with an unwritable acme.storage");
+    };
+    assert!(
+        err.starts_with("acme.storage: ") && err.contains("not-a-directory/acme"),
+        "{err}"
+    );
+    assert!(err.contains("mounted and writable"), "{err}");
+}
