@@ -388,7 +388,10 @@ impl Prober {
                     "{} to {location} (not a redirect to itself)",
                     answer.status.as_u16()
                 ),
-                _ => format!("{} (no redirect to https)", answer.status.as_u16()),
+                _ => format!(
+                    "{} (no redirect to https; whether Django sees HTTPS shows only with SECURE_SSL_REDIRECT or in the CSRF probe)",
+                    answer.status.as_u16()
+                ),
             };
             findings.push(finding(Check::Scheme, Verdict::Ok, detail, None));
         }
