@@ -158,6 +158,8 @@ pub enum ProbeError {
 /// The response parts the checks look at.
 struct Answer {
     status: StatusCode,
+    /// The first [`MAX_BODY`] bytes of the body (empty for 101), compared, never parsed.
+    body: Bytes,
     location: Option<String>,
     cookies: Vec<String>,
 }
@@ -306,12 +308,16 @@ impl Prober {
             .collect();
         // Read (a bounded part of) the body so the connection can be reused; its content
         // is never interpreted (generic with DEBUG = False).
+        let mut body = Bytes::new();
         if status != StatusCode::SWITCHING_PROTOCOLS {
             let limited = http_body_util::Limited::new(response.into_body(), MAX_BODY);
-            let _ = tokio::time::timeout(self.timeout, limited.collect()).await;
+            if let Ok(Ok(collected)) = tokio::time::timeout(self.timeout, limited.collect()).await {
+                body = collected.to_bytes();
+            }
         }
         Ok(Answer {
             status,
+            body,
             location,
             cookies,
         })
@@ -341,12 +347,19 @@ impl Prober {
         };
         if answer.status == StatusCode::BAD_REQUEST {
             let unknown = self.get(UNKNOWN_HOST, path).await?;
-            if unknown.status == StatusCode::BAD_REQUEST {
+            if unknown.status == StatusCode::BAD_REQUEST && unknown.body == answer.body {
                 findings.push(finding(
                     Check::Host,
                     Verdict::Problem,
-                    format!("400 for Host {name}, as for a host no app allows ({UNKNOWN_HOST}): Django's DisallowedHost"),
+                    format!("400 for Host {name}, the same page as for a host no app allows ({UNKNOWN_HOST}): Django's DisallowedHost"),
                     Some(format!("add \"{name}\" to ALLOWED_HOSTS")),
+                ));
+            } else if unknown.status == StatusCode::BAD_REQUEST {
+                findings.push(finding(
+                    Check::Host,
+                    Verdict::Problem,
+                    format!("400 for Host {name} and for {UNKNOWN_HOST}, but with different pages: DisallowedHost, or {path} refuses the request itself"),
+                    Some(format!("add \"{name}\" to ALLOWED_HOSTS if it is missing, else probe another --probe-path")),
                 ));
             } else {
                 findings.push(finding(
@@ -589,6 +602,16 @@ async fn static_findings(
     let Some(static_url) = &options.static_url else {
         return Ok(());
     };
+    if !static_url.starts_with('/') {
+        findings.push(finding(
+            format!("STATIC_URL {static_url}"),
+            Verdict::Unknown,
+            "not a path on this site (a CDN or another host): not checked".to_owned(),
+            None,
+        ));
+        return Ok(());
+    }
+    let static_url = &format!("{}/", static_url.trim_end_matches('/'));
     let prefixes: Vec<&str> = config.statics.iter().map(|s| s.prefix.as_str()).collect();
     if config
         .statics
@@ -613,10 +636,7 @@ async fn static_findings(
         ));
         return Ok(());
     };
-    let url = format!(
-        "{}{relative}",
-        static_url.trim_end_matches('/').to_owned() + "/"
-    );
+    let url = format!("{static_url}{relative}");
     let app = prober.get(name, &url).await?;
     if app.status == StatusCode::OK {
         findings.push(finding(
@@ -689,4 +709,30 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_file;
+
+    #[test]
+    fn sample_file_is_the_first_url_safe_file_breadth_first() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(sample_file(dir.path()), None);
+        std::fs::create_dir_all(dir.path().join("admin/css")).unwrap();
+        std::fs::write(dir.path().join("admin/css/base.css"), "x").unwrap();
+        assert_eq!(
+            sample_file(dir.path()).as_deref(),
+            Some("admin/css/base.css")
+        );
+        // Hidden files and names that would need encoding are passed over.
+        std::fs::write(dir.path().join(".hidden"), "x").unwrap();
+        std::fs::write(dir.path().join("a b.css"), "x").unwrap();
+        assert_eq!(
+            sample_file(dir.path()).as_deref(),
+            Some("admin/css/base.css")
+        );
+        std::fs::write(dir.path().join("robots.txt"), "x").unwrap();
+        assert_eq!(sample_file(dir.path()).as_deref(), Some("robots.txt"));
+    }
 }

@@ -61,7 +61,7 @@ import django  # noqa: E402
 
 django.setup()
 
-from django.http import JsonResponse  # noqa: E402
+from django.http import HttpResponseBadRequest, JsonResponse  # noqa: E402
 from django.middleware.csrf import get_token  # noqa: E402
 from django.urls import path  # noqa: E402
 
@@ -89,7 +89,17 @@ def index(request):
     return JsonResponse(describe(request))
 
 
-urlpatterns = [path("", index), path("form/", form), path("submit/", submit)]
+def bad(request):
+    # A view that refuses requests itself (a missing parameter), whatever the Host.
+    return HttpResponseBadRequest("missing parameter: q")
+
+
+urlpatterns = [
+    path("", index),
+    path("form/", form),
+    path("submit/", submit),
+    path("bad/", bad),
+]
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 
