@@ -21,6 +21,7 @@ pub(crate) mod listener;
 pub mod live;
 pub mod metrics;
 pub(crate) mod path;
+pub mod probe;
 pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;

@@ -1,6 +1,7 @@
 //! The `gatehouse` binary: `run` (default), `check`, `health`, `reload` and `renew`. Loads the config, sets up
 //! logging and the runtime, and turns errors into messages and exit codes:
-//! 0 success, 64 bad configuration, 65 bad certificate, 1 anything else.
+//! 0 success, 64 bad configuration, 65 bad certificate, 3 `check --probe` found a
+//! problem in the app's settings, 1 anything else (including an app `--probe` cannot reach).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 use gatehouse::admin::{Readiness, ReloadReport};
 use gatehouse::config::{Config, LogFormat};
 use gatehouse::live::{LogLevelHook, ReloadHandle};
+use gatehouse::probe::{ProbeOptions, Verdict};
 use gatehouse::tls::acme::AttemptReport;
 use gatehouse::tls::{self, CertificateReport};
 use gatehouse::{Gateway, StartError};
@@ -25,6 +27,8 @@ const EXIT_CONFIG: u8 = 64;
 /// Connect, write and probe-answer limit of the admin client (`health`, `reload`).
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 const EXIT_CERTIFICATE: u8 = 65;
+/// `check --probe`: the app answered, and at least one answer shows a misconfiguration.
+const EXIT_PROBE_PROBLEM: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -51,7 +55,7 @@ enum Command {
     /// Run the gateway (the default).
     Run,
     /// Validate the configuration and every certificate without listening, like `nginx -t`.
-    Check,
+    Check(CheckArgs),
     /// Ask a running gateway's admin listener whether it is ready (for Docker HEALTHCHECK).
     Health,
     /// Ask the running gateway to reload its configuration file, and print the outcome.
@@ -60,6 +64,32 @@ enum Command {
     /// Ask the running gateway to order a new ACME certificate now (`[acme]`), wait for
     /// it and print the outcome. Reads only `[admin] listen` and `token_file`.
     Renew,
+}
+
+/// `gatehouse check` options: `--probe` and what it tries.
+/// (The field docs are `--help` text, where backticks would show: hence the allow.)
+#[derive(clap::Args)]
+#[allow(clippy::doc_markdown)]
+struct CheckArgs {
+    /// Then send the running app what the gateway would send for each name (Host,
+    /// X-Forwarded-*), and explain its answers (ALLOWED_HOSTS, SECURE_PROXY_SSL_HEADER,
+    /// CSRF_TRUSTED_ORIGINS, Channels' origin check, static files). Safe methods only,
+    /// unless --csrf-url is given.
+    #[arg(long)]
+    probe: bool,
+    /// Path of the host and scheme request.
+    #[arg(long, default_value = "/", requires = "probe", value_name = "PATH")]
+    probe_path: String,
+    /// A page that sets the csrftoken cookie and accepts a POST: the CSRF probe GETs it,
+    /// then POSTs to it once or twice (off by default: no POST is sent without it).
+    #[arg(long, requires = "probe", value_name = "PATH")]
+    csrf_url: Option<String>,
+    /// A WebSocket path to handshake with (repeatable; none by default).
+    #[arg(long = "websocket-path", requires = "probe", value_name = "PATH")]
+    websocket_paths: Vec<String>,
+    /// The app's STATIC_URL, to check that the gateway or the app serves it.
+    #[arg(long, requires = "probe", value_name = "URL")]
+    static_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -78,7 +108,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&config),
+        Command::Check(args) => check(&config, &args),
         Command::Health => health(&config),
         Command::Run => run(config),
         Command::Reload | Command::Renew => unreachable!("handled above"),
@@ -221,7 +251,7 @@ fn init_logging(
     (guard, hook)
 }
 
-fn check(config: &Config) -> ExitCode {
+fn check(config: &Config, args: &CheckArgs) -> ExitCode {
     println!("configuration {}: OK", config.source.display());
     let provider = tls::provider();
     let mut certificate_failed = false;
@@ -269,7 +299,13 @@ fn check(config: &Config) -> ExitCode {
     print_django_hint(config, &served_names);
     if certificate_failed {
         println!("\nresult: FAIL (fix the files above; `gatehouse check` again before starting)");
+        if args.probe {
+            println!("(the app was not probed: fix the certificates first)");
+        }
         ExitCode::from(EXIT_CERTIFICATE)
+    } else if args.probe {
+        println!("\nresult: OK");
+        probe(config, &served_names, args)
     } else {
         println!("\nresult: OK");
         ExitCode::SUCCESS
@@ -320,6 +356,79 @@ fn print_acme(
             println!("  certificate: not served: {err}");
             println!("  (a new one is ordered at start; the placeholder serves meanwhile)");
         }
+    }
+}
+
+/// `check --probe`: one line per probe, then a verdict; the exit code says which.
+fn probe(config: &Config, served_names: &[String], args: &CheckArgs) -> ExitCode {
+    let configured: Vec<String> = config
+        .tls
+        .certificates
+        .iter()
+        .flat_map(|source| source.names.iter().cloned())
+        .collect();
+    let names = if configured.is_empty() {
+        served_names.to_vec()
+    } else {
+        configured
+    };
+    let options = ProbeOptions {
+        path: args.probe_path.clone(),
+        csrf_url: args.csrf_url.clone(),
+        websocket_paths: args.websocket_paths.clone(),
+        static_url: args.static_url.clone(),
+        ..ProbeOptions::default()
+    };
+    let upstream = config
+        .upstream
+        .targets
+        .first()
+        .map_or_else(String::new, ToString::to_string);
+    println!("\nprobing the app at {upstream} as the gateway would forward to it:");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("gatehouse check: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let findings = match runtime.block_on(gatehouse::probe::probe(config, &names, &options)) {
+        Ok(findings) => findings,
+        Err(err) => {
+            println!("\nprobe: FAIL: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut problems = 0;
+    for finding in &findings {
+        let verdict = match finding.verdict {
+            Verdict::Ok => "OK",
+            Verdict::Problem => {
+                problems += 1;
+                "PROBLEM"
+            }
+            Verdict::Unknown => "UNKNOWN",
+        };
+        println!(
+            "  {verdict:<7} {:<9} {} [{}]: {}",
+            finding.check.label(),
+            finding.name,
+            finding.request,
+            finding.detail
+        );
+        if let Some(fix) = &finding.fix {
+            println!("          fix: {fix}");
+        }
+    }
+    if problems == 0 {
+        println!("\nprobe: OK");
+        ExitCode::SUCCESS
+    } else {
+        println!("\nprobe: {problems} PROBLEM(S) (fix the app's settings above, restart it, probe again)");
+        ExitCode::from(EXIT_PROBE_PROBLEM)
     }
 }
 

@@ -3,6 +3,10 @@
 //! accepts an HTTPS form post made through the gateway (its Origin check compares the
 //! Origin header with the scheme Django believes in, so this fails without
 //! X-Forwarded-Proto). Needs python3 with Django (`.ci/test` installs it).
+//!
+//! `gatehouse check --probe` (the real binary) against the same app configured rightly and
+//! wrongly in each way it diagnoses (tests/django/app.py reads the `DJANGO_*` variables):
+//! each wrong setting gets its own diagnosis and fix, the right one none.
 
 mod common;
 
@@ -10,7 +14,10 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use common::{base_config, https_client, start_gateway, CertFiles, Http, Pki};
+use common::{
+    base_config, binary, https_client, refused_addr, scratch_dir, start_gateway, CertFiles, Http,
+    Pki,
+};
 
 struct Django(Child);
 
@@ -22,9 +29,15 @@ impl Drop for Django {
 }
 
 fn start_django() -> (Django, SocketAddr) {
+    start_django_with(&[])
+}
+
+/// The test app with `DJANGO_*` settings from `env`.
+fn start_django_with(env: &[(&str, &str)]) -> (Django, SocketAddr) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/django/app.py");
     let mut child = Command::new("python3")
         .arg(script)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 is needed for the Django test");
@@ -99,4 +112,282 @@ async fn django_sees_https_and_accepts_csrf_protected_posts() {
         assert_eq!(forged.status(), 403);
     }
     gateway.stop().await;
+}
+
+// gatehouse check --probe ------------------------------------------------------------------
+
+/// The public name the probe tests configure (and the certificate covers).
+const NAME: &str = "app.example";
+/// `listen.https` of the probe configs, hence the public port (`check` binds nothing).
+const PORT: u16 = 8443;
+/// Exit code of `check --probe` when a probe finds a problem.
+const EXIT_PROBE_PROBLEM: i32 = 3;
+
+/// What `check --probe` printed and its exit code.
+struct ProbeRun {
+    code: Option<i32>,
+    output: String,
+}
+
+impl ProbeRun {
+    /// The first line with `PROBLEM` and the check's label, and its `fix:` line.
+    fn problem(&self, check: &str) -> String {
+        let mut lines = self.output.lines();
+        let needle = format!("PROBLEM {check:<9}");
+        let Some(line) = lines.by_ref().find(|line| line.contains(&needle)) else {
+            panic!("no {needle:?} line:\n{}", self.output);
+        };
+        let fix = lines.next().unwrap_or_default();
+        format!("{line}\n{fix}")
+    }
+
+    /// What the probe printed (after the settings hint, which names every setting).
+    fn probes(&self) -> &str {
+        self.output
+            .split_once("probing the app")
+            .map_or("", |(_, probes)| probes)
+    }
+
+    fn problems(&self) -> usize {
+        self.output.matches("  PROBLEM ").count()
+    }
+}
+
+/// A config for `NAME` in front of `upstream`, with a `[[static]]` directory holding
+/// `css/site.css`, and `gatehouse check --probe ARGS` run on it.
+fn probe(upstream: SocketAddr, args: &[&str]) -> ProbeRun {
+    let pki = Pki::new("probe");
+    let leaf = pki.leaf(&[NAME]);
+    let files = pki.write("site", &leaf);
+    let statics = scratch_dir("probe-static");
+    std::fs::create_dir_all(statics.join("css")).unwrap();
+    std::fs::write(statics.join("css/site.css"), "body {}").unwrap();
+    let config = pki.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[listen]
+https = "127.0.0.1:{PORT}"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+ca_bundle = "{bundle}"
+names = ["{NAME}"]
+
+[upstream]
+url = "http://{upstream}"
+
+[[static]]
+prefix = "/static/"
+dir = "{statics}"
+"#,
+            cert = files.cert.display(),
+            key = files.key.display(),
+            bundle = files.bundle.display(),
+            statics = statics.display(),
+        ),
+    )
+    .unwrap();
+    let output = Command::new(binary())
+        .args(["check", "--config", config.to_str().unwrap(), "--probe"])
+        .args(args)
+        .output()
+        .unwrap();
+    ProbeRun {
+        code: output.status.code(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+/// Every probe: host and scheme, the CSRF POST, a WebSocket handshake, static files.
+const ALL_PROBES: [&str; 6] = [
+    "--csrf-url",
+    "/form/",
+    "--websocket-path",
+    "/ws/chat/",
+    "--static-url",
+    "/static/",
+];
+
+#[test]
+fn probe_finds_nothing_wrong_with_a_correctly_configured_django() {
+    let (_django, addr) = start_django_with(&[("DJANGO_ALLOWED_HOSTS", NAME)]);
+    let run = probe(addr, &ALL_PROBES);
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert_eq!(run.problems(), 0, "{}", run.output);
+    for label in ["host", "scheme", "csrf", "websocket", "static"] {
+        let needle = format!("  OK      {label:<9}");
+        assert!(
+            run.output.contains(&needle),
+            "no {needle:?}:\n{}",
+            run.output
+        );
+    }
+    assert!(run.output.contains("probe: OK"), "{}", run.output);
+    // The static file is on disk; the app (no staticfiles app) answers 404 for it.
+    assert!(
+        run.output.contains("GET /static/css/site.css")
+            && run.output.contains("the app answers 404"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn probe_says_which_name_allowed_hosts_lacks() {
+    // DEBUG = False: the 400 page is generic; the diagnosis comes from the differential.
+    let (_django, addr) = start_django_with(&[("DJANGO_ALLOWED_HOSTS", "localhost")]);
+    let run = probe(addr, &ALL_PROBES);
+    assert_eq!(run.code, Some(EXIT_PROBE_PROBLEM), "{}", run.output);
+    let host = run.problem("host");
+    assert!(host.contains("DisallowedHost"), "{host}");
+    assert!(
+        host.contains(&format!("fix: add \"{NAME}\" to ALLOWED_HOSTS")),
+        "{host}"
+    );
+    // Channels' origin validator reads the same setting.
+    let websocket = run.problem("websocket");
+    assert!(
+        websocket.contains("AllowedHostsOriginValidator"),
+        "{websocket}"
+    );
+    assert!(websocket.contains("ALLOWED_HOSTS"), "{websocket}");
+    assert_eq!(run.problems(), 2, "{}", run.output);
+    assert!(
+        run.output.contains("not sent: the app refuses this Host"),
+        "{}",
+        run.output
+    );
+    assert!(
+        !run.probes().contains("SECURE_PROXY_SSL_HEADER"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn probe_does_not_blame_allowed_hosts_for_a_view_that_answers_400_itself() {
+    // The name is allowed; the view refuses the request on its own: its 400 page is not
+    // the one an unknown host gets, so the probe says it cannot tell.
+    let (_django, addr) = start_django_with(&[("DJANGO_ALLOWED_HOSTS", NAME)]);
+    let run = probe(addr, &["--probe-path", "/bad/"]);
+    assert_eq!(run.code, Some(EXIT_PROBE_PROBLEM), "{}", run.output);
+    let host = run.problem("host");
+    assert!(host.contains("but with different pages"), "{host}");
+    assert!(host.contains("else probe another --probe-path"), "{host}");
+}
+
+#[test]
+fn probe_finds_the_redirect_loop_of_a_missing_secure_proxy_ssl_header() {
+    let (_django, addr) = start_django_with(&[
+        ("DJANGO_ALLOWED_HOSTS", NAME),
+        ("DJANGO_PROXY_SSL_HEADER", "off"),
+        ("DJANGO_SSL_REDIRECT", "on"),
+    ]);
+    let run = probe(addr, &["--websocket-path", "/ws/chat/"]);
+    assert_eq!(run.code, Some(EXIT_PROBE_PROBLEM), "{}", run.output);
+    let scheme = run.problem("scheme");
+    assert!(
+        scheme.contains(&format!("to https://{NAME}:{PORT}/")),
+        "{scheme}"
+    );
+    assert!(
+        scheme
+            .contains("fix: set SECURE_PROXY_SSL_HEADER = (\"HTTP_X_FORWARDED_PROTO\", \"https\")"),
+        "{scheme}"
+    );
+    assert_eq!(run.problems(), 1, "{}", run.output);
+    assert!(!run.probes().contains("ALLOWED_HOSTS"), "{}", run.output);
+}
+
+#[test]
+fn probe_finds_the_csrf_origin_django_does_not_trust_and_no_post_without_csrf_url() {
+    // Without SECURE_PROXY_SSL_HEADER (and no SSL redirect to give it away), Django
+    // takes the request for plain HTTP: the browser's https Origin is foreign to it.
+    let settings = [
+        ("DJANGO_ALLOWED_HOSTS", NAME),
+        ("DJANGO_PROXY_SSL_HEADER", "off"),
+    ];
+    let (_django, addr) = start_django_with(&settings);
+    let run = probe(addr, &["--csrf-url", "/form/"]);
+    assert_eq!(run.code, Some(EXIT_PROBE_PROBLEM), "{}", run.output);
+    let csrf = run.problem("csrf");
+    let origin = format!("https://{NAME}:{PORT}");
+    assert!(csrf.contains(&format!("403 for Origin {origin}")), "{csrf}");
+    assert!(
+        csrf.contains(&format!("fix: add \"{origin}\" to CSRF_TRUSTED_ORIGINS")),
+        "{csrf}"
+    );
+    assert_eq!(run.problems(), 1, "{}", run.output);
+
+    // The fix it names works: the same app with the origin trusted passes.
+    let trusted = format!("https://{NAME}:{PORT}");
+    let mut fixed = settings.to_vec();
+    fixed.push(("DJANGO_CSRF_TRUSTED_ORIGINS", &trusted));
+    let (_fixed, fixed_addr) = start_django_with(&fixed);
+    let run = probe(fixed_addr, &["--csrf-url", "/form/"]);
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert!(run.output.contains("  OK      csrf"), "{}", run.output);
+
+    // Off by default: without --csrf-url no POST is sent and no CSRF line printed.
+    let run = probe(addr, &[]);
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert!(!run.probes().contains("csrf"), "{}", run.output);
+}
+
+#[test]
+fn probe_finds_a_websocket_origin_the_channels_validator_refuses() {
+    // Emulated Channels route (app.py): its origin check accepts only localhost.
+    let (_django, addr) = start_django_with(&[
+        ("DJANGO_ALLOWED_HOSTS", NAME),
+        ("DJANGO_WS_ALLOWED_HOSTS", "localhost"),
+    ]);
+    let run = probe(addr, &["--websocket-path", "/ws/chat/"]);
+    assert_eq!(run.code, Some(EXIT_PROBE_PROBLEM), "{}", run.output);
+    let websocket = run.problem("websocket");
+    assert!(
+        websocket.contains(&format!(
+            "403 for a handshake with Origin https://{NAME}:{PORT}"
+        )),
+        "{websocket}"
+    );
+    assert!(
+        websocket.contains(&format!("fix: add \"{NAME}\" to ALLOWED_HOSTS")),
+        "{websocket}"
+    );
+    assert_eq!(run.problems(), 1, "{}", run.output);
+}
+
+#[test]
+fn probe_finds_a_static_url_neither_the_gateway_nor_the_app_serves() {
+    let (_django, addr) = start_django_with(&[("DJANGO_ALLOWED_HOSTS", NAME)]);
+    // Without its trailing slash, as STATIC_URL is sometimes written.
+    let run = probe(addr, &["--static-url", "/assets"]);
+    assert_eq!(run.code, Some(EXIT_PROBE_PROBLEM), "{}", run.output);
+    let statics = run.problem("static");
+    assert!(statics.contains("GET /assets/css/site.css"), "{statics}");
+    assert!(
+        statics.contains("fix: set [[static]] prefix = \"/assets/\" or STATIC_URL = \"/static/\""),
+        "{statics}"
+    );
+    assert_eq!(run.problems(), 1, "{}", run.output);
+}
+
+#[test]
+fn probe_exits_1_and_says_so_when_the_app_is_unreachable() {
+    let addr = refused_addr();
+    let run = probe(addr, &[]);
+    assert_eq!(run.code, Some(1), "{}", run.output);
+    assert!(
+        run.output
+            .contains(&format!("upstream http://{addr} unreachable")),
+        "{}",
+        run.output
+    );
+    assert!(run.output.contains("start the app"), "{}", run.output);
 }
