@@ -94,13 +94,23 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 /// A loopback port that was free a moment ago, for what must be configured with a fixed
 /// port (the binary's admin listener that `gatehouse health` reads from the config, a
-/// redis-server). Everything else binds port 0.
+/// redis-server, pebble). Everything else binds port 0.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default): a port the kernel
+/// hands out for port 0 could otherwise go to another test's listener between this
+/// check and the moment the port's user binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u64 = 20_000;
+    const COUNT: u64 = 12_000;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = u64::from(std::process::id()).wrapping_mul(7_919) % COUNT;
+    loop {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + step * 13) % COUNT).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A loopback address nothing listens on any more: connections to it are refused.
