@@ -201,7 +201,13 @@ impl Live {
     pub(crate) async fn start(config: Config, startup: Startup) -> Result<Arc<Live>, BuildError> {
         let limiter = build_limiter(&config, &startup.metrics, None).await?;
         let acceptor = acceptor(&config, &startup.certificates, &startup.provider)?;
-        let watch = watch_certificates(&config, &startup.certificates, &startup);
+        let watch = watch_certificates(
+            &config,
+            &startup.certificates,
+            &startup.provider,
+            &startup.metrics,
+            &startup.shutdown,
+        );
         if let Some(state) = startup.certificates.acme() {
             // The ACME certificate's slot is shared by every store a reload builds, so
             // the manager outlives them; it stops at shutdown.
@@ -364,7 +370,13 @@ impl Live {
         // Nothing below can fail: from here on the reload is applied.
         if !same_certificates {
             watch.stop.cancel();
-            *watch = self.watch_new_certificates(&config, &certificates);
+            *watch = watch_certificates(
+                &config,
+                &certificates,
+                &self.provider,
+                &self.metrics,
+                &self.shutdown,
+            );
         }
         let snapshot = assemble(
             config,
@@ -377,15 +389,6 @@ impl Live {
         );
         self.current.store(Arc::new(snapshot));
         Ok(changes)
-    }
-
-    fn watch_new_certificates(&self, config: &Config, store: &Arc<CertStore>) -> CertificateWatch {
-        let reloader =
-            tls::reload::Reloader::new(store.clone(), self.provider.clone(), &config.tls);
-        let stop = self.shutdown.child_token();
-        let handle = reloader.handle();
-        tokio::spawn(reloader.run(self.metrics.clone(), stop.clone()));
-        CertificateWatch { handle, stop }
     }
 
     /// Serves reload requests from `handle` (SIGHUP) and, while `server.watch_config` is
@@ -496,16 +499,19 @@ fn log_report(report: &ReloadReport) {
     }
 }
 
-/// The certificate reloader of the startup certificates.
+/// Starts the reloader (file watch, poll, SIGHUP) of the certificates in `store`; it stops
+/// when `shutdown` is cancelled or a reload replaces the certificate list.
 fn watch_certificates(
     config: &Config,
     store: &Arc<CertStore>,
-    startup: &Startup,
+    provider: &Arc<CryptoProvider>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
 ) -> CertificateWatch {
-    let reloader = tls::reload::Reloader::new(store.clone(), startup.provider.clone(), &config.tls);
-    let stop = startup.shutdown.child_token();
+    let reloader = tls::reload::Reloader::new(store.clone(), provider.clone(), &config.tls);
+    let stop = shutdown.child_token();
     let handle = reloader.handle();
-    tokio::spawn(reloader.run(startup.metrics.clone(), stop.clone()));
+    tokio::spawn(reloader.run(metrics.clone(), stop.clone()));
     CertificateWatch { handle, stop }
 }
 
