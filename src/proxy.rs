@@ -287,15 +287,16 @@ impl Proxy {
         let Some(host) = host else {
             return Err(ProxyError::UnknownHost("(none)".to_owned()));
         };
-        let name = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        // Compared without lowercasing a copy: no allocation per request.
+        let name = strip_port(host).trim_end_matches('.');
         let served = self
             .served_hosts
             .iter()
             .any(|served| match served.strip_prefix("*.") {
-                Some(parent) => name
-                    .split_once('.')
-                    .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
-                None => *served == name,
+                Some(parent) => name.split_once('.').is_some_and(|(label, rest)| {
+                    !label.is_empty() && rest.eq_ignore_ascii_case(parent)
+                }),
+                None => served.eq_ignore_ascii_case(name),
             });
         if served {
             Ok(())
