@@ -67,6 +67,38 @@ impl Upstream {
     /// Serves on an already bound listener (to restart on the same port).
     pub fn serve(listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().unwrap();
+        Self::serve_on(Listener::Tcp(listener), addr)
+    }
+
+    /// The same app on a Unix socket at `path` (`addr` is then unspecified).
+    pub async fn start_unix(path: &std::path::Path) -> Upstream {
+        init();
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        Self::serve_on(Listener::Unix(listener), SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The same app over TLS (HTTP/1.1), with the chain and key in PEM.
+    pub async fn start_tls(chain_pem: &str, key_pem: &str) -> Upstream {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        init();
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::serve_on(Listener::Tls(listener, acceptor), addr)
+    }
+
+    fn serve_on(listener: Listener, addr: SocketAddr) -> Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let rooms: Rooms = Arc::new(Mutex::new(HashMap::new()));
         let held = Arc::new(Semaphore::new(0));
@@ -77,13 +109,16 @@ impl Upstream {
             tokio::spawn(async move {
                 let connections = tokio_util::task::TaskTracker::new();
                 loop {
-                    let (stream, _) = tokio::select! {
+                    let stream = tokio::select! {
                         () = stop.cancelled() => break,
-                        accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                        accepted = listener.accept() => match accepted { Some(a) => a, None => continue },
                     };
                     let (seen, rooms, held, stop) =
                         (seen.clone(), rooms.clone(), held.clone(), stop.clone());
                     connections.spawn(async move {
+                        let Some(stream) = stream.ready().await else {
+                            return;
+                        };
                         let service = service_fn(move |req| {
                             upstream_handle(req, seen.clone(), rooms.clone(), held.clone())
                         });
@@ -141,6 +176,49 @@ impl Upstream {
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Where the test app accepts connections.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+/// An accepted connection; TLS ones still to shake hands.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+    Tls(tokio::net::TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+type BoxedStream = std::pin::Pin<Box<dyn AsyncStream>>;
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send> AsyncStream for T {}
+
+impl Listener {
+    async fn accept(&self) -> Option<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.ok().map(|(s, _)| Accepted::Tcp(s)),
+            Listener::Unix(l) => l.accept().await.ok().map(|(s, _)| Accepted::Unix(s)),
+            Listener::Tls(l, acceptor) => l
+                .accept()
+                .await
+                .ok()
+                .map(|(s, _)| Accepted::Tls(s, acceptor.clone())),
+        }
+    }
+}
+
+impl Accepted {
+    async fn ready(self) -> Option<BoxedStream> {
+        Some(match self {
+            Accepted::Tcp(s) => Box::pin(s),
+            Accepted::Unix(s) => Box::pin(s),
+            // A client that refuses the certificate ends here.
+            Accepted::Tls(s, acceptor) => Box::pin(acceptor.accept(s).await.ok()?),
+        })
     }
 }
 
