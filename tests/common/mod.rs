@@ -9,7 +9,8 @@
 //! - [`raw`]: raw TLS connections to the gateway and HTTP/1.1 responses read as bytes;
 //! - [`redis`]: redis-server processes on free ports;
 //! - [`pebble`]: a real ACME CA (pebble and its DNS server) on free ports;
-//! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
+//! - [`wait`]: [`eventually`], the one way tests wait for something to become true;
+//! - [`ws`]: WebSocket clients over HTTP/1.1 and RFC 8441 (HTTP/2 extended CONNECT).
 #![allow(
     dead_code,
     unused_imports,
@@ -27,6 +28,7 @@ pub mod raw;
 pub mod redis;
 pub mod upstream;
 pub mod wait;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +44,7 @@ pub use raw::*;
 pub use redis::*;
 pub use upstream::*;
 pub use wait::*;
+pub use ws::*;
 
 /// Installs the process-wide rustls provider once (tests build client configs too).
 pub fn init() {
