@@ -643,7 +643,197 @@ pub fn socket_warnings(groups: &[(&str, &Upstream)]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Config;
     use super::*;
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "gatehouse-routing-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn parse(extra: &str, dir: &Path) -> Result<Config, super::super::ConfigError> {
+        let text = format!(
+            "[listen]\nhttps = \"127.0.0.1:8443\"\n[tls]\ncert = \"a.crt\"\nkey = \"a.key\"\n[upstream]\nurl = \"http://web:8000\"\n{extra}"
+        );
+        Config::parse(&text, &dir.join("gateway.toml"))
+    }
+
+    fn problems(extra: &str) -> Vec<(String, String)> {
+        let err = parse(extra, &scratch()).unwrap_err();
+        err.problems.into_iter().map(|p| (p.key, p.message)).collect()
+    }
+
+    #[test]
+    fn groups_and_routes_are_validated_with_their_keys() {
+        let dir = scratch();
+        std::fs::write(dir.join("ca.pem"), self_signed_ca()).unwrap();
+        let config = parse(
+            r#"
+            [upstreams.channels]
+            url = "unix:/run/daphne/daphne.sock"
+            [upstreams.api]
+            url = ["https://api-internal:8443", "https://10.0.0.2"]
+            ca_file = "ca.pem"
+            server_name = "api-internal"
+            [[route]]
+            prefix = "/ws/"
+            upstream = "channels"
+            websocket = { idle_timeout = "1h" }
+            [[route]]
+            host = "API.example.com."
+            upstream = "api"
+            response_timeout = "5m"
+            max_body_size = "1GiB"
+            add_response_headers = { "X-Frame-Options" = "DENY" }
+            remove_response_headers = ["Server"]
+            "#,
+            &dir,
+        )
+        .unwrap();
+        let names: Vec<&str> = config.groups().iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["default", "api", "channels"]);
+        let channels = &config.upstreams[1].upstream.targets[0];
+        assert_eq!(channels.to_string(), "unix:/run/daphne/daphne.sock");
+        let api = &config.upstreams[0].upstream;
+        assert_eq!(api.targets[1].authority.as_str(), "10.0.0.2:443");
+        assert_eq!(api.tls.roots.len(), 1);
+        assert_eq!(config.routes[0].group, 2);
+        assert_eq!(config.routes[0].websocket_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(config.routes[1].group, 1);
+        assert_eq!(config.routes[1].host.as_deref(), Some("api.example.com"));
+        assert_eq!(config.routes[1].max_body_size, Some(1 << 30));
+        assert_eq!(config.routes[1].remove_response_headers, [http::header::SERVER]);
+    }
+
+    /// A self-signed CA certificate in PEM.
+    fn self_signed_ca() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn unknown_groups_duplicates_and_shadowed_routes_are_refused() {
+        let found = problems(
+            r#"
+            [[static]]
+            prefix = "/static/"
+            dir = "static"
+            [[route]]
+            prefix = "/ws/"
+            upstream = "chanels"
+            [[route]]
+            prefix = "/ws/"
+            [[route]]
+            prefix = "/static/admin/"
+            [[route]]
+            prefix = "ws/"
+            [upstreams.default]
+            url = "http://x:1"
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstreams.default",
+                "route[0].upstream",
+                "route[1]",
+                "route[2].prefix",
+                "route[3].prefix"
+            ],
+            "{found:?}"
+        );
+        assert!(found[1].1.contains("no upstream group named `chanels`") && found[1].1.contains("default"), "{found:?}");
+        assert!(found[2].1.contains("route[0] has the same host and prefix"), "{found:?}");
+        assert!(found[3].1.contains("[[static]] prefix `/static/`"), "{found:?}");
+    }
+
+    #[test]
+    fn a_route_for_a_host_the_gateway_answers_421_is_refused() {
+        let routes = "[[route]]\nhost = \"api.example.com\"\n[[route]]\nhost = \"www.example.org\"\n";
+        // Without tls.names every host is forwarded, so any host route can match.
+        parse(routes, &scratch()).unwrap();
+        let named = format!(
+            "[listen]\nhttps = \"127.0.0.1:8443\"\n[tls]\ncert = \"a.crt\"\nkey = \"a.key\"\nnames = [\"*.example.com\"]\n[upstream]\nurl = \"http://web:8000\"\n{routes}"
+        );
+        let err = Config::parse(&named, Path::new("g.toml")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "route[1].host");
+        assert!(err.problems[0].message.contains("421"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_need_a_readable_ca_and_an_https_url() {
+        let found = problems(
+            r#"
+            [upstreams.api]
+            url = "https://api-internal:8443"
+            ca_file = "missing-ca.pem"
+            [upstreams.plain]
+            url = "http://web:8000"
+            server_name = "web"
+            [upstreams.bad]
+            url = ["ftp://x", "unix:"]
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["upstreams.api.ca_file", "upstreams.bad.url", "upstreams.bad.url", "upstreams.plain.ca_file"],
+            "{found:?}"
+        );
+        assert!(found[0].1.contains("missing-ca.pem"), "{found:?}");
+    }
+
+    #[test]
+    fn error_pages_are_read_and_a_dir_without_any_is_refused() {
+        let dir = scratch().join("pages");
+        std::fs::create_dir_all(&dir).unwrap();
+        let found = problems(&format!("[errors]\ndir = \"{}\"\n", dir.display()));
+        assert_eq!(found.len(), 1);
+        assert!(found[0].1.contains("none of 502.html"), "{found:?}");
+        std::fs::write(dir.join("503.html"), "down").unwrap();
+        let config = parse(&format!("[errors]\ndir = \"{}\"\n", dir.display()), &scratch()).unwrap();
+        assert_eq!(config.errors.unavailable.as_deref(), Some(&b"down"[..]));
+        assert!(config.errors.bad_gateway.is_none());
+        assert_eq!(config.errors.retry_after, DEFAULT_RETRY_AFTER);
+    }
+
+    #[test]
+    fn missing_or_wrong_unix_sockets_are_warnings() {
+        let dir = scratch();
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, "").unwrap();
+        let config = parse(
+            &format!(
+                "[upstreams.channels]\nurl = [\"unix:{}\", \"unix:{}\"]\n",
+                dir.join("gone.sock").display(),
+                file.display()
+            ),
+            &dir,
+        )
+        .unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("gone.sock does not exist"), "{warnings:?}");
+        assert!(warnings[1].contains("is not a Unix socket"), "{warnings:?}");
+        let listening = dir.join("app.sock");
+        let _ = std::fs::remove_file(&listening);
+        let _socket = std::os::unix::net::UnixListener::bind(&listening).unwrap();
+        let config = parse(
+            &format!("[upstreams.channels]\nurl = \"unix:{}\"\n", listening.display()),
+            &dir,
+        )
+        .unwrap();
+        assert!(config.warnings().is_empty());
+    }
 
     #[test]
     fn covers_exact_and_one_wildcard_label() {
