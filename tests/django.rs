@@ -137,8 +137,9 @@ impl Drop for Server {
 }
 
 /// `gunicorn app:application` on an OS-chosen port, read back from its log.
-fn start_gunicorn() -> (Server, SocketAddr) {
+fn start_gunicorn(env: &[(&str, &str)]) -> (Server, SocketAddr) {
     let mut child = Command::new("gunicorn")
+        .envs(env.iter().copied())
         .args([
             "--bind",
             "127.0.0.1:0",
@@ -168,8 +169,9 @@ fn start_gunicorn() -> (Server, SocketAddr) {
 }
 
 /// `daphne -u SOCKET --proxy-headers channels_asgi:application`, once it accepts.
-async fn start_daphne(socket: &std::path::Path) -> Server {
+async fn start_daphne(socket: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let child = Command::new("daphne")
+        .envs(env.iter().copied())
         .arg("-u")
         .arg(socket)
         .args(["--proxy-headers", "channels_asgi:application"])
@@ -215,9 +217,9 @@ where
 async fn channels_layout_gunicorn_on_tcp_and_daphne_on_a_unix_socket() {
     let pki = Pki::new("django-channels");
     let (_, files) = pki.localhost("site");
-    let (_gunicorn, web) = start_gunicorn();
+    let (_gunicorn, web) = start_gunicorn(&[]);
     let socket = scratch_dir("django-channels-socket").join("daphne.sock");
-    let _daphne = start_daphne(&socket).await;
+    let _daphne = start_daphne(&socket, &[]).await;
     let config = format!(
         r#"{base}
 [upstreams.channels]
@@ -290,6 +292,43 @@ remove_response_headers = ["Server"]
     gateway.stop().await;
 }
 
+/// `check --probe` follows the routes: the WebSocket probe under `/ws/` reaches Daphne on
+/// its socket (Gunicorn has no WebSocket route: it would answer 404), and each group is
+/// probed for an answer.
+#[tokio::test]
+async fn probe_follows_routes_to_each_group_of_the_channels_layout() {
+    let env = [("DJANGO_ALLOWED_HOSTS", NAME)];
+    let (_gunicorn, web) = start_gunicorn(&env);
+    let socket = scratch_dir("probe-channels-socket").join("daphne.sock");
+    let _daphne = start_daphne(&socket, &env).await;
+    let groups = format!(
+        "[upstreams.channels]\nurl = \"unix:{}\"\n[[route]]\nprefix = \"/ws/\"\nupstream = \"channels\"\n",
+        socket.display()
+    );
+    let run = probe_with(web, &groups, &["--websocket-path", "/ws/echo/"]);
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert!(run.output.contains("OK      websocket"), "{}", run.output);
+    assert!(
+        run.output.contains(&format!(
+            "OK      group     channels [GET /]: group channels (unix:{}) answered",
+            socket.display()
+        )),
+        "{}",
+        run.output
+    );
+
+    // Daphne stopped: the group's probe says so (and the WebSocket probe cannot run).
+    drop(_daphne);
+    let run = probe_with(web, &groups, &[]);
+    assert_eq!(run.code, Some(3), "{}", run.output);
+    assert!(
+        run.output.contains("PROBLEM group     channels")
+            && run.output.contains("start the app of upstream group channels"),
+        "{}",
+        run.output
+    );
+}
+
 // gatehouse check --probe ------------------------------------------------------------------
 
 /// The public name the probe tests configure (and the certificate covers).
@@ -332,6 +371,11 @@ impl ProbeRun {
 /// A config for `NAME` in front of `upstream`, with a `[[static]]` directory holding
 /// `css/site.css`, and `gatehouse check --probe ARGS` run on it.
 fn probe(upstream: SocketAddr, args: &[&str]) -> ProbeRun {
+    probe_with(upstream, "", args)
+}
+
+/// [`probe`] with more TOML (groups and routes) appended to the config.
+fn probe_with(upstream: SocketAddr, extra: &str, args: &[&str]) -> ProbeRun {
     let pki = Pki::new("probe");
     let leaf = pki.leaf(&[NAME]);
     let files = pki.write("site", &leaf);
@@ -357,6 +401,7 @@ url = "http://{upstream}"
 [[static]]
 prefix = "/static/"
 dir = "{statics}"
+{extra}
 "#,
             cert = files.cert.display(),
             key = files.key.display(),
