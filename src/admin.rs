@@ -678,17 +678,14 @@ async fn upstream_check(state: &AdminState, upstream: &config::Upstream) -> Arc<
                     None => tokio::net::TcpStream::connect(&authority).await.map(drop),
                 }
             };
-            let result =
-                match tokio::time::timeout(timeout, connect)
-                    .await
-                {
-                    Ok(Ok(())) => Ok(started.elapsed()),
-                    Ok(Err(err)) => Err(err.to_string()),
-                    Err(_) => Err(format!(
-                        "no TCP connection within {}ms",
-                        timeout.as_millis()
-                    )),
-                };
+            let result = match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(())) => Ok(started.elapsed()),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(format!(
+                    "no TCP connection within {}ms",
+                    timeout.as_millis()
+                )),
+            };
             (index, result)
         });
     }

@@ -41,7 +41,9 @@ pub enum ProxyError {
         reason: String,
     },
     /// The upstream did not answer in time.
-    #[error("upstream group {group} ({upstream}): no response within {after:?} (response_timeout)")]
+    #[error(
+        "upstream group {group} ({upstream}): no response within {after:?} (response_timeout)"
+    )]
     UpstreamTimeout {
         /// The group's name (`default` for `[upstream]`).
         group: std::sync::Arc<str>,

@@ -322,14 +322,16 @@ fn print_routes(config: &Config) {
     println!();
     println!("routes (the most specific wins: exact host, then *.host, then longest prefix):");
     for (index, route) in config.routes.iter().enumerate() {
-        let targets = groups.get(route.group).map_or_else(String::new, |(_, group)| {
-            group
-                .targets
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        });
+        let targets = groups
+            .get(route.group)
+            .map_or_else(String::new, |(_, group)| {
+                group
+                    .targets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
         println!(
             "  route[{index}] {}{} -> {} ({targets})",
             route.host.as_deref().unwrap_or("*"),

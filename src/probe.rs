@@ -38,11 +38,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Config, UpstreamTarget};
-use crate::routing::RouteTable;
-use crate::upstream_io;
 use crate::forwarding::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PORT, X_FORWARDED_PROTO, X_REAL_IP,
 };
+use crate::routing::RouteTable;
+use crate::upstream_io;
 
 /// A host name no Django project allows, for the differential host request.
 pub const UNKNOWN_HOST: &str = "gatehouse-probe.invalid";
@@ -326,7 +326,10 @@ impl Prober {
             Err(err) => (
                 Verdict::Problem,
                 err.to_string(),
-                Some(format!("start the app of upstream group {} or fix its url", group.name)),
+                Some(format!(
+                    "start the app of upstream group {} or fix its url",
+                    group.name
+                )),
             ),
         };
         Finding {

@@ -154,7 +154,7 @@ impl Uploads {
                     });
                 }
                 Ok(None) => break,
-                Ok(Some(Err(err))) => return Err(self.read_failed(&*err, max_body_size)),
+                Ok(Some(Err(err))) => return Err(Self::read_failed(&*err, max_body_size)),
                 Ok(Some(Ok(frame))) => frame,
             };
             let data = match frame.into_data() {
@@ -233,11 +233,9 @@ impl Uploads {
     }
 
     /// The client's body broke off, was malformed, or went past `proxy.max_body_size`.
-    fn read_failed(&self, err: &(dyn std::error::Error + 'static), limit: u64) -> ProxyError {
+    fn read_failed(err: &(dyn std::error::Error + 'static), limit: u64) -> ProxyError {
         if err.is::<LengthLimitError>() {
-            return ProxyError::BodyTooLarge {
-                limit,
-            };
+            return ProxyError::BodyTooLarge { limit };
         }
         let timeout = err
             .downcast_ref::<hyper::Error>()
@@ -724,13 +722,19 @@ mod tests {
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"12345678")).await.unwrap();
         drop(tx);
-        let held = uploads.read(&mut HeaderMap::new(), body, None).await.unwrap();
+        let held = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         assert!(held.end.is_none(), "buffered");
 
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"12345678")).await.unwrap();
         drop(tx);
-        let upload = uploads.read(&mut HeaderMap::new(), body, None).await.unwrap();
+        let upload = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         assert!(upload.end.is_some(), "streamed: only 2 bytes left");
         assert_eq!(
             uploads
@@ -745,7 +749,10 @@ mod tests {
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"12345678")).await.unwrap();
         drop(tx);
-        let upload = uploads.read(&mut HeaderMap::new(), body, None).await.unwrap();
+        let upload = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         assert!(
             upload.end.is_none(),
             "buffered again once the memory came back"
@@ -774,7 +781,10 @@ mod tests {
     async fn a_streamed_body_times_out_only_while_waiting_on_the_client() {
         let uploads = uploads(0, 4096);
         let (mut tx, body) = client();
-        let mut upload = uploads.read(&mut HeaderMap::new(), body, None).await.unwrap();
+        let mut upload = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         // The app is slow to take the body: no poll, no timeout, however long.
         tokio::time::sleep(TIMEOUT * 10).await;
         tx.send_data(Bytes::from_static(b"a")).await.unwrap();
@@ -798,7 +808,10 @@ mod tests {
     async fn a_cut_drops_the_clients_body_and_wakes_the_waiting_sender() {
         let uploads = uploads(0, 4096);
         let (mut tx, body) = client();
-        let Upload { mut body, end } = uploads.read(&mut HeaderMap::new(), body, None).await.unwrap();
+        let Upload { mut body, end } = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         let end = end.unwrap();
         let waiting = tokio::spawn(async move { stopped_by(next(&mut body).await) });
         tokio::task::yield_now().await;
@@ -817,7 +830,10 @@ mod tests {
     async fn a_finished_upload_is_not_cut() {
         let uploads = uploads(0, 4096);
         let (mut tx, body) = client();
-        let Upload { mut body, end } = uploads.read(&mut HeaderMap::new(), body, None).await.unwrap();
+        let Upload { mut body, end } = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         tx.send_data(Bytes::from_static(b"all")).await.unwrap();
         drop(tx);
         assert_eq!(data(next(&mut body).await), "all");

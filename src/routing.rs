@@ -97,7 +97,11 @@ impl RouteTable {
         if self.entries.is_empty() {
             return None;
         }
-        let name = if self.by_host { host.map(host_name) } else { None };
+        let name = if self.by_host {
+            host.map(host_name)
+        } else {
+            None
+        };
         self.entries
             .iter()
             .find(|entry| path.starts_with(&*entry.prefix) && entry.host.matches(name))
@@ -136,7 +140,11 @@ mod tests {
         assert_eq!(routes.find(None, "/api/v2/users"), Some(1));
         assert_eq!(routes.find(None, "/api/v1/users"), Some(0));
         assert_eq!(routes.find(None, "/ws/chat/"), Some(2));
-        assert_eq!(routes.find(None, "/ws"), None, "a prefix ending in / matches a directory only");
+        assert_eq!(
+            routes.find(None, "/ws"),
+            None,
+            "a prefix ending in / matches a directory only"
+        );
         assert_eq!(routes.find(None, "/"), None);
     }
 
@@ -151,8 +159,16 @@ mod tests {
         assert_eq!(routes.find(Some("API.Example.COM.:8443"), "/"), Some(1));
         assert_eq!(routes.find(Some("www.example.com"), "/ws/x"), Some(2));
         assert_eq!(routes.find(Some("example.com"), "/ws/x"), Some(0));
-        assert_eq!(routes.find(Some("a.b.example.com"), "/"), None, "one label only");
-        assert_eq!(routes.find(None, "/"), None, "no Host matches no host route");
+        assert_eq!(
+            routes.find(Some("a.b.example.com"), "/"),
+            None,
+            "one label only"
+        );
+        assert_eq!(
+            routes.find(None, "/"),
+            None,
+            "no Host matches no host route"
+        );
     }
 
     #[test]
@@ -171,7 +187,11 @@ mod tests {
 
     /// The definition, without the sorted table: among matching routes, the best
     /// (host rank, prefix length), the earliest on ties.
-    fn reference(routes: &[(Option<String>, String)], host: Option<&str>, path: &str) -> Option<usize> {
+    fn reference(
+        routes: &[(Option<String>, String)],
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<usize> {
         let name = host.map(host_name);
         routes
             .iter()
@@ -181,7 +201,11 @@ mod tests {
                     && HostPattern::parse(pattern.as_deref()).matches(name)
             })
             .max_by_key(|(index, (pattern, prefix))| {
-                (HostPattern::parse(pattern.as_deref()).rank(), prefix.len(), Reverse(*index))
+                (
+                    HostPattern::parse(pattern.as_deref()).rank(),
+                    prefix.len(),
+                    Reverse(*index),
+                )
             })
             .map(|(index, _)| index)
     }

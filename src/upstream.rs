@@ -88,7 +88,6 @@ impl Upstreams {
         }
     }
 
-
     /// Sends the request (its URI is rewritten to the chosen instance) and waits for the
     /// response headers. A request whose connection is refused goes to the next instances
     /// in turn when its body is in memory (or absent); an idempotent request without a

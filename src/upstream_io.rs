@@ -173,20 +173,22 @@ impl tower::Service<Uri> for Connector {
             let Some(tls) = tls else {
                 return Ok(UpstreamIo::new(Transport::Tcp(tcp)));
             };
-            let name = match tls.server_name {
-                Some(name) => name,
-                None => {
-                    let host = uri.host().unwrap_or_default();
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    ServerName::try_from(host.to_owned())
-                        .map_err(|_| ConnectError::BadName(host.to_owned()))?
-                }
+            let name = if let Some(name) = tls.server_name {
+                name
+            } else {
+                let host = uri.host().unwrap_or_default();
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                ServerName::try_from(host.to_owned())
+                    .map_err(|_| ConnectError::BadName(host.to_owned()))?
             };
             let shown = name.to_str().into_owned();
             let stream = tokio::time::timeout(timeout, tls.connector.connect(name, tcp))
                 .await
                 .map_err(|_| ConnectError::Timeout(timeout))?
-                .map_err(|source| ConnectError::Tls { name: shown, source })?;
+                .map_err(|source| ConnectError::Tls {
+                    name: shown,
+                    source,
+                })?;
             Ok(UpstreamIo::new(Transport::Tls(Box::new(stream))))
         })
     }

@@ -6,7 +6,7 @@
 //!
 //! The classic Channels layout (issue 19): the same project under Gunicorn on TCP for HTTP
 //! and under Daphne on a Unix socket for `/ws/`, behind one gateway; both halves see the
-//! forwarding headers, WebSockets work over HTTP/1.1 and RFC 8441. Needs gunicorn,
+//! forwarding headers, WebSocket connections work over HTTP/1.1 and RFC 8441. Needs gunicorn,
 //! channels and daphne too (`.ci/test` installs them).
 //!
 //! `gatehouse check --probe` (the real binary) against the same app configured rightly and
@@ -160,7 +160,12 @@ fn start_gunicorn(env: &[(&str, &str)]) -> (Server, SocketAddr) {
             .and_then(Result::ok)
             .expect("gunicorn exited before listening");
         if let Some((_, rest)) = line.split_once("Listening at: http://127.0.0.1:") {
-            break rest.split_whitespace().next().unwrap().parse::<u16>().unwrap();
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .unwrap();
         }
     };
     // Keep draining its log so it never blocks on a full pipe.
@@ -179,7 +184,9 @@ async fn start_daphne(socket: &std::path::Path, env: &[(&str, &str)]) -> Server 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("daphne is needed for the Channels test (`pip install channels daphne`; .ci/test does)");
+        .expect(
+            "daphne is needed for the Channels test (`pip install channels daphne`; .ci/test does)",
+        );
     let server = Server(child);
     eventually(
         std::time::Duration::from_secs(30),
@@ -300,7 +307,7 @@ async fn probe_follows_routes_to_each_group_of_the_channels_layout() {
     let env = [("DJANGO_ALLOWED_HOSTS", NAME)];
     let (_gunicorn, web) = start_gunicorn(&env);
     let socket = scratch_dir("probe-channels-socket").join("daphne.sock");
-    let _daphne = start_daphne(&socket, &env).await;
+    let daphne = start_daphne(&socket, &env).await;
     let groups = format!(
         "[upstreams.channels]\nurl = \"unix:{}\"\n[[route]]\nprefix = \"/ws/\"\nupstream = \"channels\"\n",
         socket.display()
@@ -318,12 +325,14 @@ async fn probe_follows_routes_to_each_group_of_the_channels_layout() {
     );
 
     // Daphne stopped: the group's probe says so (and the WebSocket probe cannot run).
-    drop(_daphne);
+    drop(daphne);
     let run = probe_with(web, &groups, &[]);
     assert_eq!(run.code, Some(3), "{}", run.output);
     assert!(
         run.output.contains("PROBLEM group     channels")
-            && run.output.contains("start the app of upstream group channels"),
+            && run
+                .output
+                .contains("start the app of upstream group channels"),
         "{}",
         run.output
     );

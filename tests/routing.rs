@@ -51,7 +51,7 @@ async fn paths_and_hosts_go_to_their_groups_over_tcp_and_unix_sockets() {
     let web = Upstream::start().await;
     let api = Upstream::start().await;
     let socket = scratch_dir("routing-socket").join("daphne.sock");
-    let channels = Upstream::start_unix(&socket).await;
+    let channels = Upstream::start_unix(&socket);
     let config = format!(
         r#"{base}
 [upstreams.channels]
@@ -349,7 +349,11 @@ response_timeout = "200ms"
     assert_eq!(down.text().await.unwrap(), "<h1>We are restarting</h1>");
 
     // No 504.html: the plain-text answer stays.
-    let timeout = client.get(gateway.url("/sleep/60000")).send().await.unwrap();
+    let timeout = client
+        .get(gateway.url("/sleep/60000"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(timeout.status(), 504);
     assert_eq!(timeout.text().await.unwrap(), "504 Gateway Timeout\n");
 
@@ -398,7 +402,7 @@ async fn rate_limit_rules_apply_by_prefix_whatever_the_route() {
     let (_, files) = pki.localhost("site");
     let web = Upstream::start().await;
     let socket = scratch_dir("routing-rl-socket").join("app.sock");
-    let channels = Upstream::start_unix(&socket).await;
+    let channels = Upstream::start_unix(&socket);
     let config = format!(
         r#"{base}
 [upstreams.channels]

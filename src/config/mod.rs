@@ -19,8 +19,8 @@ pub mod routing;
 
 use acme::{AcmeConfig, RawAcme};
 use rate_limit::{RateLimitConfig, RawRateLimit};
-use routing::{RawErrors, RawRoute, RawUpstream};
 pub use routing::{ErrorPages, Route, Upstream, UpstreamGroup, UpstreamTarget, UpstreamTls};
+use routing::{RawErrors, RawRoute, RawUpstream};
 
 // Defaults: what a key means when it is absent. The README's configuration table repeats
 // them for readers; these are the values in force.
@@ -657,7 +657,11 @@ impl Config {
     /// `[upstreams.*]`; a route's `group` indexes this list.
     pub fn groups(&self) -> Vec<(&str, &Upstream)> {
         std::iter::once((routing::DEFAULT_GROUP, &self.upstream))
-            .chain(self.upstreams.iter().map(|g| (g.name.as_str(), &g.upstream)))
+            .chain(
+                self.upstreams
+                    .iter()
+                    .map(|g| (g.name.as_str(), &g.upstream)),
+            )
             .collect()
     }
 

@@ -312,7 +312,9 @@ fn parse_upstream_url(
         _ => {
             p.add(
                 key,
-                format!("`{url}`: only http://, https:// and unix: upstreams are supported; {hint}"),
+                format!(
+                    "`{url}`: only http://, https:// and unix: upstreams are supported; {hint}"
+                ),
             );
             return None;
         }
@@ -383,7 +385,10 @@ pub fn validate_routes(
         let group = if upstream == DEFAULT_GROUP {
             Some(0)
         } else {
-            groups.iter().position(|g| g.name == upstream).map(|at| at + 1)
+            groups
+                .iter()
+                .position(|g| g.name == upstream)
+                .map(|at| at + 1)
         };
         if group.is_none() {
             let known: Vec<&str> = std::iter::once(DEFAULT_GROUP)
@@ -440,15 +445,15 @@ pub fn validate_routes(
         let remove_response_headers = entry
             .remove_response_headers
             .into_iter()
-            .filter_map(|name| match HeaderName::from_bytes(name.as_bytes()) {
-                Ok(name) => Some(name),
-                Err(_) => {
+            .filter_map(|name| {
+                let parsed = HeaderName::from_bytes(name.as_bytes()).ok();
+                if parsed.is_none() {
                     p.add(
                         format!("{key}.remove_response_headers"),
                         format!("`{name}` is not a header name; write e.g. [\"Server\", \"X-Powered-By\"]"),
                     );
-                    None
                 }
+                parsed
             })
             .collect();
         let route = Route {
@@ -457,10 +462,13 @@ pub fn validate_routes(
             group: group.unwrap_or(0),
             upstream,
             max_body_size: entry.max_body_size.map(|size| size.as_u64()),
-            response_timeout: entry
-                .response_timeout
-                .as_deref()
-                .map(|text| p.duration(&format!("{key}.response_timeout"), Some(text), DEFAULT_RESPONSE_TIMEOUT)),
+            response_timeout: entry.response_timeout.as_deref().map(|text| {
+                p.duration(
+                    &format!("{key}.response_timeout"),
+                    Some(text),
+                    DEFAULT_RESPONSE_TIMEOUT,
+                )
+            }),
             websocket_idle_timeout: entry.websocket.idle_timeout.as_deref().map(|text| {
                 p.duration(
                     &format!("{key}.websocket.idle_timeout"),
@@ -472,11 +480,20 @@ pub fn validate_routes(
             remove_response_headers,
         };
         for (setting, zero) in [
-            ("response_timeout", route.response_timeout.is_some_and(|t| t.is_zero())),
-            ("websocket.idle_timeout", route.websocket_idle_timeout.is_some_and(|t| t.is_zero())),
+            (
+                "response_timeout",
+                route.response_timeout.is_some_and(|t| t.is_zero()),
+            ),
+            (
+                "websocket.idle_timeout",
+                route.websocket_idle_timeout.is_some_and(|t| t.is_zero()),
+            ),
         ] {
             if zero {
-                p.add(format!("{key}.{setting}"), "must be above 0; write e.g. \"5m\"");
+                p.add(
+                    format!("{key}.{setting}"),
+                    "must be above 0; write e.g. \"5m\"",
+                );
             }
         }
         if let Some(earlier) = routes
@@ -624,7 +641,11 @@ pub fn socket_warnings(groups: &[(&str, &Upstream)]) -> Vec<String> {
     use std::os::unix::fs::FileTypeExt;
     let mut warnings = Vec::new();
     for (name, upstream) in groups {
-        for path in upstream.targets.iter().filter_map(|t| t.unix_socket.as_ref()) {
+        for path in upstream
+            .targets
+            .iter()
+            .filter_map(|t| t.unix_socket.as_ref())
+        {
             let problem = match std::fs::metadata(path) {
                 Err(err) => format!("does not exist ({err})"),
                 Ok(meta) if !meta.file_type().is_socket() => "is not a Unix socket".to_owned(),
@@ -665,7 +686,10 @@ mod tests {
 
     fn problems(extra: &str) -> Vec<(String, String)> {
         let err = parse(extra, &scratch()).unwrap_err();
-        err.problems.into_iter().map(|p| (p.key, p.message)).collect()
+        err.problems
+            .into_iter()
+            .map(|p| (p.key, p.message))
+            .collect()
     }
 
     #[test]
@@ -703,11 +727,17 @@ mod tests {
         assert_eq!(api.targets[1].authority.as_str(), "10.0.0.2:443");
         assert_eq!(api.tls.roots.len(), 1);
         assert_eq!(config.routes[0].group, 2);
-        assert_eq!(config.routes[0].websocket_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            config.routes[0].websocket_idle_timeout,
+            Some(Duration::from_secs(3600))
+        );
         assert_eq!(config.routes[1].group, 1);
         assert_eq!(config.routes[1].host.as_deref(), Some("api.example.com"));
         assert_eq!(config.routes[1].max_body_size, Some(1 << 30));
-        assert_eq!(config.routes[1].remove_response_headers, [http::header::SERVER]);
+        assert_eq!(
+            config.routes[1].remove_response_headers,
+            [http::header::SERVER]
+        );
     }
 
     /// A self-signed CA certificate in PEM.
@@ -750,14 +780,25 @@ mod tests {
             ],
             "{found:?}"
         );
-        assert!(found[1].1.contains("no upstream group named `chanels`") && found[1].1.contains("default"), "{found:?}");
-        assert!(found[2].1.contains("route[0] has the same host and prefix"), "{found:?}");
-        assert!(found[3].1.contains("[[static]] prefix `/static/`"), "{found:?}");
+        assert!(
+            found[1].1.contains("no upstream group named `chanels`")
+                && found[1].1.contains("default"),
+            "{found:?}"
+        );
+        assert!(
+            found[2].1.contains("route[0] has the same host and prefix"),
+            "{found:?}"
+        );
+        assert!(
+            found[3].1.contains("[[static]] prefix `/static/`"),
+            "{found:?}"
+        );
     }
 
     #[test]
     fn a_route_for_a_host_the_gateway_answers_421_is_refused() {
-        let routes = "[[route]]\nhost = \"api.example.com\"\n[[route]]\nhost = \"www.example.org\"\n";
+        let routes =
+            "[[route]]\nhost = \"api.example.com\"\n[[route]]\nhost = \"www.example.org\"\n";
         // Without tls.names every host is forwarded, so any host route can match.
         parse(routes, &scratch()).unwrap();
         let named = format!(
@@ -786,7 +827,12 @@ mod tests {
         let keys: Vec<&str> = found.iter().map(|(key, _)| key.as_str()).collect();
         assert_eq!(
             keys,
-            ["upstreams.api.ca_file", "upstreams.bad.url", "upstreams.bad.url", "upstreams.plain.ca_file"],
+            [
+                "upstreams.api.ca_file",
+                "upstreams.bad.url",
+                "upstreams.bad.url",
+                "upstreams.plain.ca_file"
+            ],
             "{found:?}"
         );
         assert!(found[0].1.contains("missing-ca.pem"), "{found:?}");
@@ -800,7 +846,11 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert!(found[0].1.contains("none of 502.html"), "{found:?}");
         std::fs::write(dir.join("503.html"), "down").unwrap();
-        let config = parse(&format!("[errors]\ndir = \"{}\"\n", dir.display()), &scratch()).unwrap();
+        let config = parse(
+            &format!("[errors]\ndir = \"{}\"\n", dir.display()),
+            &scratch(),
+        )
+        .unwrap();
         assert_eq!(config.errors.unavailable.as_deref(), Some(&b"down"[..]));
         assert!(config.errors.bad_gateway.is_none());
         assert_eq!(config.errors.retry_after, DEFAULT_RETRY_AFTER);
@@ -822,13 +872,19 @@ mod tests {
         .unwrap();
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings[0].contains("gone.sock does not exist"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("gone.sock does not exist"),
+            "{warnings:?}"
+        );
         assert!(warnings[1].contains("is not a Unix socket"), "{warnings:?}");
         let listening = dir.join("app.sock");
         let _ = std::fs::remove_file(&listening);
         let _socket = std::os::unix::net::UnixListener::bind(&listening).unwrap();
         let config = parse(
-            &format!("[upstreams.channels]\nurl = \"unix:{}\"\n", listening.display()),
+            &format!(
+                "[upstreams.channels]\nurl = \"unix:{}\"\n",
+                listening.display()
+            ),
             &dir,
         )
         .unwrap();

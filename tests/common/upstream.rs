@@ -71,11 +71,14 @@ impl Upstream {
     }
 
     /// The same app on a Unix socket at `path` (`addr` is then unspecified).
-    pub async fn start_unix(path: &std::path::Path) -> Upstream {
+    pub fn start_unix(path: &std::path::Path) -> Upstream {
         init();
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path).unwrap();
-        Self::serve_on(Listener::Unix(listener), SocketAddr::from(([0, 0, 0, 0], 0)))
+        Self::serve_on(
+            Listener::Unix(listener),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+        )
     }
 
     /// The same app over TLS (HTTP/1.1), with the chain and key in PEM.

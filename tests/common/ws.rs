@@ -96,7 +96,11 @@ pub async fn h2_extended_connect(
 }
 
 /// A WebSocket over an RFC 8441 stream through the gateway.
-pub async fn h2_ws(send: &mut h2::client::SendRequest<Bytes>, addr: SocketAddr, path: &str) -> H2Ws {
+pub async fn h2_ws(
+    send: &mut h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    path: &str,
+) -> H2Ws {
     let (parts, io) = h2_extended_connect(send, addr, path, &[]).await;
     assert_eq!(parts.status, 200, "extended CONNECT refused: {parts:?}");
     WebSocketStream::from_raw_socket(io, Role::Client, None).await
@@ -175,4 +179,3 @@ impl AsyncWrite for H2Io {
         Poll::Ready(Ok(()))
     }
 }
-
