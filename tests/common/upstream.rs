@@ -33,6 +33,8 @@ pub struct Seen {
     pub version: Version,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// Which connection it came on: 1 for the server's first, and so on.
+    pub connection: u64,
 }
 
 /// A real upstream app. Routes:
@@ -111,6 +113,7 @@ impl Upstream {
                 (seen.clone(), rooms.clone(), held.clone(), stop.clone());
             tokio::spawn(async move {
                 let connections = tokio_util::task::TaskTracker::new();
+                let mut accepted_count = 0;
                 loop {
                     let stream = tokio::select! {
                         () = stop.cancelled() => break,
@@ -118,12 +121,20 @@ impl Upstream {
                     };
                     let (seen, rooms, held, stop) =
                         (seen.clone(), rooms.clone(), held.clone(), stop.clone());
+                    accepted_count += 1;
+                    let connection = accepted_count;
                     connections.spawn(async move {
                         let Some(stream) = stream.ready().await else {
                             return;
                         };
                         let service = service_fn(move |req| {
-                            upstream_handle(req, seen.clone(), rooms.clone(), held.clone())
+                            upstream_handle(
+                                req,
+                                seen.clone(),
+                                rooms.clone(),
+                                held.clone(),
+                                connection,
+                            )
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
@@ -239,6 +250,7 @@ async fn upstream_handle(
     seen: Arc<Mutex<Vec<Seen>>>,
     rooms: Rooms,
     held: Arc<Semaphore>,
+    connection: u64,
 ) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let record = |len| Seen {
@@ -247,6 +259,7 @@ async fn upstream_handle(
         version: req.version(),
         headers: req.headers().clone(),
         body_len: len,
+        connection,
     };
     if let Some(rest) = path.strip_prefix("/ws/") {
         seen.lock().unwrap().push(record(0));
@@ -297,6 +310,7 @@ async fn upstream_handle(
         version: parts.version,
         headers: parts.headers.clone(),
         body_len: len,
+        connection,
     });
     let mut response = text(StatusCode::OK, format!("seen {method} {path} {len}"));
     response
