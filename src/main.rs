@@ -333,7 +333,7 @@ fn print_routes(config: &Config) {
                     .join(", ")
             });
         println!(
-            "  route[{index}] {}{} -> {} ({targets})",
+            "  route[{index}] {} {} -> {} ({targets})",
             route.host.as_deref().unwrap_or("*"),
             route.prefix,
             route.upstream

@@ -108,7 +108,7 @@ pub struct Route {
     pub max_body_size: Option<u64>,
     /// Overrides the group's `response_timeout`.
     pub response_timeout: Option<Duration>,
-    /// Overrides `websocket.idle_timeout`.
+    /// Overrides `websocket.idle_timeout` (zero: never closed, as there).
     pub websocket_idle_timeout: Option<Duration>,
     /// Headers set on responses (replacing the app's).
     pub add_response_headers: Vec<(HeaderName, HeaderValue)>,
@@ -479,22 +479,11 @@ pub fn validate_routes(
             add_response_headers,
             remove_response_headers,
         };
-        for (setting, zero) in [
-            (
-                "response_timeout",
-                route.response_timeout.is_some_and(|t| t.is_zero()),
-            ),
-            (
-                "websocket.idle_timeout",
-                route.websocket_idle_timeout.is_some_and(|t| t.is_zero()),
-            ),
-        ] {
-            if zero {
-                p.add(
-                    format!("{key}.{setting}"),
-                    "must be above 0; write e.g. \"5m\"",
-                );
-            }
+        if route.response_timeout.is_some_and(|t| t.is_zero()) {
+            p.add(
+                format!("{key}.response_timeout"),
+                "must be above 0; write e.g. \"5m\"",
+            );
         }
         if let Some(earlier) = routes
             .iter()
