@@ -1,8 +1,9 @@
 //! The HTTPS request path: `handle(req)` checks request hygiene, normalizes the path once
 //! (see [`crate::path`]), picks the route ([`crate::routing`]), runs rate limiting, then
 //! serves a static file, a WebSocket tunnel, or forwards to the route's upstream group
-//! over its pooled HTTP/1.1 client. Every failure
-//! becomes a response in [`crate::error`]; nothing here panics or hangs a client.
+//! over its pooled HTTP/1.1 client. Every failure becomes a response in
+//! [`crate::error`] (or the `[errors]` page for the gateway's own 502/503/504); nothing
+//! here panics or hangs a client.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
