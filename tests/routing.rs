@@ -435,3 +435,44 @@ burst = 1
     assert_eq!(other.status(), 200);
     gateway.stop().await;
 }
+
+/// `[upstream]` itself on a Unix socket: requests reach it, and `/readyz` connects to the
+/// socket (ready while the app listens, not once it stopped).
+#[tokio::test]
+async fn the_default_group_on_a_unix_socket_and_readiness() {
+    let pki = Pki::new("routing-default-unix");
+    let (_, files) = pki.localhost("site");
+    let socket = scratch_dir("routing-default-socket").join("gunicorn.sock");
+    let app = Upstream::start_unix(&socket);
+    let placeholder = refused_addr();
+    let config = base_config(&files, placeholder).replace(
+        &format!("url = \"http://{placeholder}\""),
+        &format!("url = \"unix:{}\"", socket.display()),
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let client = https_client(&pki.root_pem(), Http::Two, gateway.https);
+    let answer = client.get(gateway.url("/page")).send().await.unwrap();
+    assert_eq!(answer.text().await.unwrap(), "seen GET /page 0");
+    assert_eq!(app.last().headers["x-forwarded-proto"], "https");
+
+    let admin = gateway.admin.unwrap();
+    let target = format!("unix:{}", socket.display());
+    let (status, json) = common::readyz(admin).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        json["checks"]["upstream"]["targets"][&target]["ok"], true,
+        "{json}"
+    );
+    app.stop().await;
+    let json = eventually(PROMPT, "/readyz sees the socket refuse", || async {
+        let (status, json) = common::readyz(admin).await;
+        if status == 503 {
+            Ok(json)
+        } else {
+            Err(json)
+        }
+    })
+    .await;
+    assert_eq!(json["failing"], serde_json::json!(["upstream"]), "{json}");
+    gateway.stop().await;
+}

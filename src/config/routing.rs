@@ -226,7 +226,22 @@ pub fn validate_upstream(raw: RawUpstream, key: &str, p: &mut Problems) -> Upstr
                     path.display()
                 ),
             ),
-            Ok(roots) => tls.roots = roots,
+            Ok(roots) => {
+                if let Some(bad) = roots
+                    .iter()
+                    .position(|der| webpki::anchor_from_trusted_cert(der).is_err())
+                {
+                    p.add(
+                        format!("{key}.ca_file"),
+                        format!(
+                            "certificate {} in {} cannot be parsed as a CA certificate; write the PEM of the CA that signed the upstream's certificate",
+                            bad + 1,
+                            path.display()
+                        ),
+                    );
+                }
+                tls.roots = roots;
+            }
             Err(err) => p.add(
                 format!("{key}.ca_file"),
                 format!(
@@ -825,6 +840,19 @@ mod tests {
             "{found:?}"
         );
         assert!(found[0].1.contains("missing-ca.pem"), "{found:?}");
+        let dir = scratch();
+        std::fs::write(
+            dir.join("garbage.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = parse(
+            "[upstreams.api]\nurl = \"https://api:8443\"\nca_file = \"garbage.pem\"\n",
+            &dir,
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "upstreams.api.ca_file", "{err}");
+        assert!(err.problems[0].message.contains("certificate 1"), "{err}");
     }
 
     #[test]
