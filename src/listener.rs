@@ -98,7 +98,13 @@ impl Context {
         addr: SocketAddr,
         limit: Duration,
     ) -> Option<SocketAddr> {
-        match tokio::time::timeout(limit, proxy_protocol::read_header(stream)).await {
+        let read = tokio::time::timeout(limit, proxy_protocol::read_header(stream));
+        let result = tokio::select! {
+            result = read => result,
+            // Shutdown does not wait out a silent balancer connection.
+            () = self.drain.hard_stop.cancelled() => return None,
+        };
+        match result {
             Ok(Ok(client)) => Some(client.unwrap_or(addr)),
             Ok(Err(err)) => {
                 let reason = match err {
@@ -212,10 +218,10 @@ impl Budget {
 /// Accepts HTTPS connections until draining starts.
 pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
     while let Some((mut stream, addr)) = accept(&listener, &ctx).await {
-        let accepted = tokio::time::Instant::now();
         let Some(permit) = ctx.https_budget.take(&ctx).await else {
             break;
         };
+        let accepted = tokio::time::Instant::now();
         let snapshot = ctx.live.current();
         if !ctx.proxy_peer_allowed(&snapshot, addr) {
             continue;
@@ -239,7 +245,8 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
             let open = task_ctx.metrics.connection_opened();
             let settings = &snapshot.connections;
             let (addr, place) = if proxied {
-                // The header shares the first request's deadline, counted from accept.
+                // The header shares the first request's deadline, counted from the
+                // connection's place under the budget.
                 let limit = settings
                     .limits
                     .first_request
