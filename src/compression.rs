@@ -236,9 +236,10 @@ fn add_vary(headers: &mut HeaderMap) {
     headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
 }
 
-/// One encoder, writing into a buffer the body hands out after every flush.
+/// One encoder, writing into a buffer the body hands out after every flush. Brotli's
+/// state is kilobytes, the others' a pointer or two: boxed, so the enum stays small.
 enum Encoder {
-    Brotli(BrotliEncoder<Vec<u8>>),
+    Brotli(Box<BrotliEncoder<Vec<u8>>>),
     Zstd(ZstdEncoder<Vec<u8>>),
     Gzip(GzipEncoder<Vec<u8>>),
 }
@@ -248,9 +249,10 @@ impl Encoder {
         match algorithm {
             // Quality 4: close to gzip's speed with a better ratio; 11 (the library's
             // default) is for compressing once ahead of time, not per request.
-            Algorithm::Brotli => {
-                Encoder::Brotli(BrotliEncoder::with_quality(Vec::new(), Level::Precise(4)))
-            }
+            Algorithm::Brotli => Encoder::Brotli(Box::new(BrotliEncoder::with_quality(
+                Vec::new(),
+                Level::Precise(4),
+            ))),
             Algorithm::Zstd => {
                 Encoder::Zstd(ZstdEncoder::with_quality(Vec::new(), Level::Precise(3)))
             }
@@ -262,7 +264,7 @@ impl Encoder {
 
     fn writer(&mut self) -> Pin<&mut (dyn AsyncWrite + Send + Unpin)> {
         match self {
-            Encoder::Brotli(encoder) => Pin::new(encoder),
+            Encoder::Brotli(encoder) => Pin::new(&mut **encoder),
             Encoder::Zstd(encoder) => Pin::new(encoder),
             Encoder::Gzip(encoder) => Pin::new(encoder),
         }

@@ -1,9 +1,9 @@
-//! The PROXY protocol header (v1 text, v2 binary) that an L4 load balancer (HAProxy
+//! The PROXY protocol header (v1 text, v2 binary) that a TCP load balancer (`HAProxy`
 //! `send-proxy-v2`, a cloud NLB) writes at the start of each connection to say which
 //! client it carries: read off the socket here, parsed by the `ppp` crate.
 //!
 //! Only the header's bytes are consumed: the socket is peeked, and bytes are taken only
-//! once they are known to belong to the header, so the TLS ClientHello (or HTTP request)
+//! once they are known to belong to the header, so the TLS `ClientHello` (or HTTP request)
 //! after it stays in the socket for whoever reads next, without a wrapper stream.
 //! Whether the peer may send a header at all (`proxy.trusted_proxies`) and how long it
 //! gets are the listener's business.

@@ -1,6 +1,6 @@
-//! Issue 18: the manifests in `examples/kubernetes/` parse, the ConfigMap's `gateway.toml`
-//! passes the real configuration parser, and the Deployment, Services and
-//! PodDisruptionBudget agree with it: container ports are the listeners' ports, probes
+//! Issue 18: the manifests in `examples/kubernetes/` parse, the `ConfigMap`'s
+//! `gateway.toml` passes the real configuration parser, and the `Deployment`, `Service`s
+//! and `PodDisruptionBudget` agree with it: container ports are the listeners' ports, probes
 //! hit `/healthz` and `/readyz` on the admin port, every file the config names lies in a
 //! mounted volume that provides it, the Redis URL names the Redis Service, the pods run
 //! as non-root with resources set, and the grace period covers the drain. (No cluster
@@ -31,7 +31,12 @@ fn manifests() -> BTreeMap<String, Value> {
     let mut on_disk: Vec<String> = std::fs::read_dir(dir())
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .filter(|name| {
+            Path::new(name)
+                .extension()
+                .is_some_and(|ext| ext.eq_ignore_ascii_case("yaml"))
+                && name != "kustomization.yaml"
+        })
         .collect();
     on_disk.sort();
     let mut listed = files.clone();

@@ -1,4 +1,4 @@
-//! Issue 18: PROXY protocol (`listen.proxy_protocol`). Real HAProxy in TCP mode with
+//! Issue 18: PROXY protocol (`listen.proxy_protocol`). Real `HAProxy` in TCP mode with
 //! `send-proxy-v2` in front of two in-process gateways sharing one redis-server: the app
 //! sees each client's own address and one rate limit holds across both. A raw v1 header,
 //! a header from an untrusted peer, a missing header, and `X-Forwarded-For` believed only

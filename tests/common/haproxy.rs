@@ -1,14 +1,15 @@
-//! HAProxy (Debian's package; `.ci/test` installs it) in TCP mode in front of gateways,
+//! `HAProxy` (Debian's package; `.ci/test` installs it) in TCP mode in front of gateways,
 //! as an L4 load balancer sending PROXY protocol v2: one process per test on a free
 //! port, killed on drop.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::{eventually, free_port, scratch_dir};
 
-/// A running HAProxy; killed on drop.
+/// A running `HAProxy`; killed on drop.
 pub struct HaProxy {
     child: Child,
     /// Where clients connect.
@@ -21,11 +22,10 @@ impl HaProxy {
     pub async fn start(name: &str, backends: &[SocketAddr]) -> HaProxy {
         let dir = scratch_dir(name);
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let servers: String = backends
-            .iter()
-            .enumerate()
-            .map(|(index, backend)| format!("    server gw{index} {backend} send-proxy-v2\n"))
-            .collect();
+        let mut servers = String::new();
+        for (index, backend) in backends.iter().enumerate() {
+            writeln!(servers, "    server gw{index} {backend} send-proxy-v2").unwrap();
+        }
         let config = format!(
             "global\n    maxconn 1000\n\
              defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\

@@ -8,7 +8,7 @@
 //!   in-process gateway;
 //! - [`raw`]: raw TLS connections to the gateway and HTTP/1.1 responses read as bytes;
 //! - [`redis`]: redis-server processes on free ports;
-//! - [`haproxy`]: HAProxy in TCP mode sending PROXY protocol v2, on a free port;
+//! - [`haproxy`]: `HAProxy` in TCP mode sending PROXY protocol v2, on a free port;
 //! - [`pebble`]: a real ACME CA (pebble and its DNS server) on free ports;
 //! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
 #![allow(
