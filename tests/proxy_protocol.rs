@@ -35,15 +35,23 @@ async fn gateway(setup: &Setup, trusted: &str, extra: &str) -> TestGateway {
 /// An HTTP/1.1 client whose connections leave from `source` (a loopback address other
 /// than 127.0.0.1 stands for a client on the internet), sent to `to` for `localhost`.
 fn client_from(setup: &Setup, source: IpAddr, to: SocketAddr) -> reqwest::Client {
-    let config = (*tls_client_config(&setup.pki.root_pem(), &[b"http/1.1"])).clone();
-    reqwest::Client::builder()
+    client_speaking(setup, source, to, b"http/1.1")
+}
+
+/// Like [`client_from`], offering only `alpn` (`h2` for HTTP/2 through the TCP balancer).
+fn client_speaking(setup: &Setup, source: IpAddr, to: SocketAddr, alpn: &[u8]) -> reqwest::Client {
+    let config = (*tls_client_config(&setup.pki.root_pem(), &[alpn])).clone();
+    let builder = reqwest::Client::builder()
         .use_preconfigured_tls(config)
         .local_address(source)
         .resolve("localhost", to)
-        .http1_only()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+        .timeout(Duration::from_secs(30));
+    let builder = if alpn == b"h2" {
+        builder
+    } else {
+        builder.http1_only()
+    };
+    builder.build().unwrap()
 }
 
 fn ip(text: &str) -> IpAddr {
@@ -87,15 +95,22 @@ async fn haproxy_in_front_of_two_gateways_carries_each_client_and_one_limit() {
     let b = gateway(&setup, "\"127.0.0.1\"", &limit).await;
     let haproxy = HaProxy::start("pp-haproxy", &[a.https, b.https]).await;
 
-    // Two clients on two addresses: the app sees each one's own address, never HAProxy's.
-    for source in ["127.0.0.2", "127.0.0.3"] {
-        let client = client_from(&setup, ip(source), haproxy.addr);
+    // Two clients on two addresses (one over HTTP/2: TLS and ALPN pass through the TCP
+    // balancer): the app sees each one's own address, never HAProxy's.
+    for (source, alpn) in [("127.0.0.2", &b"http/1.1"[..]), ("127.0.0.3", b"h2")] {
+        let client = client_speaking(&setup, ip(source), haproxy.addr, alpn);
         let response = client
             .get(format!("https://localhost:{}/who", haproxy.addr.port()))
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
+        let expected = if alpn == b"h2" {
+            reqwest::Version::HTTP_2
+        } else {
+            reqwest::Version::HTTP_11
+        };
+        assert_eq!(response.version(), expected);
         let seen = setup.upstream.last();
         assert_eq!(seen.headers["x-real-ip"], source);
         assert_eq!(seen.headers["x-forwarded-for"], source);
@@ -299,4 +314,31 @@ async fn proxy_protocol_needs_trusted_proxies_and_a_restart() {
     let changes = running.changes(&new);
     assert_eq!(changes.restart, ["listen.proxy_protocol"]);
     assert!(!running.with_restart_keys_of(&new).listen.proxy_protocol);
+}
+
+#[tokio::test]
+async fn a_header_that_does_not_come_in_time_is_refused() {
+    let setup = setup("pp-timeout").await;
+    // The header shares the first request's deadline, proxy.header_read_timeout.
+    let config = proxied_config(&setup, "\"127.0.0.1\"", "")
+        .replace("[proxy]\n", "[proxy]\nheader_read_timeout = \"1s\"\n");
+    let running = start_gateway(&config, &scratch_dir("pp-timeout")).await;
+    // Half a header, then silence.
+    let mut stream = TcpStream::connect(running.https).await.unwrap();
+    stream.write_all(b"PROXY TCP4 203.0").await.unwrap();
+    closed_without_answer(&mut stream).await;
+    eventually(Duration::from_secs(10), "the timeout counted", || async {
+        refused(&running, "timeout") == 1
+    })
+    .await;
+    // The plain-HTTP listener holds the same deadline.
+    let mut stream = TcpStream::connect(running.http.unwrap()).await.unwrap();
+    closed_without_answer(&mut stream).await;
+    eventually(
+        Duration::from_secs(10),
+        "the second timeout counted",
+        || async { refused(&running, "timeout") == 2 },
+    )
+    .await;
+    running.stop().await;
 }
