@@ -669,19 +669,23 @@ async fn upstream_check(state: &AdminState, upstream: &config::Upstream) -> Arc<
     let mut probes = tokio::task::JoinSet::new();
     for (index, target) in targets.iter().enumerate() {
         let authority = target.authority.to_string();
+        let socket = target.unix_socket.clone();
         probes.spawn(async move {
             let started = Instant::now();
-            let result =
-                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&authority))
-                    .await
-                {
-                    Ok(Ok(_stream)) => Ok(started.elapsed()),
-                    Ok(Err(err)) => Err(err.to_string()),
-                    Err(_) => Err(format!(
-                        "no TCP connection within {}ms",
-                        timeout.as_millis()
-                    )),
-                };
+            let connect = async {
+                match &socket {
+                    Some(path) => tokio::net::UnixStream::connect(path).await.map(drop),
+                    None => tokio::net::TcpStream::connect(&authority).await.map(drop),
+                }
+            };
+            let result = match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(())) => Ok(started.elapsed()),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(format!(
+                    "no TCP connection within {}ms",
+                    timeout.as_millis()
+                )),
+            };
             (index, result)
         });
     }

@@ -31,31 +31,39 @@ pub enum Side {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// Connection to the upstream refused or unreachable.
-    #[error("upstream {upstream}: cannot connect: {reason}")]
+    #[error("upstream group {group} ({upstream}): cannot connect: {reason}")]
     UpstreamConnect {
+        /// The group's name (`default` for `[upstream]`).
+        group: std::sync::Arc<str>,
         /// The upstream.
         upstream: UpstreamTarget,
         /// The cause, flattened.
         reason: String,
     },
     /// The upstream did not answer in time.
-    #[error("upstream {upstream}: no response within {after:?} (upstream.response_timeout)")]
+    #[error(
+        "upstream group {group} ({upstream}): no response within {after:?} (response_timeout)"
+    )]
     UpstreamTimeout {
+        /// The group's name (`default` for `[upstream]`).
+        group: std::sync::Arc<str>,
         /// The upstream.
         upstream: UpstreamTarget,
         /// The configured timeout.
         after: Duration,
     },
     /// The upstream answered with something broken or closed early.
-    #[error("upstream {upstream}: {reason}")]
+    #[error("upstream group {group} ({upstream}): {reason}")]
     UpstreamBroken {
+        /// The group's name (`default` for `[upstream]`).
+        group: std::sync::Arc<str>,
         /// The upstream.
         upstream: UpstreamTarget,
         /// The cause, flattened.
         reason: String,
     },
     /// The request body exceeds `proxy.max_body_size`.
-    #[error("request body larger than {limit} bytes (proxy.max_body_size)")]
+    #[error("request body larger than {limit} bytes (max_body_size)")]
     BodyTooLarge {
         /// The limit.
         limit: u64,

@@ -29,6 +29,7 @@ pub(crate) mod proxy_protocol;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;
 pub(crate) mod request_body;
+pub(crate) mod routing;
 pub(crate) mod static_files;
 pub mod tls;
 pub(crate) mod upstream;
@@ -191,12 +192,19 @@ impl Gateway {
         let config = self.config;
         let drain = Arc::new(connection::Drain::new(shutdown.clone()));
         let upstreams = config
-            .upstream
-            .targets
+            .groups()
             .iter()
-            .map(ToString::to_string)
+            .map(|(name, upstream)| {
+                let targets: Vec<String> =
+                    upstream.targets.iter().map(ToString::to_string).collect();
+                if *name == crate::config::routing::DEFAULT_GROUP {
+                    targets.join(",")
+                } else {
+                    format!("{name}={}", targets.join(","))
+                }
+            })
             .collect::<Vec<_>>()
-            .join(",");
+            .join(" ");
         let live = live::Live::start(
             config.clone(),
             live::Startup {

@@ -10,7 +10,8 @@
 //!   the last good configuration keeps serving, the problems are logged, counted and
 //!   shown by `/readyz` until a later reload is applied.
 //! - *applied*: the new snapshot is swapped in. Parts whose settings did not change are
-//!   carried over, not rebuilt: the upstream pool (its idle connections), rate-limit
+//!   carried over, not rebuilt: each upstream group's pool (its idle connections and
+//!   instance health), rate-limit
 //!   backends (their counters and the Redis connection), the certificate store and its
 //!   watcher, the TLS acceptor (its session tickets). Requests in flight keep the
 //!   snapshot they started with to their end; connections accepted later get the new

@@ -291,6 +291,7 @@ fn check(config: &Config, args: &CheckArgs) -> ExitCode {
         served_names.extend(acme.names.iter().cloned());
         print_acme(config, acme, &provider);
     }
+    print_routes(config);
     let missing = config.warnings();
     for warning in &missing {
         println!("\nwarning: {warning}");
@@ -310,6 +311,43 @@ fn check(config: &Config, args: &CheckArgs) -> ExitCode {
         println!("\nresult: OK");
         ExitCode::SUCCESS
     }
+}
+
+/// The routing table, when there are routes: what goes where, in file order.
+fn print_routes(config: &Config) {
+    if config.routes.is_empty() {
+        return;
+    }
+    let groups = config.groups();
+    println!();
+    println!("routes (the most specific wins: exact host, then *.host, then longest prefix):");
+    for (index, route) in config.routes.iter().enumerate() {
+        let targets = groups
+            .get(route.group)
+            .map_or_else(String::new, |(_, group)| {
+                group
+                    .targets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+        println!(
+            "  route[{index}] {} {} -> {} ({targets})",
+            route.host.as_deref().unwrap_or("*"),
+            route.prefix,
+            route.upstream
+        );
+    }
+    println!("  otherwise -> default ({})", {
+        config
+            .upstream
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
 }
 
 /// The ACME settings and what `acme.storage` holds (account, certificate); never a
@@ -384,7 +422,12 @@ fn probe(config: &Config, served_names: &[String], args: &CheckArgs) -> ExitCode
         .targets
         .first()
         .map_or_else(String::new, ToString::to_string);
-    println!("\nprobing the app at {upstream} as the gateway would forward to it:");
+    let groups = if config.upstreams.is_empty() {
+        String::new()
+    } else {
+        " (and each [upstreams] group its routes reach)".to_owned()
+    };
+    println!("\nprobing the app at {upstream}{groups} as the gateway would forward to it:");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

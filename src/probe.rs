@@ -20,8 +20,12 @@
 //!   the app answers for the same URL (404 is fine; 200 means the app serves it too). With
 //!   a `STATIC_URL` hint that no `[[static]]` prefix covers, the app must serve it itself.
 //!
-//! Only GET and the WebSocket handshake are sent, except the opt-in CSRF POST. The first
-//! `[upstream]` target is probed.
+//! - group: every `[upstreams.NAME]` group answers at all (any HTTP status).
+//!
+//! Only GET and the WebSocket handshake are sent, except the opt-in CSRF POST. Each
+//! request goes to the first target of the group the routes pick for its Host and path
+//! (a `--websocket-path` under a `/ws/` route reaches Daphne, not Gunicorn), over the
+//! group's own transport (TCP, Unix socket, or TLS verified as the gateway would).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,14 +34,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamTarget};
 use crate::forwarding::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PORT, X_FORWARDED_PROTO, X_REAL_IP,
 };
+use crate::routing::RouteTable;
+use crate::upstream_io;
 
 /// A host name no Django project allows, for the differential host request.
 pub const UNKNOWN_HOST: &str = "gatehouse-probe.invalid";
@@ -98,6 +103,8 @@ pub enum Check {
     WebSocket,
     /// `[[static]]` and `STATIC_URL`.
     Static,
+    /// An `[upstreams.NAME]` group's reachability.
+    Group,
 }
 
 impl Check {
@@ -109,6 +116,7 @@ impl Check {
             Check::Csrf => "csrf",
             Check::WebSocket => "websocket",
             Check::Static => "static",
+            Check::Group => "group",
         }
     }
 }
@@ -165,10 +173,32 @@ struct Answer {
 }
 
 struct Prober {
-    client: Client<HttpConnector, Full<Bytes>>,
-    upstream: String,
+    /// Per group (the order of [`Config::groups`]): its client and probed target.
+    groups: Vec<ProbedGroup>,
+    routes: RouteTable,
+    /// The group of each route.
+    route_groups: Vec<usize>,
     public_port: u16,
     timeout: Duration,
+}
+
+struct ProbedGroup {
+    /// `default` for `[upstream]`.
+    name: String,
+    client: Client<upstream_io::Connector, Full<Bytes>>,
+    /// The first target.
+    target: UpstreamTarget,
+}
+
+impl ProbedGroup {
+    /// How messages name it: the target, with the group unless it is `[upstream]`.
+    fn shown(&self) -> String {
+        if self.name == crate::config::routing::DEFAULT_GROUP {
+            self.target.to_string()
+        } else {
+            format!("group {} ({})", self.name, self.target)
+        }
+    }
 }
 
 /// Probes the first `[upstream]` target for each of `names` (wildcards are skipped) and
@@ -178,26 +208,42 @@ pub async fn probe(
     names: &[String],
     options: &ProbeOptions,
 ) -> Result<Vec<Finding>, ProbeError> {
-    let target = config
-        .upstream
-        .targets
-        .first()
-        .ok_or(ProbeError::NoUpstream)?;
+    if config.upstream.targets.is_empty() {
+        return Err(ProbeError::NoUpstream);
+    }
     let names: Vec<&String> = names.iter().filter(|name| !name.contains('*')).collect();
     if names.is_empty() {
         return Err(ProbeError::NoNames);
     }
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(options.timeout));
+    let groups = config
+        .groups()
+        .into_iter()
+        .filter_map(|(name, upstream)| {
+            let mut settings = upstream.clone();
+            settings.connect_timeout = options.timeout;
+            Some(ProbedGroup {
+                name: name.to_owned(),
+                client: Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    // A fresh connection per request: simple servers (runserver, wsgiref)
+                    // close theirs after each response, and a stale pooled one would fail
+                    // a probe.
+                    .pool_max_idle_per_host(0)
+                    .build(upstream_io::connector(&settings)),
+                target: upstream.targets.first()?.clone(),
+            })
+        })
+        .collect();
     let prober = Prober {
-        client: Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // A fresh connection per request: simple servers (runserver, wsgiref) close
-            // theirs after each response, and a stale pooled one would fail a probe.
-            .pool_max_idle_per_host(0)
-            .build(connector),
-        upstream: target.to_string(),
+        groups,
+        routes: RouteTable::new(
+            config
+                .routes
+                .iter()
+                .map(|route| (route.host.as_deref(), route.prefix.as_str())),
+        ),
+        route_groups: config.routes.iter().map(|route| route.group).collect(),
         public_port: config.listen.public_https_port,
         timeout: options.timeout,
     };
@@ -226,6 +272,9 @@ pub async fn probe(
         }
     }
     static_findings(&prober, config, names[0], options, &mut findings).await?;
+    for group in prober.groups.iter().skip(1) {
+        findings.push(prober.reach(group, names[0], &options.path).await);
+    }
     Ok(findings)
 }
 
@@ -241,6 +290,56 @@ impl Prober {
 
     fn origin(&self, scheme: &str, name: &str) -> String {
         format!("{scheme}://{}", self.authority(name))
+    }
+
+    /// The group the gateway would send a request for `name` and `path` to.
+    fn group_for(&self, name: &str, path: &str) -> &ProbedGroup {
+        let group = self
+            .routes
+            .find(Some(name), &crate::path::normalize(path))
+            .and_then(|route| self.route_groups.get(route).copied())
+            .unwrap_or(0);
+        self.groups.get(group).unwrap_or(&self.groups[0])
+    }
+
+    /// Whether `group` answers `GET path` at all.
+    async fn reach(&self, group: &ProbedGroup, name: &str, path: &str) -> Finding {
+        let request = format!("GET {path}");
+        let built = self
+            .request(Method::GET, name, path, &[], Bytes::new())
+            .and_then(|mut built| {
+                *built.uri_mut() = group_uri(&group.target, path)
+                    .parse()
+                    .map_err(|_| ProbeError::BadRequest(request.clone()))?;
+                Ok(built)
+            });
+        let answer = match built {
+            Ok(built) => self.send_to(group, built).await,
+            Err(err) => Err(err),
+        };
+        let (verdict, detail, fix) = match answer {
+            Ok(answer) => (
+                Verdict::Ok,
+                format!("{} answered {}", group.shown(), answer.status.as_u16()),
+                None,
+            ),
+            Err(err) => (
+                Verdict::Problem,
+                err.to_string(),
+                Some(format!(
+                    "start the app of upstream group {} or fix its url",
+                    group.name
+                )),
+            ),
+        };
+        Finding {
+            check: Check::Group,
+            name: group.name.clone(),
+            request,
+            verdict,
+            detail,
+            fix,
+        }
     }
 
     /// The request the gateway would forward: Host and the forwarding set.
@@ -260,7 +359,7 @@ impl Prober {
         let authority = self.authority(name);
         let mut builder = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.upstream))
+            .uri(group_uri(&self.group_for(name, path).target, path))
             .header(header::HOST, &authority)
             .header(&X_FORWARDED_PROTO, "https")
             .header(&X_FORWARDED_HOST, &authority)
@@ -275,6 +374,21 @@ impl Prober {
     }
 
     async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ProbeError> {
+        let name = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|host| crate::routing::host_name(host).to_owned())
+            .unwrap_or_default();
+        let group = self.group_for(&name, request.uri().path());
+        self.send_to(group, request).await
+    }
+
+    async fn send_to(
+        &self,
+        group: &ProbedGroup,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Answer, ProbeError> {
         let shown = format!(
             "{} {} Host {}",
             request.method(),
@@ -286,11 +400,11 @@ impl Prober {
                 .unwrap_or("-")
         );
         let unreachable = |reason: String| ProbeError::Unreachable {
-            upstream: self.upstream.clone(),
+            upstream: group.shown(),
             request: shown.clone(),
             reason,
         };
-        let response = tokio::time::timeout(self.timeout, self.client.request(request))
+        let response = tokio::time::timeout(self.timeout, group.client.request(request))
             .await
             .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
             .map_err(|err| unreachable(error_chain(&err)))?;
@@ -548,6 +662,11 @@ impl Prober {
             fix,
         })
     }
+}
+
+/// `path` on `target` (the URI the group's connector understands).
+fn group_uri(target: &UpstreamTarget, path: &str) -> String {
+    format!("{}://{}{path}", target.scheme, target.authority)
 }
 
 /// The static checks, asked of the app with the first name as Host.

@@ -1,7 +1,9 @@
 //! The HTTPS request path: `handle(req)` checks request hygiene, normalizes the path once
-//! (see [`crate::path`]), runs rate limiting, then serves a static file, a WebSocket
-//! tunnel, or forwards to the upstream over a pooled HTTP/1.1 client. Every failure
-//! becomes a response in [`crate::error`]; nothing here panics or hangs a client.
+//! (see [`crate::path`]), picks the route ([`crate::routing`]), runs rate limiting, then
+//! serves a static file, a WebSocket tunnel, or forwards to the route's upstream group
+//! over its pooled HTTP/1.1 client. Every failure becomes a response in
+//! [`crate::error`] (or the `[errors]` page for the gateway's own 502/503/504); nothing
+//! here panics or hangs a client.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -18,23 +20,31 @@ use crate::access::AccessRules;
 use crate::access_log::{self, AccessRecord};
 use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
 use crate::compression::{Compression, Negotiated};
-use crate::config::{Config, Underscores, MAX_METHOD_LEN};
+use crate::config::{Config, ErrorPages, Route, Underscores, MAX_METHOD_LEN};
 use crate::connection::{Drain, Peer};
 use crate::error::{plain_response, Body, IntoResponse, ProxyError};
 use crate::forwarding;
 use crate::metrics::{Metrics, UpstreamFailure};
 use crate::ratelimit::RateLimiter;
 use crate::request_body::{CutOnEnd, RequestBody, Upload, Uploads};
+use crate::routing::RouteTable;
 use crate::static_files::{StaticFiles, StaticTarget};
-use crate::upstream::Upstreams;
+use crate::upstream::{SendLimits, Upstreams};
 use crate::upstream_io::UpstreamConnection;
 use crate::websocket;
 
 /// Everything a request needs, built once at startup and shared by all connections.
 pub struct Proxy {
-    /// The app's instances and the pooled client to them (kept across reloads that do
-    /// not change them, with their idle connections).
-    upstreams: Arc<Upstreams>,
+    /// Upstream groups: `[upstream]` first, then `[upstreams.*]` (the order of
+    /// [`Config::groups`]). Each is kept across reloads that do not change it, with its
+    /// idle connections and health.
+    groups: Vec<Arc<Upstreams>>,
+    /// Host and path prefix to route index.
+    routes: RouteTable,
+    /// `[[route]]`, by index.
+    route_settings: Vec<Route>,
+    /// `[errors]`.
+    error_pages: ErrorPages,
     /// `[[static]]` directories.
     statics: StaticFiles,
     /// `[[access]]` rules.
@@ -96,15 +106,25 @@ impl Proxy {
             }
             HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("max-age=0"))
         });
-        let upstreams = match previous {
-            Some((old, proxy))
-                if old.upstream == config.upstream
-                    && old.proxy.max_body_size == config.proxy.max_body_size =>
-            {
-                proxy.upstreams.clone()
-            }
-            _ => Arc::new(Upstreams::new(&config.upstream, config.proxy.max_body_size)),
-        };
+        let groups = config
+            .groups()
+            .into_iter()
+            .map(|(name, settings)| {
+                let running = previous.and_then(|(old, proxy)| {
+                    let at = old.groups().iter().position(|(old_name, old_settings)| {
+                        *old_name == name && *old_settings == settings
+                    })?;
+                    proxy.groups.get(at).cloned()
+                });
+                running.unwrap_or_else(|| Arc::new(Upstreams::new(name, settings)))
+            })
+            .collect();
+        let routes = RouteTable::new(
+            config
+                .routes
+                .iter()
+                .map(|route| (route.host.as_deref(), route.prefix.as_str())),
+        );
         let requests_per_client = match previous {
             Some((old, proxy))
                 if old.server.max_requests_per_client == config.server.max_requests_per_client
@@ -115,7 +135,10 @@ impl Proxy {
             _ => ClientLimit::new(config.server.max_requests_per_client, config.limit_exempt()),
         };
         Proxy {
-            upstreams,
+            groups,
+            routes,
+            route_settings: config.routes.clone(),
+            error_pages: config.errors.clone(),
             statics: StaticFiles::new(&config.statics),
             access: AccessRules::new(&config.access),
             compression: config.compression.as_ref().map(Compression::new),
@@ -195,7 +218,7 @@ impl Proxy {
                 let refused = ProxyError::ClientRequestsInFlight {
                     limit: self.requests_per_client.as_ref().map_or(0, |l| l.max()),
                 };
-                return Ok(finish(refused.into_response(), record, None));
+                return Ok(finish(self.error_response(refused), record, None));
             }
             Some(Ok(place)) => place,
             None => None,
@@ -204,6 +227,10 @@ impl Proxy {
         // Decisions (rate-limit rules, static prefixes) use the normalized path, computed
         // once; the request keeps its original path on the way upstream.
         let path = crate::path::normalize(req.uri().path());
+        let route = self
+            .routes
+            .find(request_host_name(&req), &path)
+            .and_then(|index| self.route_settings.get(index));
         if let Err(prefix) = self.access.check(client, &path) {
             self.metrics.access_denied();
             let denied = ProxyError::AccessDenied {
@@ -227,17 +254,47 @@ impl Proxy {
 
         // Boxed: hyper keeps one slot per HTTP/1.1 connection sized to this future, idle
         // or not, so the large routing state lives only while a request is in flight.
-        let result = Box::pin(self.route(&peer, client, req, target, record.as_mut())).await;
+        let result = Box::pin(self.route(&peer, client, req, target, route, record.as_mut())).await;
         let mut response = result.unwrap_or_else(|err| {
             if let Some(kind) = upstream_failure(&err) {
                 self.metrics.upstream_error(kind);
             }
-            err.into_response()
+            self.error_response(err)
         });
         if let Some(headers) = rate_headers {
             response.headers_mut().extend(headers);
         }
+        if let Some(route) = route {
+            apply_header_rules(route, response.headers_mut());
+        }
         Ok(finish(response, record, place))
+    }
+
+    /// The response for a failure: the `[errors]` page for a 502, 503 or 504 when there
+    /// is one (with `Retry-After` on 503), the plain-text answer otherwise.
+    fn error_response(&self, err: ProxyError) -> Response<Body> {
+        let mut response = err.into_response();
+        let pages = &self.error_pages;
+        let page = match response.status() {
+            StatusCode::BAD_GATEWAY => pages.bad_gateway.as_ref(),
+            StatusCode::SERVICE_UNAVAILABLE => pages.unavailable.as_ref(),
+            StatusCode::GATEWAY_TIMEOUT => pages.timeout.as_ref(),
+            _ => None,
+        };
+        if let Some(page) = page {
+            *response.body_mut() = crate::error::full(page.clone());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(pages.retry_after.as_secs()),
+                );
+            }
+        }
+        response
     }
 
     /// Adds HSTS to every response (429s included), then counts the request (and writes
@@ -337,13 +394,14 @@ impl Proxy {
         client: IpAddr,
         req: Request<Incoming>,
         target: Option<StaticTarget>,
+        route: Option<&Route>,
         record: Option<&mut AccessRecord>,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(target) = target {
             return self.statics.serve(target, req).await;
         }
         let upstream_started = Instant::now();
-        let result = self.forward(peer, client, req).await;
+        let result = self.forward(peer, client, req, route).await;
         let upstream_time = upstream_started.elapsed();
         if result.is_ok() {
             self.metrics.upstream_answered(upstream_time);
@@ -354,14 +412,21 @@ impl Proxy {
         result
     }
 
-    /// Forwards to the upstream: a plain request, an HTTP/1.1 upgrade, or an RFC 8441
-    /// WebSocket (an HTTP/2 extended CONNECT, bridged to an HTTP/1.1 upgrade upstream).
+    /// Forwards to the route's upstream group (`[upstream]` without a route): a plain
+    /// request, an HTTP/1.1 upgrade, or an RFC 8441 WebSocket (an HTTP/2 extended CONNECT,
+    /// bridged to an HTTP/1.1 upgrade upstream), with the route's limits.
     async fn forward(
         &self,
         peer: &Arc<Peer>,
         client: IpAddr,
         mut req: Request<Incoming>,
+        route: Option<&Route>,
     ) -> Result<Response<Body>, ProxyError> {
+        let max_body_size = route
+            .and_then(|route| route.max_body_size)
+            .unwrap_or(self.max_body_size);
+        let group = route.map_or(0, |route| route.group);
+        let upstreams = self.groups.get(group).unwrap_or(&self.groups[0]);
         let h2_websocket = websocket::h2_websocket_protocol(&req);
         if req.method() == Method::CONNECT && !h2_websocket {
             return Ok(plain_response(
@@ -382,9 +447,9 @@ impl Proxy {
             // The CONNECT stream becomes the tunnel; the handshake itself has no body.
             websocket::h2_to_h1_handshake(&mut parts);
         } else if let Some(length) = content_length(&parts.headers) {
-            if length > self.max_body_size {
+            if length > max_body_size {
                 return Err(ProxyError::BodyTooLarge {
-                    limit: self.max_body_size,
+                    limit: max_body_size,
                 });
             }
         }
@@ -406,16 +471,22 @@ impl Proxy {
                 end: None,
             }
         } else {
-            self.uploads.read(&mut parts.headers, body).await?
+            let limit = route.and_then(|route| route.max_body_size);
+            self.uploads.read(&mut parts.headers, body, limit).await?
         };
-        let mut response = self.upstreams.send(parts, upload.body).await?;
+        let limits = SendLimits {
+            response_timeout: route.and_then(|route| route.response_timeout),
+            max_body_size,
+        };
+        let mut response = upstreams.send(parts, upload.body, limits).await?;
         if let Some(downstream) = downstream_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let (peer, tunnels) = (peer.clone(), &self.tunnels);
+                let idle = route.and_then(|route| route.websocket_idle_timeout);
                 return Ok(if h2_websocket {
-                    tunnels.open_h2(downstream, &mut response, peer, client)
+                    tunnels.open_h2(downstream, &mut response, peer, client, idle)
                 } else {
-                    tunnels.open(downstream, &mut response, peer, client)
+                    tunnels.open(downstream, &mut response, peer, client, idle)
                 });
             }
         }
@@ -427,6 +498,25 @@ impl Proxy {
             parts,
             body.map_err(Into::into).boxed_unsync(),
         ))
+    }
+}
+
+/// The host a request names (`Host`, else HTTP/2 `:authority`), for routing.
+fn request_host_name<B>(req: &Request<B>) -> Option<&str> {
+    match req.headers().get(header::HOST) {
+        Some(host) => host.to_str().ok(),
+        None => req.uri().authority().map(http::uri::Authority::as_str),
+    }
+}
+
+/// A route's `remove_response_headers`, then its `add_response_headers` (replacing what
+/// the app sent).
+fn apply_header_rules(route: &Route, headers: &mut http::HeaderMap) {
+    for name in &route.remove_response_headers {
+        headers.remove(name);
+    }
+    for (name, value) in &route.add_response_headers {
+        headers.insert(name.clone(), value.clone());
     }
 }
 

@@ -112,8 +112,14 @@ impl Uploads {
 
     /// Reads the client's body whole when it fits the buffer, or starts streaming it.
     /// A buffered body's headers are rewritten for what is sent: its exact
-    /// `Content-Length`, and no `Expect` (the body is already here).
-    pub async fn read<B>(&self, headers: &mut HeaderMap, body: B) -> Result<Upload<B>, ProxyError>
+    /// `Content-Length`, and no `Expect` (the body is already here). `max_body_size`:
+    /// the route's limit, when it sets one (`proxy.max_body_size` otherwise).
+    pub async fn read<B>(
+        &self,
+        headers: &mut HeaderMap,
+        body: B,
+        max_body_size: Option<u64>,
+    ) -> Result<Upload<B>, ProxyError>
     where
         B: HttpBody<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -124,7 +130,8 @@ impl Uploads {
                 end: None,
             });
         }
-        let limit = usize::try_from(self.max_body_size).unwrap_or(usize::MAX);
+        let max_body_size = max_body_size.unwrap_or(self.max_body_size);
+        let limit = usize::try_from(max_body_size).unwrap_or(usize::MAX);
         let mut body = Limited::new(body, limit);
         let declared = body.size_hint().exact();
         if self.buffer_size == 0 || declared.is_some_and(|length| length > self.buffer_size) {
@@ -147,7 +154,7 @@ impl Uploads {
                     });
                 }
                 Ok(None) => break,
-                Ok(Some(Err(err))) => return Err(self.read_failed(&*err)),
+                Ok(Some(Err(err))) => return Err(Self::read_failed(&*err, max_body_size)),
                 Ok(Some(Ok(frame))) => frame,
             };
             let data = match frame.into_data() {
@@ -226,11 +233,9 @@ impl Uploads {
     }
 
     /// The client's body broke off, was malformed, or went past `proxy.max_body_size`.
-    fn read_failed(&self, err: &(dyn std::error::Error + 'static)) -> ProxyError {
+    fn read_failed(err: &(dyn std::error::Error + 'static), limit: u64) -> ProxyError {
         if err.is::<LengthLimitError>() {
-            return ProxyError::BodyTooLarge {
-                limit: self.max_body_size,
-            };
+            return ProxyError::BodyTooLarge { limit };
         }
         let timeout = err
             .downcast_ref::<hyper::Error>()
@@ -676,7 +681,7 @@ mod tests {
         drop(tx);
         let mut headers = HeaderMap::new();
         headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        let mut upload = uploads.read(&mut headers, body).await.unwrap();
+        let mut upload = uploads.read(&mut headers, body, None).await.unwrap();
         assert!(upload.end.is_none());
         assert_eq!(headers[header::CONTENT_LENGTH], "6");
         assert!(!headers.contains_key(header::EXPECT));
@@ -697,7 +702,7 @@ mod tests {
         tx.send_data(Bytes::from_static(b"abc")).await.unwrap();
         tx.send_data(Bytes::from_static(b"def")).await.unwrap();
         let mut headers = HeaderMap::new();
-        let mut upload = uploads.read(&mut headers, body).await.unwrap();
+        let mut upload = uploads.read(&mut headers, body, None).await.unwrap();
         assert!(upload.end.is_some());
         assert!(!headers.contains_key(header::CONTENT_LENGTH));
         assert_eq!(data(next(&mut upload.body).await), "abc");
@@ -717,13 +722,19 @@ mod tests {
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"12345678")).await.unwrap();
         drop(tx);
-        let held = uploads.read(&mut HeaderMap::new(), body).await.unwrap();
+        let held = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         assert!(held.end.is_none(), "buffered");
 
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"12345678")).await.unwrap();
         drop(tx);
-        let upload = uploads.read(&mut HeaderMap::new(), body).await.unwrap();
+        let upload = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         assert!(upload.end.is_some(), "streamed: only 2 bytes left");
         assert_eq!(
             uploads
@@ -738,7 +749,10 @@ mod tests {
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"12345678")).await.unwrap();
         drop(tx);
-        let upload = uploads.read(&mut HeaderMap::new(), body).await.unwrap();
+        let upload = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         assert!(
             upload.end.is_none(),
             "buffered again once the memory came back"
@@ -751,7 +765,7 @@ mod tests {
         let (mut tx, body) = client();
         tx.send_data(Bytes::from_static(b"start")).await.unwrap();
         let started = Instant::now();
-        let Err(err) = uploads.read(&mut HeaderMap::new(), body).await else {
+        let Err(err) = uploads.read(&mut HeaderMap::new(), body, None).await else {
             panic!("a stalled body was read");
         };
         assert!(
@@ -767,7 +781,10 @@ mod tests {
     async fn a_streamed_body_times_out_only_while_waiting_on_the_client() {
         let uploads = uploads(0, 4096);
         let (mut tx, body) = client();
-        let mut upload = uploads.read(&mut HeaderMap::new(), body).await.unwrap();
+        let mut upload = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         // The app is slow to take the body: no poll, no timeout, however long.
         tokio::time::sleep(TIMEOUT * 10).await;
         tx.send_data(Bytes::from_static(b"a")).await.unwrap();
@@ -791,7 +808,10 @@ mod tests {
     async fn a_cut_drops_the_clients_body_and_wakes_the_waiting_sender() {
         let uploads = uploads(0, 4096);
         let (mut tx, body) = client();
-        let Upload { mut body, end } = uploads.read(&mut HeaderMap::new(), body).await.unwrap();
+        let Upload { mut body, end } = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         let end = end.unwrap();
         let waiting = tokio::spawn(async move { stopped_by(next(&mut body).await) });
         tokio::task::yield_now().await;
@@ -810,7 +830,10 @@ mod tests {
     async fn a_finished_upload_is_not_cut() {
         let uploads = uploads(0, 4096);
         let (mut tx, body) = client();
-        let Upload { mut body, end } = uploads.read(&mut HeaderMap::new(), body).await.unwrap();
+        let Upload { mut body, end } = uploads
+            .read(&mut HeaderMap::new(), body, None)
+            .await
+            .unwrap();
         tx.send_data(Bytes::from_static(b"all")).await.unwrap();
         drop(tx);
         assert_eq!(data(next(&mut body).await), "all");

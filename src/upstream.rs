@@ -2,19 +2,23 @@
 //! instance (round robin, skipping those that recently refused), the response timeout,
 //! and failover of requests that never left or can be sent again.
 //!
+//! One [`Upstreams`] serves one upstream group (`[upstream]` or `[upstreams.NAME]`): the
+//! group owns its pool, its instances' health and its balancing position.
+//!
 //! Passive health of an instance: *healthy* → (connection refused) *skipped* for
 //! `upstream.unhealthy_for` → *healthy* again. When every instance is skipped the next
 //! one is tried anyway, so a recovered upstream is noticed without waiting.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
 use http::uri::{self, PathAndQuery};
 use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection, HttpConnector};
+use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
@@ -28,18 +32,27 @@ use crate::upstream_io::{self, UpstreamConnection};
 /// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
 type UpstreamClient = Client<upstream_io::Connector, RequestBody>;
 
-/// The upstream instances and the pooled client that reaches them.
+/// One group's instances and the pooled client that reaches them.
 pub struct Upstreams {
+    /// The group's name, for logs (`default` for `[upstream]`).
+    name: Arc<str>,
     client: UpstreamClient,
     instances: Vec<Instance>,
     /// Round-robin position.
     next: AtomicUsize,
     /// `upstream.unhealthy_for`.
     unhealthy_for: Duration,
-    /// `upstream.response_timeout`.
+    /// The group's `response_timeout`, unless a route sets its own.
     response_timeout: Duration,
-    /// `proxy.max_body_size`, named when the client's body exceeds it.
-    max_body_size: u64,
+}
+
+/// What the route of a request sets for sending it.
+#[derive(Debug, Clone, Copy)]
+pub struct SendLimits {
+    /// The route's `response_timeout`, else the group's.
+    pub response_timeout: Option<Duration>,
+    /// The request's body limit, named when the body exceeds it.
+    pub max_body_size: u64,
 }
 
 struct Instance {
@@ -49,20 +62,17 @@ struct Instance {
 }
 
 impl Upstreams {
-    /// The client and instances of `[upstream]`.
-    pub fn new(settings: &config::Upstream, max_body_size: u64) -> Upstreams {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    /// The client and instances of the group `name`.
+    pub fn new(name: &str, settings: &config::Upstream) -> Upstreams {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle)
             .http1_preserve_header_case(false)
-            .build(upstream_io::connector(connector));
+            .build(upstream_io::connector(settings));
         Upstreams {
+            name: name.into(),
             client,
             instances: settings
                 .targets
@@ -75,7 +85,6 @@ impl Upstreams {
             next: AtomicUsize::new(0),
             unhealthy_for: settings.unhealthy_for,
             response_timeout: settings.response_timeout,
-            max_body_size,
         }
     }
 
@@ -87,6 +96,7 @@ impl Upstreams {
         &self,
         parts: Parts,
         body: RequestBody,
+        limits: SendLimits,
     ) -> Result<Response<Incoming>, ProxyError> {
         let retry = if self.instances.len() > 1 {
             RetryTemplate::of(&parts, &body)
@@ -98,7 +108,7 @@ impl Upstreams {
         *request.uri_mut() = upstream_uri(&instance.target, request.uri());
         let mut attempts = 1;
         loop {
-            match self.send_to(instance, request).await {
+            match self.send_to(instance, request, limits).await {
                 // Refused: nothing was sent, so any request whose body can be sent again
                 // goes to the next instance. Closed before its response head (an instance
                 // restarting drops the requests on its connections): the request may have
@@ -128,15 +138,15 @@ impl Upstreams {
         &self,
         instance: &Instance,
         mut request: Request<RequestBody>,
+        limits: SendLimits,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let response_timeout = limits.response_timeout.unwrap_or(self.response_timeout);
         let progress = request.body().progress();
         let captured = progress.is_some().then(|| capture_connection(&mut request));
         let response = self.client.request(request);
         let answered = match progress {
-            None => tokio::time::timeout(self.response_timeout, response)
-                .await
-                .ok(),
-            Some(progress) => self.within_app_time(response, &progress).await,
+            None => tokio::time::timeout(response_timeout, response).await.ok(),
+            Some(progress) => within_app_time(response, &progress, response_timeout).await,
         };
         match answered {
             Some(Ok(response)) => Ok(response),
@@ -145,21 +155,23 @@ impl Upstreams {
                     kill(captured);
                 }
                 Err(ProxyError::UpstreamTimeout {
+                    group: self.name.clone(),
                     upstream: instance.target.clone(),
-                    after: self.response_timeout,
+                    after: response_timeout,
                 })
             }
             Some(Err(err)) => {
                 if err.is_connect() {
                     self.mark_down(instance);
                     return Err(ProxyError::UpstreamConnect {
+                        group: self.name.clone(),
                         upstream: instance.target.clone(),
                         reason: chain(&err),
                     });
                 }
                 if is_body_limit(&err) {
                     return Err(ProxyError::BodyTooLarge {
-                        limit: self.max_body_size,
+                        limit: limits.max_body_size,
                     });
                 }
                 if let Some(timeout) = client_body_failure(&err) {
@@ -169,37 +181,10 @@ impl Upstreams {
                     });
                 }
                 Err(ProxyError::UpstreamBroken {
+                    group: self.name.clone(),
                     upstream: instance.target.clone(),
                     reason: chain(&err),
                 })
-            }
-        }
-    }
-
-    /// Waits for `response` while the app holds a streamed upload up for less than
-    /// `upstream.response_timeout` at a stretch (not taking it, or not answering once it
-    /// is sent). Time the upload waits on the client is the client's, bounded by
-    /// `proxy.client_body_timeout`: a slow but steady upload is not an upstream timeout.
-    async fn within_app_time<F: Future>(
-        &self,
-        response: F,
-        progress: &UploadProgress,
-    ) -> Option<F::Output> {
-        tokio::pin!(response);
-        let timer = tokio::time::sleep(self.response_timeout);
-        tokio::pin!(timer);
-        loop {
-            tokio::select! {
-                output = &mut response => return Some(output),
-                () = &mut timer => {
-                    let now = Instant::now();
-                    let deadline = match progress.app_time_since() {
-                        Some(since) if since + self.response_timeout <= now => return None,
-                        Some(since) => since + self.response_timeout,
-                        None => now + self.response_timeout,
-                    };
-                    timer.as_mut().reset(deadline);
-                }
             }
         }
     }
@@ -233,6 +218,34 @@ impl Upstreams {
     fn mark_down(&self, instance: &Instance) {
         if self.instances.len() > 1 {
             instance.down_until.set(Instant::now() + self.unhealthy_for);
+        }
+    }
+}
+
+/// Waits for `response` while the app holds a streamed upload up for less than
+/// `response_timeout` at a stretch (not taking it, or not answering once it
+/// is sent). Time the upload waits on the client is the client's, bounded by
+/// `proxy.client_body_timeout`: a slow but steady upload is not an upstream timeout.
+async fn within_app_time<F: Future>(
+    response: F,
+    progress: &UploadProgress,
+    response_timeout: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(response);
+    let timer = tokio::time::sleep(response_timeout);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            output = &mut response => return Some(output),
+            () = &mut timer => {
+                let now = Instant::now();
+                let deadline = match progress.app_time_since() {
+                    Some(since) if since + response_timeout <= now => return None,
+                    Some(since) => since + response_timeout,
+                    None => now + response_timeout,
+                };
+                timer.as_mut().reset(deadline);
+            }
         }
     }
 }

@@ -99,6 +99,7 @@ impl Tunnels {
         upstream_response: &mut Response<Incoming>,
         peer: Arc<Peer>,
         client: IpAddr,
+        idle_timeout: Option<Duration>,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut *upstream_response);
         // Another allowed upgrade protocol is not framed: relayed blind.
@@ -107,7 +108,7 @@ impl Tunnels {
             .get(header::UPGRADE)
             .and_then(|value| value.to_str().ok())
             .is_some_and(|value| value.trim().eq_ignore_ascii_case("websocket"));
-        self.spawn(downstream, upstream, peer, client, framed);
+        self.spawn(downstream, upstream, peer, client, framed, idle_timeout);
         let mut response = Response::new(full(""));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *response.headers_mut() = std::mem::take(upstream_response.headers_mut());
@@ -122,10 +123,11 @@ impl Tunnels {
         upstream_response: &mut Response<Incoming>,
         peer: Arc<Peer>,
         client: IpAddr,
+        idle_timeout: Option<Duration>,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut *upstream_response);
         // The client's side is an HTTP/2 stream carrying the same WebSocket frames.
-        self.spawn(downstream, upstream, peer, client, true);
+        self.spawn(downstream, upstream, peer, client, true, idle_timeout);
         let mut response = Response::new(full(""));
         for name in [
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -140,7 +142,8 @@ impl Tunnels {
 
     /// Relays in a task of its own; the task holds `peer`, and with it the client
     /// connection's place under `server.max_connections`. `framed`: the tunnel carries
-    /// WebSocket frames (it gets Close frames on shutdown).
+    /// WebSocket frames (it gets Close frames on shutdown). `idle_timeout`: the route's,
+    /// when it sets one (`websocket.idle_timeout` otherwise).
     fn spawn(
         &self,
         downstream: OnUpgrade,
@@ -148,9 +151,10 @@ impl Tunnels {
         peer: Arc<Peer>,
         client: IpAddr,
         framed: bool,
+        idle_timeout: Option<Duration>,
     ) {
         let drain = self.drain.clone();
-        let idle_timeout = self.idle_timeout;
+        let idle_timeout = idle_timeout.unwrap_or(self.idle_timeout);
         // An RFC 8441 tunnel lives inside its HTTP/2 connection: it keeps the connection
         // busy, so the watchdog does not close it as idle.
         let busy = peer.activity.busy();

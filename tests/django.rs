@@ -4,6 +4,11 @@
 //! Origin header with the scheme Django believes in, so this fails without
 //! X-Forwarded-Proto). Needs python3 with Django (`.ci/test` installs it).
 //!
+//! The classic Channels layout (issue 19): the same project under Gunicorn on TCP for HTTP
+//! and under Daphne on a Unix socket for `/ws/`, behind one gateway; both halves see the
+//! forwarding headers, WebSocket connections work over HTTP/1.1 and RFC 8441. Needs gunicorn,
+//! channels and daphne too (`.ci/test` installs them).
+//!
 //! `gatehouse check --probe` (the real binary) against the same app configured rightly and
 //! wrongly in each way it diagnoses (tests/django/app.py reads the `DJANGO_*` variables):
 //! each wrong setting gets its own diagnosis and fix, the right one none.
@@ -15,9 +20,14 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
 use common::{
-    base_config, binary, https_client, refused_addr, scratch_dir, start_gateway, CertFiles, Http,
-    Pki,
+    base_config, binary, eventually, h2_connect, h2_extended_connect, https_client, refused_addr,
+    scratch_dir, start_gateway, tls_connect, CertFiles, Http, Pki,
 };
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 struct Django(Child);
 
@@ -114,6 +124,220 @@ async fn django_sees_https_and_accepts_csrf_protected_posts() {
     gateway.stop().await;
 }
 
+// The Channels layout: Gunicorn on TCP, Daphne on a Unix socket ------------------------
+
+/// A Python server process, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gunicorn app:application` on an OS-chosen port, read back from its log.
+fn start_gunicorn(env: &[(&str, &str)]) -> (Server, SocketAddr) {
+    let mut child = Command::new("gunicorn")
+        .envs(env.iter().copied())
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--no-control-socket",
+            "app:application",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/django"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gunicorn is needed for the Channels test (`pip install gunicorn`; .ci/test does)");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .and_then(Result::ok)
+            .expect("gunicorn exited before listening");
+        if let Some((_, rest)) = line.split_once("Listening at: http://127.0.0.1:") {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .unwrap();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Server(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// `daphne -u SOCKET --proxy-headers channels_asgi:application`, once it accepts.
+async fn start_daphne(socket: &std::path::Path, env: &[(&str, &str)]) -> Server {
+    let child = Command::new("daphne")
+        .envs(env.iter().copied())
+        .arg("-u")
+        .arg(socket)
+        .args(["--proxy-headers", "channels_asgi:application"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/django"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect(
+            "daphne is needed for the Channels test (`pip install channels daphne`; .ci/test does)",
+        );
+    let server = Server(child);
+    eventually(
+        std::time::Duration::from_secs(30),
+        "daphne accepts on its socket",
+        || async { tokio::net::UnixStream::connect(socket).await.is_ok() },
+    )
+    .await;
+    server
+}
+
+/// What the Channels consumer says it saw, then one echo.
+async fn channels_saw<S>(ws: &mut WebSocketStream<S>) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let saw = next_message(ws).await;
+    let saw: serde_json::Value = serde_json::from_str(saw.to_text().unwrap()).unwrap();
+    ws.send(Message::text("hello channels")).await.unwrap();
+    assert_eq!(next_message(ws).await, Message::text("hello channels"));
+    saw
+}
+
+async fn next_message<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+        .await
+        .expect("a message within the deadline")
+        .expect("socket open")
+        .expect("no socket error")
+}
+
+#[tokio::test]
+async fn channels_layout_gunicorn_on_tcp_and_daphne_on_a_unix_socket() {
+    let pki = Pki::new("django-channels");
+    let (_, files) = pki.localhost("site");
+    let (_gunicorn, web) = start_gunicorn(&[]);
+    let socket = scratch_dir("django-channels-socket").join("daphne.sock");
+    let _daphne = start_daphne(&socket, &[]).await;
+    let config = format!(
+        r#"{base}
+[upstreams.channels]
+url = "unix:{socket}"
+
+[[route]]
+prefix = "/ws/"
+upstream = "channels"
+
+[[route]]
+prefix = "/"
+remove_response_headers = ["Server"]
+"#,
+        base = base_config(&files, web),
+        socket = socket.display(),
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let port = gateway.https.port();
+    let origin = format!("https://localhost:{port}");
+    let root = pki.root_pem();
+
+    // HTTP: Gunicorn, with the forwarding headers Django needs; its `Server` removed.
+    for version in [Http::One, Http::Two] {
+        let client = https_client(&root, version, gateway.https);
+        let answer = client.get(gateway.url("/")).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert!(answer.headers().get("server").is_none(), "{answer:?}");
+        let page: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(page["is_secure"], true, "{page}");
+        assert_eq!(page["host"], format!("localhost:{port}"));
+        assert_eq!(page["x_forwarded_for"], "127.0.0.1");
+    }
+
+    // WebSocket over HTTP/1.1: Daphne on the socket, through Channels' origin check.
+    let tls = tls_connect(gateway.https, &root, &[b"http/1.1"]).await;
+    let mut request = format!("wss://localhost:{port}/ws/echo/")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("origin", origin.parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let saw = channels_saw(&mut ws).await;
+    assert_eq!(saw["path"], "/ws/echo/", "{saw}");
+    assert_eq!(saw["x_forwarded_proto"], "https", "{saw}");
+    assert_eq!(saw["x_forwarded_for"], "127.0.0.1", "{saw}");
+    assert_eq!(saw["client"], "127.0.0.1", "Daphne --proxy-headers: {saw}");
+    assert_eq!(saw["host"], format!("localhost:{port}"), "{saw}");
+
+    // WebSocket over HTTP/2 (RFC 8441), bridged to the socket as an HTTP/1.1 upgrade.
+    let mut h2 = h2_connect(gateway.https, &root).await;
+    let (parts, io) =
+        h2_extended_connect(&mut h2, gateway.https, "/ws/echo/", &[("origin", &origin)]).await;
+    assert_eq!(parts.status, 200, "{parts:?}");
+    let mut ws2 = WebSocketStream::from_raw_socket(io, Role::Client, None).await;
+    let saw = channels_saw(&mut ws2).await;
+    assert_eq!(saw["x_forwarded_proto"], "https", "{saw}");
+    assert_eq!(saw["client"], "127.0.0.1", "{saw}");
+
+    // Control: a foreign Origin is refused by Channels itself (403 from Daphne).
+    let (parts, _) = h2_extended_connect(
+        &mut h2,
+        gateway.https,
+        "/ws/echo/",
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(parts.status, 403, "{parts:?}");
+    gateway.stop().await;
+}
+
+/// `check --probe` follows the routes: the WebSocket probe under `/ws/` reaches Daphne on
+/// its socket (Gunicorn has no WebSocket route: it would answer 404), and each group is
+/// probed for an answer.
+#[tokio::test]
+async fn probe_follows_routes_to_each_group_of_the_channels_layout() {
+    let env = [("DJANGO_ALLOWED_HOSTS", NAME)];
+    let (_gunicorn, web) = start_gunicorn(&env);
+    let socket = scratch_dir("probe-channels-socket").join("daphne.sock");
+    let daphne = start_daphne(&socket, &env).await;
+    let groups = format!(
+        "[upstreams.channels]\nurl = \"unix:{}\"\n[[route]]\nprefix = \"/ws/\"\nupstream = \"channels\"\n",
+        socket.display()
+    );
+    let run = probe_with(web, &groups, &["--websocket-path", "/ws/echo/"]);
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert!(run.output.contains("OK      websocket"), "{}", run.output);
+    assert!(
+        run.output.contains(&format!(
+            "OK      group     channels [GET /]: group channels (unix:{}) answered",
+            socket.display()
+        )),
+        "{}",
+        run.output
+    );
+
+    // Daphne stopped: the group's probe says so (and the WebSocket probe cannot run).
+    drop(daphne);
+    let run = probe_with(web, &groups, &[]);
+    assert_eq!(run.code, Some(3), "{}", run.output);
+    assert!(
+        run.output.contains("PROBLEM group     channels")
+            && run
+                .output
+                .contains("start the app of upstream group channels"),
+        "{}",
+        run.output
+    );
+}
+
 // gatehouse check --probe ------------------------------------------------------------------
 
 /// The public name the probe tests configure (and the certificate covers).
@@ -156,6 +380,11 @@ impl ProbeRun {
 /// A config for `NAME` in front of `upstream`, with a `[[static]]` directory holding
 /// `css/site.css`, and `gatehouse check --probe ARGS` run on it.
 fn probe(upstream: SocketAddr, args: &[&str]) -> ProbeRun {
+    probe_with(upstream, "", args)
+}
+
+/// [`probe`] with more TOML (groups and routes) appended to the config.
+fn probe_with(upstream: SocketAddr, extra: &str, args: &[&str]) -> ProbeRun {
     let pki = Pki::new("probe");
     let leaf = pki.leaf(&[NAME]);
     let files = pki.write("site", &leaf);
@@ -181,6 +410,7 @@ url = "http://{upstream}"
 [[static]]
 prefix = "/static/"
 dir = "{statics}"
+{extra}
 "#,
             cert = files.cert.display(),
             key = files.key.display(),

@@ -630,7 +630,12 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
     let services = compose.at("services");
     assert_eq!(
         services.keys(),
-        BTreeSet::from(["gatehouse".into(), "redis".into(), "web".into()])
+        BTreeSet::from([
+            "channels".into(),
+            "gatehouse".into(),
+            "redis".into(),
+            "web".into()
+        ])
     );
     let config = docker_config();
     let gatehouse = services.at("gatehouse");
@@ -738,21 +743,48 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
         .expect("acme_challenge_dir is the webroot's .well-known/acme-challenge");
     assert!(mounts.iter().any(|(_, t, _)| t == webroot));
 
-    // The upstream is the web service, served by an ASGI server (WebSockets).
+    // The Channels layout: HTTP to the web service (Gunicorn on TCP), /ws/ to the channels
+    // service (Daphne on a Unix socket in a volume both containers mount).
     let upstream = config["upstream"]["url"].as_str().unwrap();
     assert_eq!(upstream, "http://web:8000");
     assert_eq!(web.at("expose").strings(), ["8000"]);
     let command = web.at("command").strings().join(" ");
     assert!(
-        command.contains("daphne") || command.contains("uvicorn"),
+        command.contains("gunicorn") && command.contains("8000"),
         "{command}"
     );
-    assert!(command.contains("8000"));
+    let socket = config["upstreams"]["channels"]["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("unix:")
+        .expect("the channels group is a Unix socket");
+    let routes = config["route"].as_array().unwrap();
+    assert!(routes
+        .iter()
+        .any(|route| route["prefix"].as_str() == Some("/ws/")
+            && route["upstream"].as_str() == Some("channels")));
+    let channels = services.at("channels");
+    let command = channels.at("command").strings().join(" ");
+    assert!(
+        command.contains(&format!("daphne -u {socket}")),
+        "{command}"
+    );
+    let socket_dir = Path::new(socket).parent().unwrap().to_str().unwrap();
+    let (volume, _, _) = mounts
+        .iter()
+        .find(|(_, target, _)| target == socket_dir)
+        .unwrap_or_else(|| panic!("gatehouse does not mount {socket_dir}"));
+    assert!(compose.at("volumes").get(volume).is_some(), "{volume}");
+    assert!(channels
+        .at("volumes")
+        .strings()
+        .iter()
+        .any(|entry| mount(entry).0 == *volume && mount(entry).1 == socket_dir));
 
     // Networks: only the gateway publishes ports; Redis and the app sit on an internal
     // network; Redis has no ports at all.
     assert_eq!(compose.at("networks.backend.internal").str(), "true");
-    for service in ["web", "redis"] {
+    for service in ["web", "channels", "redis"] {
         let node = services.at(service);
         assert!(node.get("ports").is_none(), "{service} publishes ports");
         assert_eq!(node.at("networks").strings(), ["backend"]);
@@ -807,6 +839,8 @@ struct Container {
     config: PathBuf,
     binary: PathBuf,
     pki: Pki,
+    /// Stands for Daphne: a socket listening where the channels group points.
+    _daphne: std::os::unix::net::UnixListener,
     _dir: tempfile::TempDir,
 }
 
@@ -871,8 +905,12 @@ fn container(name: &str, rewrite: impl Fn(String) -> String) -> Container {
         .status()
         .unwrap();
 
+    std::fs::create_dir_all(root.join("run/daphne")).unwrap();
+    let daphne =
+        std::os::unix::net::UnixListener::bind(root.join("run/daphne/daphne.sock")).unwrap();
     let text = read("examples/gateway.docker.toml")
         .replace("\"/srv/", &format!("\"{}/srv/", root.display()))
+        .replace("\"unix:/run/", &format!("\"unix:{}/run/", root.display()))
         .replace("\"/run/secrets/", &format!("\"{}/", secrets.display()));
     let config = etc.join("gateway.toml");
     std::fs::write(&config, rewrite(text)).unwrap();
@@ -881,6 +919,7 @@ fn container(name: &str, rewrite: impl Fn(String) -> String) -> Container {
         config,
         binary,
         pki,
+        _daphne: daphne,
         _dir: dir,
     }
 }

@@ -100,6 +100,49 @@ async fn reload_switches_upstream_for_new_requests_and_keeps_connections() {
     gateway.stop().await;
 }
 
+/// Each upstream group keeps its pool across a reload unless its own settings changed:
+/// the unchanged group's next request reuses its idle connection, the changed one's opens
+/// a new one.
+#[tokio::test]
+async fn reload_keeps_the_pool_of_each_unchanged_group() {
+    let site = setup("live-groups").await;
+    let (a, b) = (Upstream::start().await, Upstream::start().await);
+    let dir = site.files.cert.parent().unwrap().to_path_buf();
+    let groups = |b_timeout: &str| {
+        format!(
+            "\n[upstreams.a]\nurl = \"http://{}\"\n[upstreams.b]\nurl = \"http://{}\"\nresponse_timeout = \"{b_timeout}\"\n\
+             [[route]]\nprefix = \"/a/\"\nupstream = \"a\"\n[[route]]\nprefix = \"/b/\"\nupstream = \"b\"\n",
+            a.addr, b.addr
+        )
+    };
+    write_config(&dir, &site.files, site.upstream.addr, &groups("30s"));
+    let config = std::fs::read_to_string(dir.join("gateway.toml")).unwrap();
+    let gateway = start_gateway(&config, &dir).await;
+    let client = https_client(&site.pki.root_pem(), Http::One, gateway.https);
+    for path in ["/a/1", "/b/1"] {
+        assert_eq!(
+            client.get(gateway.url(path)).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!((a.last().connection, b.last().connection), (1, 1));
+
+    write_config(&dir, &site.files, site.upstream.addr, &groups("20s"));
+    let (status, report) = post_reload(gateway.admin.unwrap(), None).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(strings(&report["changed"]), vec!["upstreams"], "{report}");
+    for path in ["/a/2", "/b/2"] {
+        assert_eq!(
+            client.get(gateway.url(path)).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(a.last().connection, 1, "group a kept its pooled connection");
+    assert_eq!(b.last().connection, 2, "group b's pool was rebuilt");
+    assert!(site.upstream.seen().is_empty());
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn refused_reload_changes_nothing_and_readyz_shows_why_until_fixed() {
     let site = setup("live-refused").await;

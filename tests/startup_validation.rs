@@ -930,7 +930,7 @@ fn config_with_several_bad_keys_lists_them_all() {
     let text = format!(
         "[listen]\nhttps = \"nowhere\"\npublic_https_port = 0\n\n\
          [tls]\ncert = '{}'\nkey = '{}'\nhandshake_timeout = \"soon\"\nmin_version = \"1.1\"\n\n\
-         [upstream]\nurl = \"https://web:8000\"\n\n[log]\nformat = \"xml\"\n",
+         [upstream]\nurl = \"ftp://web:8000\"\n\n[log]\nformat = \"xml\"\n",
         files.cert.display(),
         files.key.display()
     );
@@ -944,7 +944,7 @@ fn config_with_several_bad_keys_lists_them_all() {
             "listen.public_https_port: port 0",
             "tls.handshake_timeout: `soon` is not a duration",
             "tls.min_version: `1.1` is not supported; write \"1.2\"",
-            "upstream.url: `https://web:8000`: only http:// upstreams",
+            "upstream.url: `ftp://web:8000`: only http://, https:// and unix: upstreams",
             "log.format: `xml` is not a log format",
         ],
     );

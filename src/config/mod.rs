@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -18,11 +17,14 @@ pub mod access;
 pub mod acme;
 pub mod compression;
 pub mod rate_limit;
+pub mod routing;
 
 use access::{AccessRule, RawAccess};
 use acme::{AcmeConfig, RawAcme};
 use compression::{CompressionConfig, RawCompression};
 use rate_limit::{RateLimitConfig, RawRateLimit};
+pub use routing::{ErrorPages, Route, Upstream, UpstreamGroup, UpstreamTarget, UpstreamTls};
+use routing::{RawErrors, RawRoute, RawUpstream};
 
 // Defaults: what a key means when it is absent. The README's configuration table repeats
 // them for readers; these are the values in force.
@@ -105,8 +107,14 @@ pub struct Config {
     pub listen: Listen,
     /// Certificates and TLS settings.
     pub tls: Tls,
-    /// Where requests are forwarded.
+    /// Where requests are forwarded unless a route says otherwise: group `default`.
     pub upstream: Upstream,
+    /// `[upstreams.NAME]`, in name order (see [`Config::groups`]).
+    pub upstreams: Vec<UpstreamGroup>,
+    /// `[[route]]`, in file order.
+    pub routes: Vec<Route>,
+    /// `[errors]`.
+    pub errors: ErrorPages,
     /// Request handling limits and trust settings.
     pub proxy: Proxy,
     /// Plain-HTTP listener behaviour.
@@ -190,40 +198,6 @@ pub enum TlsVersion {
     Tls12,
     /// TLS 1.3 only.
     Tls13,
-}
-
-/// `[upstream]`
-#[derive(Debug, Clone, PartialEq)]
-pub struct Upstream {
-    /// Upstream origins (scheme `http`); requests are spread across them.
-    pub targets: Vec<UpstreamTarget>,
-    /// Time allowed to open a TCP connection to the upstream.
-    pub connect_timeout: Duration,
-    /// Time allowed for the upstream to send response headers; while an upload is
-    /// streamed to it, time it holds the upload up (not taking it) counts, time waiting
-    /// on the client does not.
-    pub response_timeout: Duration,
-    /// How long an idle pooled connection is kept.
-    pub pool_idle_timeout: Duration,
-    /// Idle connections kept per upstream.
-    pub pool_max_idle: usize,
-    /// How long an upstream that refused a connection is skipped.
-    pub unhealthy_for: Duration,
-}
-
-/// One upstream origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamTarget {
-    /// Always `http`: TLS ends at the gateway.
-    pub scheme: Scheme,
-    /// Host and port.
-    pub authority: Authority,
-}
-
-impl fmt::Display for UpstreamTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
-    }
 }
 
 /// `[proxy]`
@@ -524,6 +498,12 @@ struct RawConfig {
     tls: RawTls,
     upstream: RawUpstream,
     #[serde(default)]
+    upstreams: std::collections::BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    errors: RawErrors,
+    #[serde(default)]
     proxy: RawProxy,
     #[serde(default)]
     redirect: RawRedirect,
@@ -581,24 +561,6 @@ struct RawCertificate {
     ca_bundle: Option<String>,
     #[serde(default)]
     names: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: OneOrMany,
-    connect_timeout: Option<String>,
-    response_timeout: Option<String>,
-    pool_idle_timeout: Option<String>,
-    pool_max_idle: Option<usize>,
-    unhealthy_for: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -703,7 +665,20 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(routing::socket_warnings(&self.groups()));
         warnings
+    }
+
+    /// Every upstream group with its name: `default` (`[upstream]`) first, then
+    /// `[upstreams.*]`; a route's `group` indexes this list.
+    pub fn groups(&self) -> Vec<(&str, &Upstream)> {
+        std::iter::once((routing::DEFAULT_GROUP, &self.upstream))
+            .chain(
+                self.upstreams
+                    .iter()
+                    .map(|g| (g.name.as_str(), &g.upstream)),
+            )
+            .collect()
     }
 
     /// What a reload from `self` to `new` changes: the sections applied live, and the
@@ -755,6 +730,9 @@ impl Config {
         section("listen", self.listen != live.listen);
         section("tls", self.tls != live.tls);
         section("upstream", self.upstream != live.upstream);
+        section("upstreams", self.upstreams != live.upstreams);
+        section("route", self.routes != live.routes);
+        section("errors", self.errors != live.errors);
         section("proxy", self.proxy != live.proxy);
         section("redirect", self.redirect != live.redirect);
         section("static", self.statics != live.statics);
@@ -850,7 +828,8 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
     let acme = raw
         .acme
         .map(|acme| acme::validate(acme, &tls_names, listen.http.is_some(), p));
-    let upstream = validate_upstream(raw.upstream, p);
+    let upstream = routing::validate_upstream(raw.upstream, "upstream", p);
+    let upstreams = routing::validate_groups(raw.upstreams, p);
     let mut proxy = validate_proxy(&raw.proxy, p);
     if listen.proxy_protocol && proxy.trusted_proxies.is_empty() {
         p.add(
@@ -871,6 +850,15 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         acme_challenge_dir: raw.redirect.acme_challenge_dir.map(|dir| p.path(&dir)),
     };
     let statics = validate_statics(raw.statics, p);
+    let static_prefixes: Vec<&str> = statics.iter().map(|s| s.prefix.as_str()).collect();
+    let routes = routing::validate_routes(
+        raw.route,
+        &upstreams,
+        &static_prefixes,
+        &proxy.served_hosts,
+        p,
+    );
+    let errors = routing::validate_errors(raw.errors, p);
     let access = access::validate(raw.access, p);
     let compression = raw.compression.map(|raw| compression::validate(raw, p));
     let websocket = WebSocket {
@@ -943,6 +931,9 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         listen,
         tls,
         upstream,
+        upstreams,
+        routes,
+        errors,
         proxy,
         redirect,
         statics,
@@ -1086,93 +1077,6 @@ fn normalize_names(names: Vec<String>, key: &str, p: &mut Problems) -> Vec<Strin
             }
         })
         .collect()
-}
-
-fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> Upstream {
-    let urls = match raw.url {
-        OneOrMany::One(url) => vec![url],
-        OneOrMany::Many(urls) => urls,
-    };
-    if urls.is_empty() {
-        p.add(
-            "upstream.url",
-            "no upstream given; write url = \"http://web:8000\"",
-        );
-    }
-    let targets = urls
-        .iter()
-        .filter_map(|url| parse_upstream_url(url, p))
-        .collect();
-    Upstream {
-        targets,
-        connect_timeout: p.duration(
-            "upstream.connect_timeout",
-            raw.connect_timeout.as_deref(),
-            DEFAULT_CONNECT_TIMEOUT,
-        ),
-        response_timeout: p.duration(
-            "upstream.response_timeout",
-            raw.response_timeout.as_deref(),
-            DEFAULT_RESPONSE_TIMEOUT,
-        ),
-        pool_idle_timeout: p.duration(
-            "upstream.pool_idle_timeout",
-            raw.pool_idle_timeout.as_deref(),
-            DEFAULT_POOL_IDLE_TIMEOUT,
-        ),
-        pool_max_idle: raw.pool_max_idle.unwrap_or(DEFAULT_POOL_MAX_IDLE),
-        unhealthy_for: p.duration(
-            "upstream.unhealthy_for",
-            raw.unhealthy_for.as_deref(),
-            DEFAULT_UNHEALTHY_FOR,
-        ),
-    }
-}
-
-fn parse_upstream_url(url: &str, p: &mut Problems) -> Option<UpstreamTarget> {
-    let hint = "write e.g. \"http://web:8000\" (the app's service name and port)";
-    let parsed: http::Uri = match url.parse() {
-        Ok(uri) => uri,
-        Err(err) => {
-            p.add(
-                "upstream.url",
-                format!("`{url}` is not a URL ({err}); {hint}"),
-            );
-            return None;
-        }
-    };
-    if parsed.scheme() != Some(&Scheme::HTTP) {
-        p.add(
-            "upstream.url",
-            format!(
-                "`{url}`: only http:// upstreams are supported (TLS ends at the gateway); {hint}"
-            ),
-        );
-        return None;
-    }
-    if parsed.path() != "/" || parsed.query().is_some() {
-        p.add(
-            "upstream.url",
-            format!(
-                "`{url}`: a path or query is not supported; requests keep their own path; {hint}"
-            ),
-        );
-        return None;
-    }
-    let Some(authority) = parsed.authority().cloned() else {
-        p.add("upstream.url", format!("`{url}` has no host; {hint}"));
-        return None;
-    };
-    let authority = if authority.port().is_some() {
-        authority
-    } else {
-        // An explicit port keeps pool keys and Host-less logs unambiguous.
-        format!("{}:80", authority.host()).parse().ok()?
-    };
-    Some(UpstreamTarget {
-        scheme: Scheme::HTTP,
-        authority,
-    })
 }
 
 fn validate_proxy(raw: &RawProxy, p: &mut Problems) -> Proxy {
@@ -1390,7 +1294,7 @@ mod tests {
             [tls]
             cert = "a.crt"
             [upstream]
-            url = "https://web:8000"
+            url = "ftp://web:8000"
             response_timeout = "soon"
         "#;
         let err = Config::parse(text, Path::new("g.toml")).unwrap_err();

@@ -10,7 +10,8 @@
 //! - [`redis`]: redis-server processes on free ports;
 //! - [`haproxy`]: `HAProxy` in TCP mode sending PROXY protocol v2, on a free port;
 //! - [`pebble`]: a real ACME CA (pebble and its DNS server) on free ports;
-//! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
+//! - [`wait`]: [`eventually`], the one way tests wait for something to become true;
+//! - [`ws`]: WebSocket clients over HTTP/1.1 and RFC 8441 (HTTP/2 extended CONNECT).
 #![allow(
     dead_code,
     unused_imports,
@@ -29,6 +30,7 @@ pub mod raw;
 pub mod redis;
 pub mod upstream;
 pub mod wait;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,7 @@ pub use raw::*;
 pub use redis::*;
 pub use upstream::*;
 pub use wait::*;
+pub use ws::*;
 
 /// Installs the process-wide rustls provider once (tests build client configs too).
 pub fn init() {

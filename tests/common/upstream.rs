@@ -33,6 +33,8 @@ pub struct Seen {
     pub version: Version,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// Which connection it came on: 1 for the server's first, and so on.
+    pub connection: u64,
 }
 
 /// A real upstream app. Routes:
@@ -71,6 +73,41 @@ impl Upstream {
     /// Serves on an already bound listener (to restart on the same port).
     pub fn serve(listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().unwrap();
+        Self::serve_on(Listener::Tcp(listener), addr)
+    }
+
+    /// The same app on a Unix socket at `path` (`addr` is then unspecified).
+    pub fn start_unix(path: &std::path::Path) -> Upstream {
+        init();
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        Self::serve_on(
+            Listener::Unix(listener),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+        )
+    }
+
+    /// The same app over TLS (HTTP/1.1), with the chain and key in PEM.
+    pub async fn start_tls(chain_pem: &str, key_pem: &str) -> Upstream {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        init();
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::serve_on(Listener::Tls(listener, acceptor), addr)
+    }
+
+    fn serve_on(listener: Listener, addr: SocketAddr) -> Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let rooms: Rooms = Arc::new(Mutex::new(HashMap::new()));
         let held = Arc::new(Semaphore::new(0));
@@ -80,16 +117,28 @@ impl Upstream {
                 (seen.clone(), rooms.clone(), held.clone(), stop.clone());
             tokio::spawn(async move {
                 let connections = tokio_util::task::TaskTracker::new();
+                let mut accepted_count = 0;
                 loop {
-                    let (stream, _) = tokio::select! {
+                    let stream = tokio::select! {
                         () = stop.cancelled() => break,
-                        accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                        accepted = listener.accept() => match accepted { Some(a) => a, None => continue },
                     };
                     let (seen, rooms, held, stop) =
                         (seen.clone(), rooms.clone(), held.clone(), stop.clone());
+                    accepted_count += 1;
+                    let connection = accepted_count;
                     connections.spawn(async move {
+                        let Some(stream) = stream.ready().await else {
+                            return;
+                        };
                         let service = service_fn(move |req| {
-                            upstream_handle(req, seen.clone(), rooms.clone(), held.clone())
+                            upstream_handle(
+                                req,
+                                seen.clone(),
+                                rooms.clone(),
+                                held.clone(),
+                                connection,
+                            )
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
@@ -148,6 +197,49 @@ impl Upstream {
     }
 }
 
+/// Where the test app accepts connections.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+/// An accepted connection; TLS ones still to shake hands.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+    Tls(tokio::net::TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+type BoxedStream = std::pin::Pin<Box<dyn AsyncStream>>;
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send> AsyncStream for T {}
+
+impl Listener {
+    async fn accept(&self) -> Option<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.ok().map(|(s, _)| Accepted::Tcp(s)),
+            Listener::Unix(l) => l.accept().await.ok().map(|(s, _)| Accepted::Unix(s)),
+            Listener::Tls(l, acceptor) => l
+                .accept()
+                .await
+                .ok()
+                .map(|(s, _)| Accepted::Tls(s, acceptor.clone())),
+        }
+    }
+}
+
+impl Accepted {
+    async fn ready(self) -> Option<BoxedStream> {
+        Some(match self {
+            Accepted::Tcp(s) => Box::pin(s),
+            Accepted::Unix(s) => Box::pin(s),
+            // A client that refuses the certificate ends here.
+            Accepted::Tls(s, acceptor) => Box::pin(acceptor.accept(s).await.ok()?),
+        })
+    }
+}
+
 type Rooms = Arc<Mutex<HashMap<String, broadcast::Sender<(u64, Message)>>>>;
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -162,6 +254,7 @@ async fn upstream_handle(
     seen: Arc<Mutex<Vec<Seen>>>,
     rooms: Rooms,
     held: Arc<Semaphore>,
+    connection: u64,
 ) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let record = |len| Seen {
@@ -170,6 +263,7 @@ async fn upstream_handle(
         version: req.version(),
         headers: req.headers().clone(),
         body_len: len,
+        connection,
     };
     if let Some(rest) = path.strip_prefix("/ws/") {
         seen.lock().unwrap().push(record(0));
@@ -240,6 +334,7 @@ async fn upstream_handle(
         version: parts.version,
         headers: parts.headers.clone(),
         body_len: len,
+        connection,
     });
     let mut response = text(StatusCode::OK, format!("seen {method} {path} {len}"));
     response

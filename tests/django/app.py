@@ -9,9 +9,11 @@ DJANGO_ALLOWED_HOSTS (comma-separated, default "localhost"), DJANGO_PROXY_SSL_HE
 DJANGO_CSRF_TRUSTED_ORIGINS (comma-separated), DJANGO_WS_ALLOWED_HOSTS (the hosts the
 emulated WebSocket origin check accepts; default ALLOWED_HOSTS).
 
-Channels is not installed, so /ws/... emulates a Channels WebSocket route behind
+Run as a script (wsgiref), /ws/... emulates a Channels WebSocket route behind
 `AllowedHostsOriginValidator`: a handshake whose Origin host is not allowed gets 403, any
-other gets 101 (and the connection is closed; no frames are spoken).
+other gets 101 (and the connection is closed; no frames are spoken). Under Gunicorn
+(`app:application`) it is the HTTP half of the Channels layout whose WebSocket half is
+channels_asgi.py under Daphne.
 """
 import base64
 import hashlib
@@ -100,6 +102,11 @@ urlpatterns = [
     path("submit/", submit),
     path("bad/", bad),
 ]
+
+# For Gunicorn (`gunicorn app:application`), the Channels layout's HTTP server.
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+application = get_wsgi_application()
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 
