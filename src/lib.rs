@@ -25,6 +25,7 @@ pub mod probe;
 pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;
+pub(crate) mod redis_client;
 pub(crate) mod request_body;
 pub(crate) mod static_files;
 pub mod tls;
@@ -97,6 +98,7 @@ impl Gateway {
         let acme = match &config.acme {
             Some(acme) => Some(Arc::new(tls::acme::AcmeState::load(
                 acme,
+                config.redis.as_ref(),
                 &provider,
                 now,
                 config.tls.expiry_warning_days,
