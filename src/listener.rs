@@ -152,7 +152,11 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
         ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
             let settings = &snapshot.connections;
-            let handshake = tls_handshake(stream, snapshot.acceptor.config());
+            let handshake = tls_handshake(
+                stream,
+                snapshot.acceptor.config(),
+                snapshot.certificates.acme(),
+            );
             let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err((sni, err))) => {
@@ -198,18 +202,33 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
 
 /// Runs the TLS handshake; on failure also returns the SNI the client asked for, so the
 /// log says which site a failing client wanted.
+///
+/// A TLS-ALPN-01 validation (only `acme-tls/1` offered) of a challenge another instance
+/// published is answered with that challenge's certificate, looked up in Redis here,
+/// where waiting is possible (the certificate resolver is synchronous).
 async fn tls_handshake(
     stream: TcpStream,
     config: &Arc<rustls::ServerConfig>,
+    acme: Option<&Arc<crate::tls::acme::AcmeState>>,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, (Option<String>, io::Error)> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
         .await
         .map_err(|err| (None, err))?;
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    start
-        .into_stream(config.clone())
-        .await
-        .map_err(|err| (sni, err))
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    let only_acme_alpn = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.all(|protocol| protocol == crate::tls::acme::ALPN));
+    let mut config = config.clone();
+    if let (true, Some(acme), Some(name)) = (only_acme_alpn, acme, sni.as_deref()) {
+        if let Some(challenge) = acme
+            .shared_tls_alpn_config(name, config.crypto_provider())
+            .await
+        {
+            config = challenge;
+        }
+    }
+    start.into_stream(config).await.map_err(|err| (sni, err))
 }
 
 /// Sorts a handshake error for the failure counter.

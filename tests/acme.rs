@@ -603,3 +603,205 @@ url = "http://{upstream}"
     );
     assert!(err.contains("mounted and writable"), "{err}");
 }
+
+/// `acme_config` with the shared `[redis]` section.
+fn replica_config(
+    name: &str,
+    ports: &Ports,
+    challenge: &str,
+    pebble: &Pebble,
+    dir: &Path,
+    upstream: std::net::SocketAddr,
+    redis: &RedisServer,
+) -> String {
+    format!(
+        "{}\n[redis]\nurl = \"{}\"\n",
+        acme_config(name, ports, challenge, pebble, dir, upstream, 0),
+        redis.url()
+    )
+}
+
+/// `gatehouse_acme_orders_total{outcome="issued"}` of `gateway`.
+fn issued_orders(gateway: &TestGateway) -> u64 {
+    gateway
+        .samples()
+        .count("gatehouse_acme_orders_total{outcome=\"issued\"}")
+}
+
+/// Two instances sharing one Redis, each on its own addresses. pebble validates only on
+/// the second instance's ports, so a certificate the first one orders can only be issued
+/// when the second answers the challenge the first published.
+async fn replicas_order_once_and_answer_each_others_challenges(
+    challenge: &str,
+    name: &str,
+    redis_outage: bool,
+) {
+    if !pebble_installed() {
+        return;
+    }
+    let logs = capture_logs();
+    let redis = RedisServer::start(name, &[]).await;
+    let (ports_a, ports_b) = (Ports::free(), Ports::free());
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports_b.http,
+            tls_port: ports_b.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let upstream = Upstream::start().await;
+    let (dir_a, dir_b) = (
+        scratch_dir(&format!("{name}-a")),
+        scratch_dir(&format!("{name}-b")),
+    );
+    let config_a = replica_config(
+        name,
+        &ports_a,
+        challenge,
+        &pebble,
+        &dir_a,
+        upstream.addr,
+        &redis,
+    );
+    let config_b = replica_config(
+        name,
+        &ports_b,
+        challenge,
+        &pebble,
+        &dir_b,
+        upstream.addr,
+        &redis,
+    );
+    let (a, b) = tokio::join!(
+        start_gateway(&config_a, &dir_a),
+        start_gateway(&config_b, &dir_b)
+    );
+
+    // Both start with the placeholder and want a certificate at once: one orders.
+    let first = trusted_serial(a.https, name, &root).await;
+    assert_eq!(trusted_serial(b.https, name, &root).await, first);
+    assert_eq!(
+        issued_orders(&a) + issued_orders(&b),
+        1,
+        "{}",
+        logs.lines.text()
+    );
+    assert_eq!(
+        pebble.output.count("POST /order-plz"),
+        1,
+        "{}",
+        pebble.output.text()
+    );
+    assert_eq!(logs.lines.count("ACME: ordering a certificate"), 1);
+    assert_eq!(
+        logs.lines
+            .count("ACME certificate issued by another instance loaded from Redis"),
+        1,
+        "{}",
+        logs.lines.text()
+    );
+    for gateway in [&a, &b] {
+        let (_, ready) = readyz(gateway.admin.unwrap()).await;
+        assert_eq!(ready["checks"]["acme"]["state"], "issued", "{ready}");
+    }
+
+    // A renewal forced on the first instance: the CA asks the second one, which answers
+    // with what the first published in Redis; the second then serves the new certificate.
+    let a_before = issued_orders(&a);
+    let (status, renewed) = admin_post(a.admin.unwrap(), "/acme/renew").await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(renewed["outcome"], "issued", "{renewed}");
+    assert_eq!(issued_orders(&a), a_before + 1);
+    let second = trusted_serial(a.https, name, &root).await;
+    assert_ne!(second, first);
+    wait_for_serial(&b, name, &root, &second).await;
+    assert_eq!(pebble.output.count("POST /order-plz"), 2);
+    assert_eq!(issued_orders(&a) + issued_orders(&b), 2);
+    eprintln!(
+        "{challenge}: one order per issuance for two instances; the instance that did not order answered the CA"
+    );
+    if redis_outage {
+        // Redis down: nothing is ordered alone, both keep serving, the renewal is retried
+        // and goes through once Redis is back.
+        let mut redis = redis;
+        redis.kill();
+        let (status, failed) = admin_post(a.admin.unwrap(), "/acme/renew").await;
+        assert_eq!(status, 502, "{failed}");
+        let error = failed["error"].as_str().unwrap();
+        assert!(
+            error.contains("cannot coordinate with the other instances through Redis (redis.url = redis://127.0.0.1:")
+                && error.contains("not ordering alone"),
+            "{error}"
+        );
+        assert_eq!(pebble.output.count("POST /order-plz"), 2);
+        for gateway in [&a, &b] {
+            assert_eq!(
+                served_serial(gateway.https, name, &root).await.unwrap(),
+                second
+            );
+        }
+        let retry = logs
+            .lines
+            .wait_for_line("retrying in 2s", ISSUE_WITHIN)
+            .await;
+        assert!(
+            retry.contains("the current certificate keeps serving"),
+            "{retry}"
+        );
+        redis.spawn().await;
+        let third = eventually(
+            ISSUE_WITHIN,
+            "the first instance renews once Redis is back",
+            || async {
+                served_serial(a.https, name, &root)
+                    .await
+                    .ok()
+                    .filter(|serial| *serial != second)
+            },
+        )
+        .await;
+        wait_for_serial(&b, name, &root, &third).await;
+        assert_eq!(pebble.output.count("POST /order-plz"), 3);
+        assert_eq!(issued_orders(&a) + issued_orders(&b), 3);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Waits until `gateway` serves `serial` for `name`.
+async fn wait_for_serial(gateway: &TestGateway, name: &str, root: &str, serial: &str) {
+    eventually(
+        ISSUE_WITHIN,
+        format!("the instance on {} serves {serial}", gateway.https),
+        || async {
+            served_serial(gateway.https, name, root)
+                .await
+                .ok()
+                .filter(|served| served == serial)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_instances_sharing_redis_order_once_and_answer_http01_for_each_other() {
+    replicas_order_once_and_answer_each_others_challenges(
+        "http-01",
+        "replicas-http.gatehouse.test",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_instances_sharing_redis_answer_tls_alpn01_for_each_other() {
+    replicas_order_once_and_answer_each_others_challenges(
+        "tls-alpn-01",
+        "replicas-alpn.gatehouse.test",
+        false,
+    )
+    .await;
+}

@@ -8,8 +8,8 @@ use http::Method;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use super::redis::{redact_url, RedisSettings};
 use super::redis::{self as shared, RedisInput};
+pub use super::redis::{redact_url, RedisSettings};
 use super::Problems;
 
 /// Default Redis key prefix (`rate_limit.key_prefix`).

@@ -248,7 +248,9 @@ pub(crate) fn validate(
         (Some(_), false) => {
             p.add(
                 keys.cluster_nodes,
-                format!("set either {url_key} (one Redis) or {nodes_key} (Redis Cluster), not both"),
+                format!(
+                    "set either {url_key} (one Redis) or {nodes_key} (Redis Cluster), not both"
+                ),
             );
             return None;
         }
@@ -334,8 +336,8 @@ mod tests {
         assert_eq!(config.rate_limit.unwrap().redis, Some(redis));
         assert!(config.warnings().is_empty(), "{:?}", config.warnings());
         // Without [rate_limit], Redis is still there for ACME.
-        let config = parse("[redis]\ncluster_nodes = [\"redis://a:6379\", \"redis://b:6379\"]\n")
-            .unwrap();
+        let config =
+            parse("[redis]\ncluster_nodes = [\"redis://a:6379\", \"redis://b:6379\"]\n").unwrap();
         let redis = config.redis.unwrap();
         assert!(redis.cluster);
         assert_eq!(redis.key, "redis.cluster_nodes");
@@ -350,8 +352,9 @@ mod tests {
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].starts_with("rate_limit.redis_url: the Redis keys under [rate_limit] are deprecated")
-                && warnings[0].contains("redis_url -> url")
+            warnings[0].starts_with(
+                "rate_limit.redis_url: the Redis keys under [rate_limit] are deprecated"
+            ) && warnings[0].contains("redis_url -> url")
                 && !warnings[0].contains("s3cret"),
             "{warnings:?}"
         );
@@ -383,10 +386,18 @@ mod tests {
         let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["redis.ca_file", "redis.password_file", "redis.cluster_nodes"],
+            [
+                "redis.ca_file",
+                "redis.password_file",
+                "redis.cluster_nodes"
+            ],
             "{err}"
         );
-        assert!(err.to_string().contains("set either url (one Redis) or cluster_nodes"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("set either url (one Redis) or cluster_nodes"),
+            "{err}"
+        );
         let err = parse("[redis]\nurl = \"http://gh:s3cret@redis\"\n").unwrap_err();
         assert_eq!(err.problems[0].key, "redis.url");
         assert!(!err.to_string().contains("s3cret"), "{err}");

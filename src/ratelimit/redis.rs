@@ -100,7 +100,10 @@ type Conn = RedisConn;
 
 /// Loads the script again: a round trip that needs only the ACL the gateway has.
 async fn check(conn: &Conn, script: &Script) -> RedisResult<()> {
-    let _: String = script.prepare_invoke().load_async(&mut conn.clone()).await?;
+    let _: String = script
+        .prepare_invoke()
+        .load_async(&mut conn.clone())
+        .await?;
     Ok(())
 }
 
@@ -203,7 +206,8 @@ impl RedisLimiter {
             shared.decision_timeout,
             invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
         )
-        .await {
+        .await
+        {
             Ok(Ok(reply)) => {
                 shared.succeeded();
                 Some(decision(reply))

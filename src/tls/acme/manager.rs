@@ -314,11 +314,7 @@ async fn coordinate(
 
 /// Logs, at most once a day, that the served ACME certificate nears its expiry while
 /// renewals fail (`tls.expiry_warning_days`).
-fn warn_if_expiring(
-    state: &AcmeState,
-    last: &mut Option<tokio::time::Instant>,
-    failure: &str,
-) {
+fn warn_if_expiring(state: &AcmeState, last: &mut Option<tokio::time::Instant>, failure: &str) {
     if state.waiting() || last.is_some_and(|at| at.elapsed() < EXPIRY_WARNING_EVERY) {
         return;
     }
@@ -349,8 +345,14 @@ async fn attempt(
         None => order::account(config, &state.retry_after).await?,
     };
     let replicas = state.replicas().map(AsRef::as_ref);
-    let mut issued =
-        order::order(&acme_account, config, state.challenges(), replicas, provider).await;
+    let mut issued = order::order(
+        &acme_account,
+        config,
+        state.challenges(),
+        replicas,
+        provider,
+    )
+    .await;
     if matches!(issued, Err(AcmeError::UnknownAccount { .. })) {
         // The CA forgot the stored account (a test CA restarted, or it was deactivated):
         // a new one replaces it, once.
@@ -358,7 +360,14 @@ async fn attempt(
             tracing::warn!("ACME: {err}; creating a new account");
         }
         acme_account = order::create_account(config, &state.retry_after).await?;
-        issued = order::order(&acme_account, config, state.challenges(), replicas, provider).await;
+        issued = order::order(
+            &acme_account,
+            config,
+            state.challenges(),
+            replicas,
+            provider,
+        )
+        .await;
     }
     *account = Some(acme_account);
     let issued = issued?;

@@ -51,9 +51,9 @@ use crate::config::acme::AcmeConfig;
 use crate::config::redis::RedisSettings;
 use crate::config::CertificateSource;
 pub use challenges::Challenges;
-pub use replicas::Replicas;
 pub use error::AcmeError;
 pub use manager::run;
+pub use replicas::Replicas;
 
 /// The ALPN protocol of TLS-ALPN-01 validations (RFC 8737).
 pub const ALPN: &[u8] = b"acme-tls/1";
@@ -203,6 +203,37 @@ impl AcmeState {
             return None;
         }
         replicas.http_answer(token).await
+    }
+
+    /// For a TLS-ALPN-01 validation of `name` (a ClientHello offering only `acme-tls/1`):
+    /// a TLS configuration answering the challenge another instance published in Redis.
+    /// `None` when this instance published it itself (the resolver answers), the name is
+    /// not ours, or no instance did. Called in the asynchronous accept path, before the
+    /// handshake goes on, because the resolver cannot wait for Redis.
+    pub async fn shared_tls_alpn_config(
+        &self,
+        name: &str,
+        provider: &Arc<CryptoProvider>,
+    ) -> Option<Arc<rustls::ServerConfig>> {
+        let replicas = self.replicas.as_ref()?;
+        if self.challenges.tls_alpn(name).is_some()
+            || !self
+                .config
+                .names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name))
+        {
+            return None;
+        }
+        let digest = replicas.tls_alpn_digest(name).await?;
+        let certified = challenges::challenge_certificate(name, &digest, provider).ok()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Some(Arc::new(config))
     }
 
     /// Whether the placeholder is still served (no certificate issued yet).

@@ -48,7 +48,11 @@ impl RetryAfter {
     /// How long from `now` the CA asked to wait, if it asked and that is still ahead;
     /// forgotten once taken.
     pub fn take_after(&self, now: SystemTime) -> Option<Duration> {
-        let at = self.0.lock().unwrap_or_else(PoisonError::into_inner).take()?;
+        let at = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
         at.duration_since(now).ok().filter(|wait| !wait.is_zero())
     }
 }
@@ -150,7 +154,10 @@ pub(super) async fn create_account(
 
 /// An account builder whose HTTP client trusts `acme.directory_ca_file` (or the
 /// platform's roots) and records `Retry-After`.
-fn builder(config: &AcmeConfig, retry_after: &Arc<RetryAfter>) -> Result<AccountBuilder, AcmeError> {
+fn builder(
+    config: &AcmeConfig,
+    retry_after: &Arc<RetryAfter>,
+) -> Result<AccountBuilder, AcmeError> {
     let failed = |reason: String| AcmeError::Directory {
         directory: config.directory.clone(),
         reason: format!("cannot set up the HTTPS client: {reason}"),
@@ -159,14 +166,16 @@ fn builder(config: &AcmeConfig, retry_after: &Arc<RetryAfter>) -> Result<Account
         Some(file) => {
             use rustls::pki_types::pem::PemObject;
             let mut roots = rustls::RootCertStore::empty();
-            let certs = rustls::pki_types::CertificateDer::pem_file_iter(file)
-                .map_err(|err| failed(format!("acme.directory_ca_file {}: {err}", file.display())))?;
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(file).map_err(|err| {
+                failed(format!("acme.directory_ca_file {}: {err}", file.display()))
+            })?;
             for cert in certs {
-                let cert = cert
-                    .map_err(|err| failed(format!("acme.directory_ca_file {}: {err}", file.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|err| failed(format!("acme.directory_ca_file {}: {err}", file.display())))?;
+                let cert = cert.map_err(|err| {
+                    failed(format!("acme.directory_ca_file {}: {err}", file.display()))
+                })?;
+                roots.add(cert).map_err(|err| {
+                    failed(format!("acme.directory_ca_file {}: {err}", file.display()))
+                })?;
             }
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
                 rustls::ClientConfig::builder()
@@ -179,7 +188,9 @@ fn builder(config: &AcmeConfig, retry_after: &Arc<RetryAfter>) -> Result<Account
             .map_err(|err| failed(err.to_string()))?,
     };
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, BodyWrapper<Bytes>>(connector.https_only().enable_http1().enable_http2().build());
+        .build::<_, BodyWrapper<Bytes>>(
+        connector.https_only().enable_http1().enable_http2().build(),
+    );
     Ok(Account::builder_with_http(Box::new(Recording {
         inner: Box::new(client),
         retry_after: retry_after.clone(),
@@ -196,7 +207,15 @@ pub(super) async fn order(
     provider: &CryptoProvider,
 ) -> Result<Issued, AcmeError> {
     let mut published = Published::default();
-    let result = order_inner(account, config, challenges, replicas, &mut published, provider).await;
+    let result = order_inner(
+        account,
+        config,
+        challenges,
+        replicas,
+        &mut published,
+        provider,
+    )
+    .await;
     challenges.clear();
     if let Some(replicas) = replicas {
         replicas.withdraw(&published.tokens, &published.names).await;

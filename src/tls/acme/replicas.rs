@@ -156,10 +156,7 @@ impl Replicas {
             }
             Err(_) => {
                 *slot = None;
-                Err(self.error(&format!(
-                    "no answer within {} s",
-                    COMMAND_TIMEOUT.as_secs()
-                )))
+                Err(self.error(&format!("no answer within {} s", COMMAND_TIMEOUT.as_secs())))
             }
         }
     }
@@ -198,7 +195,11 @@ impl Replicas {
     }
 
     /// Makes `token` answerable by every instance.
-    pub async fn publish_http(&self, token: &str, key_authorization: &str) -> Result<(), AcmeError> {
+    pub async fn publish_http(
+        &self,
+        token: &str,
+        key_authorization: &str,
+    ) -> Result<(), AcmeError> {
         let mut command = redis::cmd("SET");
         command
             .arg(http_key(token))
@@ -262,10 +263,15 @@ impl Replicas {
 
     /// Shares a newly issued certificate: the chain and key first, then its serial (what
     /// the others watch).
-    pub(crate) async fn publish_certificate(&self, shared: &SharedCertificate) -> Result<(), AcmeError> {
+    pub(crate) async fn publish_certificate(
+        &self,
+        shared: &SharedCertificate,
+    ) -> Result<(), AcmeError> {
         let json = serde_json::to_string(shared).map_err(|err| self.error(&err.to_string()))?;
         let mut command = redis::cmd("SET");
-        command.arg(format!("{}certificate", self.set_prefix)).arg(json);
+        command
+            .arg(format!("{}certificate", self.set_prefix))
+            .arg(json);
         self.query::<()>(&command).await?;
         let mut command = redis::cmd("SET");
         command

@@ -158,9 +158,7 @@ mod tests {
 
     #[test]
     fn redis_outages_are_retried_within_seconds_then_every_minute() {
-        let waits: Vec<u64> = (1..=8)
-            .map(|n| coordination_backoff(n).as_secs())
-            .collect();
+        let waits: Vec<u64> = (1..=8).map(|n| coordination_backoff(n).as_secs()).collect();
         assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
     }
 
@@ -254,6 +252,9 @@ mod tests {
         );
 
         shutdown.cancel();
-        assert_eq!(wait(DAY, &renew, &rescheduled, &shutdown).await, Wake::Shutdown);
+        assert_eq!(
+            wait(DAY, &renew, &rescheduled, &shutdown).await,
+            Wake::Shutdown
+        );
     }
 }
