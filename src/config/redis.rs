@@ -333,7 +333,7 @@ mod tests {
         let redis = config.redis.clone().unwrap();
         assert_eq!(redis.urls, ["redis://gh@redis:6379/0"]);
         assert_eq!(redis.key, "redis.url");
-        assert_eq!(config.rate_limit.unwrap().redis, Some(redis));
+        assert_eq!(config.rate_limit.as_ref().unwrap().redis, Some(redis));
         assert!(config.warnings().is_empty(), "{:?}", config.warnings());
         // Without [rate_limit], Redis is still there for ACME.
         let config =

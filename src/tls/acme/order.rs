@@ -396,3 +396,31 @@ async fn invalid_challenge(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_an_http_date_and_taken_once() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(now + Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+
+        let recorded = RetryAfter::default();
+        assert_eq!(recorded.take_after(now), None);
+        recorded.record(now + Duration::from_secs(3600));
+        assert_eq!(recorded.take_after(now), Some(Duration::from_secs(3600)));
+        assert_eq!(recorded.take_after(now), None);
+        // A time already past asks for no wait.
+        recorded.record(now - Duration::from_secs(1));
+        assert_eq!(recorded.take_after(now), None);
+    }
+}

@@ -416,3 +416,43 @@ pub async fn follow(
         seen = Some(serial);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_name_set_share_a_hash_tag_whatever_the_order_of_names() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let settings = RedisSettings {
+            urls: vec!["redis://127.0.0.1:6379".to_owned()],
+            cluster: false,
+            password: None,
+            ca: None,
+            key: "redis.url",
+        };
+        let one = Replicas::new(
+            settings.clone(),
+            &["www.example.com".to_owned(), "Example.com".to_owned()],
+            &provider,
+        );
+        let other = Replicas::new(
+            settings,
+            &["example.com".to_owned(), "www.example.com".to_owned()],
+            &provider,
+        );
+        assert_eq!(one.set_prefix, "gatehouse:acme:{example.com,www.example.com}:");
+        assert_eq!(one.set_prefix, other.set_prefix);
+        // Two instances never share an id (the lock's value).
+        assert_ne!(one.instance(), other.instance());
+        assert_eq!(one.instance().len(), 16);
+    }
+
+    #[test]
+    fn only_plausible_tokens_are_looked_up() {
+        assert!(plausible_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(!plausible_token("short"));
+        assert!(!plausible_token("../../etc/passwd-and-more-chars"));
+        assert!(!plausible_token(&"a".repeat(300)));
+    }
+}
