@@ -249,6 +249,7 @@ async fn a_restart_keeps_the_account_and_the_certificate() {
         format!("acme ({})", pebble.directory),
         format!("  names:     {name}"),
         "  challenge: http-01".to_owned(),
+        "  instances: this one alone (no [redis]".to_owned(),
         format!(
             "  account:   {}",
             pebble.directory.replace("/dir", "/my-account/")

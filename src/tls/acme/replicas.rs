@@ -441,7 +441,10 @@ mod tests {
             &["example.com".to_owned(), "www.example.com".to_owned()],
             &provider,
         );
-        assert_eq!(one.set_prefix, "gatehouse:acme:{example.com,www.example.com}:");
+        assert_eq!(
+            one.set_prefix,
+            "gatehouse:acme:{example.com,www.example.com}:"
+        );
         assert_eq!(one.set_prefix, other.set_prefix);
         // Two instances never share an id (the lock's value).
         assert_ne!(one.instance(), other.instance());
@@ -450,7 +453,9 @@ mod tests {
 
     #[test]
     fn only_plausible_tokens_are_looked_up() {
-        assert!(plausible_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(plausible_token(
+            "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+        ));
         assert!(!plausible_token("short"));
         assert!(!plausible_token("../../etc/passwd-and-more-chars"));
         assert!(!plausible_token(&"a".repeat(300)));
