@@ -806,3 +806,109 @@ async fn two_instances_sharing_redis_answer_tls_alpn01_for_each_other() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_account_the_ca_forgot_is_replaced_by_a_new_one() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "stale.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    let mut pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(
+        &acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    trusted_serial(gateway.https, name, &root).await;
+    let stored = std::fs::read_to_string(dir.join("acme/account.json")).unwrap();
+
+    // pebble forgets its accounts when it restarts: the stored one is unknown now.
+    pebble.restart().await;
+    let root = pebble.issuer_root_pem().await;
+    let (status, renewed) = admin_post(gateway.admin.unwrap(), "/acme/renew").await;
+    assert_eq!(status, 200, "{renewed}\n{}", logs.lines.text());
+    assert_eq!(renewed["outcome"], "issued");
+    trusted_serial(gateway.https, name, &root).await;
+    let line = logs
+        .lines
+        .wait_for_line("creating a new account", ISSUE_WITHIN)
+        .await;
+    assert!(
+        line.contains("the CA does not know the account in acme.storage")
+            && line.contains("accountDoesNotExist"),
+        "{line}"
+    );
+    assert_eq!(logs.lines.count("ACME account created"), 2);
+    // The new account replaced the stored one.
+    assert_ne!(
+        std::fs::read_to_string(dir.join("acme/account.json")).unwrap(),
+        stored
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_near_expiry_whose_renewals_fail_is_warned_about_once_a_day() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "expiring.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    // A day-long certificate is within tls.expiry_warning_days from the start.
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: Some(86_400),
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(
+        &acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    let serial = trusted_serial(gateway.https, name, &root).await;
+    // The CA goes away: renewals fail.
+    drop(pebble);
+    for _ in 0..2 {
+        let (status, failed) = admin_post(gateway.admin.unwrap(), "/acme/renew").await;
+        assert_eq!(status, 502, "{failed}");
+    }
+    let line = logs
+        .lines
+        .wait_for_line("renewals keep failing", ISSUE_WITHIN)
+        .await;
+    assert!(
+        line.contains("the ACME certificate expires in 0 days")
+            && line.contains("gatehouse renew")
+            && line.contains("WARN"),
+        "{line}"
+    );
+    // Two failures, one warning (at most one a day).
+    assert_eq!(logs.lines.count("ACME order failed"), 2);
+    assert_eq!(logs.lines.count("renewals keep failing"), 1);
+    assert_eq!(
+        served_serial(gateway.https, name, &root).await.unwrap(),
+        serial
+    );
+    gateway.stop().await;
+}
