@@ -912,3 +912,174 @@ async fn a_certificate_near_expiry_whose_renewals_fail_is_warned_about_once_a_da
     );
     gateway.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// certbot (webroot) with the certificate files under [tls]
+// ---------------------------------------------------------------------------------------
+
+/// Whether certbot is installed; when not, says why its test is skipped.
+fn certbot_installed() -> bool {
+    let found = std::process::Command::new("certbot")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        eprintln!("SKIPPED: certbot is not installed (apt-get install certbot; .ci/test does)");
+    }
+    found
+}
+
+/// `certbot certonly` against `pebble` for `name`, everything kept under `dir`, with
+/// `method` (`--standalone ...` or `--webroot -w DIR`), on a blocking thread (the
+/// in-process gateway must keep answering); panics with certbot's output when it fails.
+async fn certbot(pebble: &Pebble, dir: &Path, name: &str, method: &[&str]) -> String {
+    let (directory, ca_file, dir, name) = (
+        pebble.directory.clone(),
+        pebble.ca_file.clone(),
+        dir.to_path_buf(),
+        name.to_owned(),
+    );
+    let method: Vec<String> = method.iter().map(|arg| (*arg).to_owned()).collect();
+    tokio::task::spawn_blocking(move || run_certbot(&directory, &ca_file, &dir, &name, &method))
+        .await
+        .unwrap()
+}
+
+fn run_certbot(
+    directory: &str,
+    ca_file: &Path,
+    dir: &Path,
+    name: &str,
+    method: &[String],
+) -> String {
+    let output = std::process::Command::new("certbot")
+        .args([
+            "certonly",
+            "--non-interactive",
+            "--agree-tos",
+            "--no-eff-email",
+        ])
+        .args(["-m", "ops@gatehouse.test", "-d", name])
+        .args(["--server", directory])
+        .arg("--config-dir")
+        .arg(dir.join("certbot/config"))
+        .arg("--work-dir")
+        .arg(dir.join("certbot/work"))
+        .arg("--logs-dir")
+        .arg(dir.join("certbot/logs"))
+        .args(method)
+        .env("REQUESTS_CA_BUNDLE", ca_file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "certbot {method:?} failed:\n{text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn certbot_webroot_renews_through_the_gateway_and_the_new_files_are_hot_reloaded() {
+    if !pebble_installed() || !certbot_installed() {
+        return;
+    }
+    let name = "certbot.gatehouse.test";
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    // The first certificate before the gateway runs (it needs one to start): certbot's
+    // own server on the port the gateway takes next.
+    let port = ports.http.to_string();
+    certbot(
+        &pebble,
+        &dir,
+        name,
+        &[
+            "--standalone",
+            "--http-01-address",
+            "127.0.0.1",
+            "--http-01-port",
+            &port,
+        ],
+    )
+    .await;
+    let live = dir.join(format!("certbot/config/live/{name}"));
+    let webroot = dir.join("webroot");
+    let challenge_dir = webroot.join(".well-known/acme-challenge");
+    std::fs::create_dir_all(&challenge_dir).unwrap();
+    let upstream = Upstream::start().await;
+    let config = format!(
+        r#"[listen]
+http = "127.0.0.1:{http}"
+https = "127.0.0.1:{https}"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[redirect]
+acme_challenge_dir = "{challenges}"
+
+[upstream]
+url = "http://{upstream}"
+
+[log]
+access_log = false
+"#,
+        http = ports.http,
+        https = ports.https,
+        cert = live.join("fullchain.pem").display(),
+        key = live.join("privkey.pem").display(),
+        challenges = challenge_dir.display(),
+        upstream = upstream.addr,
+    );
+    let gateway = start_gateway(&config, &dir).await;
+    let first = trusted_serial(gateway.https, name, &root).await;
+
+    // The renewal: certbot writes the token under the webroot, the CA fetches it from
+    // the gateway's plain-HTTP listener, and the new files (live/ symlinks swapped to new
+    // archive files) are picked up without a restart.
+    let output = certbot(
+        &pebble,
+        &dir,
+        name,
+        &[
+            "--webroot",
+            "-w",
+            webroot.to_str().unwrap(),
+            "--force-renewal",
+        ],
+    )
+    .await;
+    assert!(
+        output.contains("Successfully received certificate"),
+        "{output}"
+    );
+    let renewed = eventually(ISSUE_WITHIN, "the renewed files are served", || async {
+        served_serial(gateway.https, name, &root)
+            .await
+            .ok()
+            .filter(|serial| *serial != first)
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_link(live.join("fullchain.pem")).unwrap(),
+        Path::new(&format!("../../archive/{name}/fullchain2.pem"))
+    );
+    eprintln!("certbot webroot renewal served without a restart: {first} -> {renewed}");
+    gateway.stop().await;
+}
