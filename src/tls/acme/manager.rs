@@ -49,7 +49,9 @@ pub async fn run(
         let now = SystemTime::now();
         // When an attempt is due, and when to wake before it to ask the CA's renewal
         // information again (RFC 9773 Retry-After).
-        let (due, recheck) = if let Some((wait, _)) = retry {
+        let mut retrying_forced = false;
+        let (due, recheck) = if let Some((wait, forced)) = retry.take() {
+            retrying_forced = forced;
             (now + wait, None)
         } else if failures > 0 {
             (
@@ -87,12 +89,12 @@ pub async fn run(
             Wake::Rescheduled => {
                 // Another instance's certificate is served now: its renewal is what counts.
                 failures = 0;
-                retry = None;
                 continue;
             }
             // Woken to ask the CA again before the renewal is due.
             Wake::Due if wake_in < delay => continue,
-            Wake::Due => retry.take().is_some_and(|(_, forced)| forced),
+            // A retry of a forced renewal that could not coordinate is forced too.
+            Wake::Due => retrying_forced,
         };
         let renewing = !state.waiting();
         let lock = match state.replicas() {

@@ -205,7 +205,7 @@ impl AcmeState {
         replicas.http_answer(token).await
     }
 
-    /// For a TLS-ALPN-01 validation of `name` (a ClientHello offering only `acme-tls/1`):
+    /// For a TLS-ALPN-01 validation of `name` (a `ClientHello` offering only `acme-tls/1`):
     /// a TLS configuration answering the challenge another instance published in Redis.
     /// `None` when this instance published it itself (the resolver answers), the name is
     /// not ours, or no instance did. Called in the asynchronous accept path, before the

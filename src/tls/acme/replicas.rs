@@ -129,36 +129,39 @@ impl Replicas {
         }
     }
 
-    /// Runs `command` on the connection (made first when there is none), bounded by
-    /// [`COMMAND_TIMEOUT`]; an error drops the connection so the next call makes a new one.
-    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, AcmeError> {
+    /// The shared connection, made first when there is none. Only making it is
+    /// serialized: commands run on clones of the multiplexed connection, so a slow
+    /// command never queues the others (an HTTP-01 lookup, the follower).
+    async fn connection(&self) -> Result<RedisConn, RedisError> {
         let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let options = ConnectOptions {
+            timeout: COMMAND_TIMEOUT,
+            response_timeout: Some(COMMAND_TIMEOUT),
+            max_reconnect_delay: COMMAND_TIMEOUT,
+        };
+        let conn = redis_client::connect(&self.settings, options).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `command`, bounded by [`COMMAND_TIMEOUT`] (connecting included); an error
+    /// drops the connection so the next call makes a new one.
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, AcmeError> {
         let result = tokio::time::timeout(COMMAND_TIMEOUT, async {
-            if slot.is_none() {
-                let options = ConnectOptions {
-                    timeout: COMMAND_TIMEOUT,
-                    response_timeout: Some(COMMAND_TIMEOUT),
-                    max_reconnect_delay: COMMAND_TIMEOUT,
-                };
-                *slot = Some(redis_client::connect(&self.settings, options).await?);
-            }
-            let Some(conn) = slot.as_mut() else {
-                return Err(RedisError::from((redis::ErrorKind::Io, "not connected")));
-            };
-            command.query_async::<T>(conn).await
+            let mut conn = self.connection().await?;
+            command.query_async::<T>(&mut conn).await
         })
         .await;
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => {
-                *slot = None;
-                Err(self.error(&err.to_string()))
-            }
-            Err(_) => {
-                *slot = None;
-                Err(self.error(&format!("no answer within {} s", COMMAND_TIMEOUT.as_secs())))
-            }
-        }
+        let reason = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
+        };
+        *self.conn.lock().await = None;
+        Err(self.error(&reason))
     }
 
     /// Takes the order lock of this name set; `false` when another instance holds it.
@@ -242,7 +245,9 @@ impl Replicas {
         match self.query(&command).await {
             Ok(answer) => answer,
             Err(err) => {
-                tracing::warn!(error = %err, "cannot look up an ACME HTTP-01 token in Redis; the CA's request is not answered");
+                // Debug: anyone can send such requests; the ordering instance reports
+                // the failed validation.
+                tracing::debug!(error = %err, "cannot look up an ACME HTTP-01 token in Redis; the request is not answered");
                 None
             }
         }
@@ -255,7 +260,7 @@ impl Replicas {
         match self.query(&command).await {
             Ok(digest) => digest,
             Err(err) => {
-                tracing::warn!(error = %err, "cannot look up an ACME TLS-ALPN-01 challenge in Redis; the CA's handshake is not answered");
+                tracing::debug!(error = %err, "cannot look up an ACME TLS-ALPN-01 challenge in Redis; the handshake is not answered");
                 None
             }
         }
