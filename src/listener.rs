@@ -216,9 +216,10 @@ async fn tls_handshake(
         .map_err(|err| (None, err))?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
-    let only_acme_alpn = hello
-        .alpn()
-        .is_some_and(|mut protocols| protocols.all(|protocol| protocol == crate::tls::acme::ALPN));
+    // RFC 8737 §3: the CA offers `acme-tls/1` and nothing else.
+    let only_acme_alpn = hello.alpn().is_some_and(|mut protocols| {
+        protocols.next() == Some(crate::tls::acme::ALPN) && protocols.next().is_none()
+    });
     let mut config = config.clone();
     if let (true, Some(acme), Some(name)) = (only_acme_alpn, acme, sni.as_deref()) {
         if let Some(challenge) = acme
