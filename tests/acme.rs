@@ -615,11 +615,29 @@ fn replica_config(
     upstream: std::net::SocketAddr,
     redis: &RedisServer,
 ) -> String {
+    let password_file = dir.join("redis_password");
+    std::fs::write(&password_file, format!("{ACME_REDIS_PASSWORD}\n")).unwrap();
     format!(
-        "{}\n[redis]\nurl = \"{}\"\n",
+        "{}\n[redis]\nurl = \"redis://gatehouse@127.0.0.1:{}/0\"\npassword_file = \"{}\"\n",
         acme_config(name, ports, challenge, pebble, dir, upstream, 0),
-        redis.url()
+        redis.port,
+        password_file.display()
     )
+}
+
+const ACME_REDIS_PASSWORD: &str = "acme-Secret-7";
+
+/// A redis-server whose only user is the gateway's, with the ACL that
+/// docs/operations.md ("Several instances") gives for ACME.
+async fn acme_redis(name: &str) -> RedisServer {
+    let dir = scratch_dir(&format!("{name}-redis"));
+    let acl = dir.join("users.acl");
+    std::fs::write(
+        &acl,
+        format!("user default off\nuser gatehouse on >{ACME_REDIS_PASSWORD} resetkeys ~gatehouse:acme:* resetchannels -@all +get +set +del +eval\n"),
+    )
+    .unwrap();
+    RedisServer::start_on(free_port(), dir, &["--aclfile", acl.to_str().unwrap()]).await
 }
 
 /// `gatehouse_acme_orders_total{outcome="issued"}` of `gateway`.
@@ -641,7 +659,7 @@ async fn replicas_order_once_and_answer_each_others_challenges(
         return;
     }
     let logs = capture_logs();
-    let redis = RedisServer::start(name, &[]).await;
+    let redis = acme_redis(name).await;
     let (ports_a, ports_b) = (Ports::free(), Ports::free());
     let pebble = Pebble::start(
         name,
@@ -733,7 +751,7 @@ async fn replicas_order_once_and_answer_each_others_challenges(
         assert_eq!(status, 502, "{failed}");
         let error = failed["error"].as_str().unwrap();
         assert!(
-            error.contains("cannot coordinate with the other instances through Redis (redis.url = redis://127.0.0.1:")
+            error.contains("cannot coordinate with the other instances through Redis (redis.url = redis://gatehouse@127.0.0.1:")
                 && error.contains("not ordering alone"),
             "{error}"
         );
@@ -768,6 +786,10 @@ async fn replicas_order_once_and_answer_each_others_challenges(
         assert_eq!(pebble.output.count("POST /order-plz"), 3);
         assert_eq!(issued_orders(&a) + issued_orders(&b), 3);
     }
+    assert!(
+        !logs.lines.text().contains(ACME_REDIS_PASSWORD),
+        "the Redis password was logged"
+    );
     a.stop().await;
     b.stop().await;
 }
