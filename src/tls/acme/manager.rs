@@ -213,18 +213,19 @@ pub async fn run(
                     account = None;
                 }
                 let backoff = schedule::backoff(failures, 0.0);
-                let asked = state.retry_after.take_after(SystemTime::now());
-                let wait = asked.map_or(backoff, |asked| asked.max(backoff));
-                if let Some(asked) = asked.filter(|asked| *asked > backoff) {
-                    // Keep the failure count's backoff from undercutting the CA's wish.
-                    retry = Some((asked, false));
-                }
+                let asked = schedule::ca_wait_beyond(
+                    backoff,
+                    state.retry_after.take_after(SystemTime::now()),
+                );
+                // The failure count's backoff never undercuts the CA's Retry-After.
+                retry = asked.map(|asked| (asked, false));
+                let wait = asked.unwrap_or(backoff);
                 let serving = if renewing {
                     "the current certificate keeps serving"
                 } else {
                     "the placeholder keeps serving"
                 };
-                let ca_asked = if asked.is_some_and(|asked| asked > backoff) {
+                let ca_asked = if asked.is_some() {
                     " (the CA's Retry-After)"
                 } else {
                     ""

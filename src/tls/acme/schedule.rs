@@ -34,6 +34,12 @@ pub fn backoff(failures: u32, unit: f64) -> Duration {
     base + base.mul_f64(unit.clamp(0.0, 1.0) / 10.0)
 }
 
+/// The CA's `Retry-After` wait when it is longer than the `backoff` a failure would
+/// wait anyway (rate limits ask for hours; the backoff starts at a minute).
+pub fn ca_wait_beyond(backoff: Duration, asked: Option<Duration>) -> Option<Duration> {
+    asked.filter(|asked| *asked > backoff)
+}
+
 /// The wait after `failures` consecutive attempts that could not reach Redis to
 /// coordinate (1 for the first): 2 s, doubling to a minute. Short, because nothing is
 /// asked of the CA, and the instance should order as soon as Redis is back.
@@ -153,6 +159,17 @@ mod tests {
         assert_eq!(
             backoff(1, 0.999_999),
             Duration::from_secs(60) + Duration::from_secs(6).mul_f64(0.999_999)
+        );
+    }
+
+    #[test]
+    fn the_cas_retry_after_wins_when_longer_than_the_backoff() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(ca_wait_beyond(minute, None), None);
+        assert_eq!(ca_wait_beyond(minute, Some(Duration::from_secs(10))), None);
+        assert_eq!(
+            ca_wait_beyond(minute, Some(Duration::from_secs(3 * 3600))),
+            Some(Duration::from_secs(3 * 3600))
         );
     }
 
