@@ -79,6 +79,9 @@ pub async fn run(
             }
             (due, ari.map(|(_, recheck)| recheck))
         };
+        // What the plan is for: when another instance's certificate replaces it before
+        // the lock is taken, nothing is ordered.
+        let planned_for = state.slot().report().serial.clone();
         let delay = due.duration_since(now).unwrap_or(Duration::ZERO);
         let wake_in = recheck.map_or(delay, |recheck| delay.min(recheck));
         state.set_status(|status| status.next_attempt_unix = Some(unix(due)));
@@ -100,10 +103,24 @@ pub async fn run(
         let lock = match state.replicas() {
             None => None,
             Some(replicas) => {
-                match coordinate(&state, replicas, &provider, forced, &mut refused_shared).await {
+                let coordination = coordinate(
+                    &state,
+                    replicas,
+                    &provider,
+                    forced,
+                    &planned_for,
+                    &mut refused_shared,
+                )
+                .await;
+                match coordination {
                     Ok(Coordination::Order) => {
                         unreachable = 0;
                         Some(replicas.clone())
+                    }
+                    Ok(Coordination::Replaced) => {
+                        unreachable = 0;
+                        failures = 0;
+                        continue;
                     }
                     Ok(Coordination::Adopted(report)) => {
                         unreachable = 0;
@@ -267,16 +284,21 @@ enum Coordination {
     Adopted(AttemptReport),
     /// Another instance (this id) is ordering.
     HeldElsewhere(Option<String>),
+    /// The served certificate changed since the attempt was planned (the follower loaded
+    /// another instance's): schedule again instead of ordering.
+    Replaced,
 }
 
 /// Takes the order lock; with it, a newer certificate another instance shared (and not
-/// yet due) is loaded instead of ordering, unless the renewal is `forced`. The lock is
-/// released again when nothing is ordered.
+/// yet due) is loaded instead of ordering, unless the renewal is `forced`; and when the
+/// served certificate is no longer the one the attempt was `planned_for`, nothing is
+/// ordered. The lock is released again when nothing is ordered.
 async fn coordinate(
     state: &AcmeState,
     replicas: &Arc<super::Replicas>,
     provider: &CryptoProvider,
     forced: bool,
+    planned_for: &str,
     refused: &mut Option<String>,
 ) -> Result<Coordination, AcmeError> {
     if !replicas.try_lock().await? {
@@ -284,6 +306,10 @@ async fn coordinate(
     }
     if forced {
         return Ok(Coordination::Order);
+    }
+    if state.slot().report().serial != planned_for {
+        let _ = replicas.unlock().await;
+        return Ok(Coordination::Replaced);
     }
     let newer = match super::replicas::newer_shared(state, replicas, provider, refused).await {
         Ok(newer) => newer,
