@@ -792,7 +792,7 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
     assert_eq!(gatehouse.at("networks").strings(), ["frontend", "backend"]);
 
     // Redis: ACL file from a secret; gatehouse gets its password as a secret, at the
-    // config's password_file; redis_url names the compose service.
+    // config's password_file; [redis] url names the compose service.
     let redis = services.at("redis");
     let redis_command = redis.at("command").strings();
     let acl = redis_command
@@ -802,12 +802,12 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
         .expect("redis-server --aclfile");
     let acl_secret = acl.strip_prefix("/run/secrets/").unwrap();
     assert_eq!(redis.at("secrets").strings(), [acl_secret]);
-    let rate_limit = &config["rate_limit"];
+    let redis_section = &config["redis"];
     assert_eq!(
-        rate_limit["redis_url"].as_str(),
+        redis_section["url"].as_str(),
         Some("redis://gatehouse@redis:6379/0")
     );
-    let password_file = rate_limit["password_file"].as_str().unwrap();
+    let password_file = redis_section["password_file"].as_str().unwrap();
     let secret = password_file.strip_prefix("/run/secrets/").unwrap();
     assert_eq!(gatehouse.at("secrets").strings(), [secret]);
     for name in compose.at("secrets").keys() {
