@@ -84,6 +84,14 @@ pub enum ProxyError {
     /// A Host this gateway has no certificate name for (`proxy.reject_unknown_hosts`).
     #[error("unknown host {0} (proxy.reject_unknown_hosts)")]
     UnknownHost(String),
+    /// An `[[access]]` rule does not let this client request this path.
+    #[error("client {client} may not request {prefix} ([[access]] rule)")]
+    AccessDenied {
+        /// The client address the rule was checked against.
+        client: std::net::IpAddr,
+        /// The prefix of the rule.
+        prefix: String,
+    },
     /// A header name with `_` and `proxy.underscores_in_headers = "reject"`.
     #[error("header name with an underscore: {0} (proxy.underscores_in_headers)")]
     UnderscoreHeader(http::HeaderName),
@@ -109,6 +117,7 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::UnderscoreHeader(_)
             | ProxyError::UnknownHost(_)
+            | ProxyError::AccessDenied { .. }
             | ProxyError::ClientBody { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -134,6 +143,7 @@ impl ProxyError {
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::AccessDenied { .. } => StatusCode::FORBIDDEN,
             ProxyError::Static(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

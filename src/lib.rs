@@ -7,10 +7,12 @@
 //! rate-limit decision → static file, WebSocket tunnel, or [`forwarding`] + pooled
 //! client → response. Errors become responses in [`error`].
 
+pub(crate) mod access;
 pub(crate) mod access_log;
 pub mod admin;
 pub(crate) mod client_limit;
 pub(crate) mod clock;
+pub(crate) mod compression;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod error;
@@ -23,6 +25,7 @@ pub mod metrics;
 pub(crate) mod path;
 pub mod probe;
 pub(crate) mod proxy;
+pub(crate) mod proxy_protocol;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;
 pub(crate) mod request_body;

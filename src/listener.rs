@@ -22,10 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client_limit::{ClientPlace, LimitReached};
 use crate::config::Config;
-use crate::connection::{canonical_ip, Drain, Peer, SharedAddress};
+use crate::connection::{canonical_ip, is_trusted, Drain, Peer, SharedAddress};
 use crate::error::Body;
 use crate::live::{ConnectionSettings, Live};
-use crate::metrics::{HandshakeFailure, Metrics};
+use crate::metrics::{HandshakeFailure, Metrics, ProxyProtocolRefusal};
+use crate::proxy_protocol::{self, HeaderError};
 use crate::watchdog::{Activity, Busy, Stall, WatchedBody};
 
 /// What every connection task shares.
@@ -43,6 +44,9 @@ pub(crate) struct Context {
     pub metrics: Arc<Metrics>,
     /// Warns when every client seems to share one address (Docker's userland proxy).
     pub shared_address: SharedAddress,
+    /// Set once a PROXY protocol refusal has been logged as a warning (later ones are
+    /// logged at debug: an untrusted client could otherwise fill the log).
+    proxy_protocol_warned: AtomicBool,
 }
 
 impl Context {
@@ -63,6 +67,83 @@ impl Context {
             drain,
             metrics,
             shared_address: SharedAddress::default(),
+            proxy_protocol_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// With `listen.proxy_protocol`, whether `addr` may connect at all: only trusted
+    /// proxies may, and only they may say who the client is. Others are refused at once,
+    /// before a byte is read (a header from them would name any client it liked).
+    fn proxy_peer_allowed(&self, snapshot: &crate::live::Snapshot, addr: SocketAddr) -> bool {
+        let config = &snapshot.config;
+        if !config.listen.proxy_protocol
+            || is_trusted(canonical_ip(addr.ip()), &config.proxy.trusted_proxies)
+        {
+            return true;
+        }
+        self.refuse_proxied(
+            addr,
+            ProxyProtocolRefusal::Untrusted,
+            &"the peer is not in proxy.trusted_proxies",
+        );
+        false
+    }
+
+    /// Reads the PROXY header of a connection from the trusted proxy at `addr` within
+    /// `limit` and returns the client it carries (the proxy itself for its own health
+    /// checks); `None` when the connection was refused.
+    async fn proxied_client(
+        &self,
+        stream: &mut TcpStream,
+        addr: SocketAddr,
+        limit: Duration,
+    ) -> Option<SocketAddr> {
+        let read = tokio::time::timeout(limit, proxy_protocol::read_header(stream));
+        let result = tokio::select! {
+            result = read => result,
+            // Shutdown does not wait out a silent balancer connection.
+            () = self.drain.hard_stop.cancelled() => return None,
+        };
+        match result {
+            Ok(Ok(client)) => Some(client.unwrap_or(addr)),
+            Ok(Err(err)) => {
+                let reason = match err {
+                    HeaderError::Missing => ProxyProtocolRefusal::Missing,
+                    HeaderError::Invalid(_) => ProxyProtocolRefusal::Invalid,
+                    HeaderError::Closed | HeaderError::Io(_) => ProxyProtocolRefusal::Closed,
+                };
+                self.refuse_proxied(addr, reason, &err);
+                None
+            }
+            Err(_) => {
+                self.refuse_proxied(
+                    addr,
+                    ProxyProtocolRefusal::Timeout,
+                    &"no complete PROXY header within proxy.header_read_timeout",
+                );
+                None
+            }
+        }
+    }
+
+    /// Counts and logs a connection refused on a PROXY protocol listener: the first as a
+    /// warning with what to check, the rest at debug.
+    fn refuse_proxied(
+        &self,
+        addr: SocketAddr,
+        reason: ProxyProtocolRefusal,
+        detail: &dyn std::fmt::Display,
+    ) {
+        self.metrics.proxy_protocol_refused(reason);
+        if self.proxy_protocol_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(peer = %addr, reason = reason.as_str(), detail = %detail, "PROXY protocol: connection refused");
+        } else {
+            tracing::warn!(
+                peer = %addr,
+                reason = reason.as_str(),
+                detail = %detail,
+                "PROXY protocol: connection refused; with listen.proxy_protocol every connection must come from proxy.trusted_proxies and start with a PROXY header (check the balancer sends one, e.g. HAProxy `send-proxy-v2`, and that its address is trusted); later refusals are logged at debug and counted in gatehouse_proxy_protocol_refused_total"
+            );
         }
     }
 
@@ -136,13 +217,24 @@ impl Budget {
 
 /// Accepts HTTPS connections until draining starts.
 pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
-    while let Some((stream, addr)) = accept(&listener, &ctx).await {
+    while let Some((mut stream, addr)) = accept(&listener, &ctx).await {
         let Some(permit) = ctx.https_budget.take(&ctx).await else {
             break;
         };
+        let accepted = tokio::time::Instant::now();
         let snapshot = ctx.live.current();
-        let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
+        if !ctx.proxy_peer_allowed(&snapshot, addr) {
             continue;
+        }
+        let proxied = snapshot.config.listen.proxy_protocol;
+        // Behind PROXY protocol the client is known only once its header is read.
+        let place = if proxied {
+            None
+        } else {
+            let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
+                continue;
+            };
+            place
         };
         let config = &snapshot.config;
         if config.rate_limit.is_some() && config.proxy.trusted_proxies.is_empty() {
@@ -152,6 +244,24 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
         ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
             let settings = &snapshot.connections;
+            let (addr, place) = if proxied {
+                // The header shares the first request's deadline, counted from the
+                // connection's place under the budget.
+                let limit = settings
+                    .limits
+                    .first_request
+                    .saturating_sub(accepted.elapsed());
+                let Some(client) = task_ctx.proxied_client(&mut stream, addr, limit).await
+                else {
+                    return;
+                };
+                let Ok(place) = task_ctx.client_place(settings, client) else {
+                    return;
+                };
+                (client, place)
+            } else {
+                (addr, place)
+            };
             let handshake = tls_handshake(stream, snapshot.acceptor.config());
             let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
@@ -226,19 +336,42 @@ fn handshake_failure(err: &io::Error) -> HandshakeFailure {
 
 /// Accepts plain-HTTP connections (redirects and ACME challenges) until draining starts.
 pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
-    while let Some((stream, addr)) = accept(&listener, &ctx).await {
+    while let Some((mut stream, addr)) = accept(&listener, &ctx).await {
         let Some(permit) = ctx.http_budget.take(&ctx).await else {
             break;
         };
         let snapshot = ctx.live.current();
-        let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
+        if !ctx.proxy_peer_allowed(&snapshot, addr) {
             continue;
+        }
+        let proxied = snapshot.config.listen.proxy_protocol;
+        let place = if proxied {
+            None
+        } else {
+            let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
+                continue;
+            };
+            place
         };
         let task_ctx = ctx.clone();
         ctx.drain.connections.spawn(async move {
             let _open = task_ctx.metrics.connection_opened();
             let settings = &snapshot.connections;
+            // Made before the PROXY header is read, so the header and the first request
+            // share one deadline.
             let activity = Activity::new(settings.limits);
+            let (addr, place) = if proxied {
+                let limit = settings.limits.first_request;
+                let Some(client) = task_ctx.proxied_client(&mut stream, addr, limit).await else {
+                    return;
+                };
+                let Ok(place) = task_ctx.client_place(settings, client) else {
+                    return;
+                };
+                (client, place)
+            } else {
+                (addr, place)
+            };
             let watched_activity = activity.clone();
             let live = task_ctx.live.clone();
             let service = service_fn(move |req| {

@@ -51,6 +51,30 @@ pub enum HandshakeFailure {
     Io,
 }
 
+/// Why a connection on a `listen.proxy_protocol` listener was closed before TLS or HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolRefusal {
+    /// The peer is not in `proxy.trusted_proxies`, so its header cannot be believed.
+    Untrusted,
+    /// The connection did not start with a PROXY header.
+    Missing,
+    /// The header was malformed or too long.
+    Invalid,
+    /// No complete header within `proxy.header_read_timeout`.
+    Timeout,
+    /// The peer closed, or the socket failed, before the header was complete.
+    Closed,
+}
+
+const PROXY_PROTOCOL_REFUSALS: [&str; 5] = ["untrusted", "missing", "invalid", "timeout", "closed"];
+
+impl ProxyProtocolRefusal {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        PROXY_PROTOCOL_REFUSALS[self as usize]
+    }
+}
+
 /// How a request to the upstream failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
@@ -193,6 +217,10 @@ pub struct Metrics {
     connection_waits: AtomicU64,
     /// Connections closed because their client held `server.max_connections_per_client`.
     client_connections_refused: AtomicU64,
+    /// Connections refused on a PROXY protocol listener, by reason.
+    proxy_protocol_refused: [AtomicU64; 5],
+    /// Requests answered 403 by an `[[access]]` rule.
+    access_denied: AtomicU64,
     /// Rate-limit decisions, by backend and outcome.
     rate_limit: [[AtomicU64; 3]; 3],
     /// Redis commands that failed or timed out.
@@ -286,6 +314,16 @@ impl Metrics {
     pub fn client_connection_refused(&self) {
         self.client_connections_refused
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection refused on a PROXY protocol listener.
+    pub fn proxy_protocol_refused(&self, reason: ProxyProtocolRefusal) {
+        self.proxy_protocol_refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request an `[[access]]` rule denied.
+    pub fn access_denied(&self) {
+        self.access_denied.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a completed TLS handshake.
@@ -451,6 +489,20 @@ impl Metrics {
             "gatehouse_client_connections_refused_total",
             "Connections closed at once because their client held server.max_connections_per_client.",
             &self.client_connections_refused,
+        );
+        labelled(
+            &mut out,
+            "gatehouse_proxy_protocol_refused_total",
+            "Connections closed on a listen.proxy_protocol listener before TLS or HTTP, by reason.",
+            "reason",
+            &PROXY_PROTOCOL_REFUSALS,
+            &self.proxy_protocol_refused,
+        );
+        counter(
+            &mut out,
+            "gatehouse_access_denied_total",
+            "Requests answered 403 by an [[access]] rule.",
+            &self.access_denied,
         );
         labelled(
             &mut out,

@@ -14,8 +14,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
+use crate::access::AccessRules;
 use crate::access_log::{self, AccessRecord};
 use crate::client_limit::{ClientLimit, ClientPlace, LimitReached};
+use crate::compression::{Compression, Negotiated};
 use crate::config::{Config, Underscores, MAX_METHOD_LEN};
 use crate::connection::{Drain, Peer};
 use crate::error::{plain_response, Body, IntoResponse, ProxyError};
@@ -35,6 +37,10 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     /// `[[static]]` directories.
     statics: StaticFiles,
+    /// `[[access]]` rules.
+    access: AccessRules,
+    /// `[compression]`, when configured.
+    compression: Option<Compression>,
     /// Rate limiter, when `[rate_limit]` is configured.
     limiter: Option<Arc<RateLimiter>>,
     /// Peers whose forwarding headers are believed.
@@ -111,6 +117,8 @@ impl Proxy {
         Proxy {
             upstreams,
             statics: StaticFiles::new(&config.statics),
+            access: AccessRules::new(&config.access),
+            compression: config.compression.as_ref().map(Compression::new),
             limiter,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             max_body_size: config.proxy.max_body_size,
@@ -147,6 +155,10 @@ impl Proxy {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let version = req.version();
+        let negotiated = self
+            .compression
+            .as_ref()
+            .map_or(Negotiated::NotApplicable, |c| c.negotiate(&req));
         let request_id = forwarding::request_id(&peer, req.headers_mut());
         let client = forwarding::client_ip(&peer, req.headers(), &self.trusted_proxies);
         let bytes_in = content_length(req.headers());
@@ -169,6 +181,9 @@ impl Proxy {
             response
                 .headers_mut()
                 .insert(&forwarding::X_REQUEST_ID, request_id.clone());
+            if let Some(compression) = &self.compression {
+                response = compression.apply(response, negotiated);
+            }
             self.finish(response, version, started, record, place)
         };
         if let Err(err) = self.check_request(&req) {
@@ -189,6 +204,14 @@ impl Proxy {
         // Decisions (rate-limit rules, static prefixes) use the normalized path, computed
         // once; the request keeps its original path on the way upstream.
         let path = crate::path::normalize(req.uri().path());
+        if let Err(prefix) = self.access.check(client, &path) {
+            self.metrics.access_denied();
+            let denied = ProxyError::AccessDenied {
+                client,
+                prefix: prefix.to_owned(),
+            };
+            return Ok(finish(denied.into_response(), record, place));
+        }
         let mut rate_headers = None;
         if let Some(limiter) = &self.limiter {
             match limiter.check(client, req.method(), &path).await {

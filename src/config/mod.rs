@@ -14,10 +14,14 @@ use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod access;
 pub mod acme;
+pub mod compression;
 pub mod rate_limit;
 
+use access::{AccessRule, RawAccess};
 use acme::{AcmeConfig, RawAcme};
+use compression::{CompressionConfig, RawCompression};
 use rate_limit::{RateLimitConfig, RawRateLimit};
 
 // Defaults: what a key means when it is absent. The README's configuration table repeats
@@ -109,6 +113,10 @@ pub struct Config {
     pub redirect: Redirect,
     /// Directories served directly, like nginx `alias`.
     pub statics: Vec<StaticDir>,
+    /// `[[access]]`: path prefixes only some clients may request.
+    pub access: Vec<AccessRule>,
+    /// Response compression; `None` (the default) compresses nothing.
+    pub compression: Option<CompressionConfig>,
     /// WebSocket tunnel settings.
     pub websocket: WebSocket,
     /// Rate limiting; `None` when the section is absent.
@@ -132,6 +140,9 @@ pub struct Listen {
     pub https: SocketAddr,
     /// Port written into redirect `Location` headers (omitted from the URL when 443).
     pub public_https_port: u16,
+    /// Whether every connection on both listeners starts with a PROXY protocol (v1 or v2)
+    /// header from one of `proxy.trusted_proxies`, whose address becomes the client's.
+    pub proxy_protocol: bool,
 }
 
 /// One certificate chain with its key, as configured.
@@ -519,6 +530,9 @@ struct RawConfig {
     #[serde(default, rename = "static")]
     statics: Vec<RawStatic>,
     #[serde(default)]
+    access: Vec<RawAccess>,
+    compression: Option<RawCompression>,
+    #[serde(default)]
     websocket: RawWebSocket,
     rate_limit: Option<RawRateLimit>,
     acme: Option<RawAcme>,
@@ -535,6 +549,8 @@ struct RawListen {
     http: Option<String>,
     https: String,
     public_https_port: Option<u16>,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -702,6 +718,10 @@ impl Config {
         restart_key("listen.https", self.listen.https != new.listen.https);
         restart_key("listen.http", self.listen.http != new.listen.http);
         restart_key(
+            "listen.proxy_protocol",
+            self.listen.proxy_protocol != new.listen.proxy_protocol,
+        );
+        restart_key(
             "admin.listen",
             self.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
         );
@@ -738,6 +758,8 @@ impl Config {
         section("proxy", self.proxy != live.proxy);
         section("redirect", self.redirect != live.redirect);
         section("static", self.statics != live.statics);
+        section("access", self.access != live.access);
+        section("compression", self.compression != live.compression);
         section("websocket", self.websocket != live.websocket);
         section("rate_limit", self.rate_limit != live.rate_limit);
         section("admin", self.admin != live.admin);
@@ -752,6 +774,7 @@ impl Config {
         let mut live = new.clone();
         live.listen.https = self.listen.https;
         live.listen.http = self.listen.http;
+        live.listen.proxy_protocol = self.listen.proxy_protocol;
         if let (Some(running), Some(admin)) = (&self.admin, &mut live.admin) {
             admin.listen = running.listen;
         }
@@ -829,6 +852,12 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         .map(|acme| acme::validate(acme, &tls_names, listen.http.is_some(), p));
     let upstream = validate_upstream(raw.upstream, p);
     let mut proxy = validate_proxy(&raw.proxy, p);
+    if listen.proxy_protocol && proxy.trusted_proxies.is_empty() {
+        p.add(
+            "listen.proxy_protocol",
+            "needs proxy.trusted_proxies: only the load balancers listed there may send a PROXY header; write e.g. trusted_proxies = [\"10.0.0.0/8\"] under [proxy] (the balancer's addresses)",
+        );
+    }
     // On by default once names are configured: a request for another host would only
     // make Django raise DisallowedHost (an error log line, maybe an e-mail) per request.
     if raw.proxy.reject_unknown_hosts.unwrap_or(true) {
@@ -842,6 +871,8 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         acme_challenge_dir: raw.redirect.acme_challenge_dir.map(|dir| p.path(&dir)),
     };
     let statics = validate_statics(raw.statics, p);
+    let access = access::validate(raw.access, p);
+    let compression = raw.compression.map(|raw| compression::validate(raw, p));
     let websocket = WebSocket {
         idle_timeout: p.duration(
             "websocket.idle_timeout",
@@ -915,6 +946,8 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         proxy,
         redirect,
         statics,
+        access,
+        compression,
         websocket,
         rate_limit,
         acme,
@@ -947,6 +980,7 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> Listen {
         http,
         https,
         public_https_port,
+        proxy_protocol: raw.proxy_protocol,
     }
 }
 

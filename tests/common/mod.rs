@@ -8,6 +8,7 @@
 //!   in-process gateway;
 //! - [`raw`]: raw TLS connections to the gateway and HTTP/1.1 responses read as bytes;
 //! - [`redis`]: redis-server processes on free ports;
+//! - [`haproxy`]: `HAProxy` in TCP mode sending PROXY protocol v2, on a free port;
 //! - [`pebble`]: a real ACME CA (pebble and its DNS server) on free ports;
 //! - [`wait`]: [`eventually`], the one way tests wait for something to become true.
 #![allow(
@@ -19,6 +20,7 @@
 )]
 
 pub mod gateway;
+pub mod haproxy;
 pub mod metrics;
 pub mod pebble;
 pub mod pki;
@@ -34,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 pub use gateway::*;
+pub use haproxy::*;
 pub use metrics::*;
 pub use pebble::*;
 pub use pki::*;

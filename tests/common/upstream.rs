@@ -44,6 +44,10 @@ pub struct Seen {
 /// - `/sleep/MS`: waits MS milliseconds, then 200;
 /// - `/hold`: waits until [`Upstream::release_held`], then 200 `released`;
 /// - `/bytes/N`: streams N bytes in 64 KiB chunks;
+/// - `/make?n=N&s=STATUS&h=NAME:VALUE&…`: N bytes of text (HTML-like, compressible)
+///   with `Content-Length`, the status and headers given (values percent-decoded);
+/// - `/drip`: an HTML stream without length: [`DRIP_FIRST`] at once, then, once a
+///   `/hold` permit is released, [`DRIP_REST`];
 /// - anything else: reads the whole body and answers 200 `seen METHOD PATH LEN`.
 ///
 /// Every request is recorded in `seen`.
@@ -189,6 +193,26 @@ async fn upstream_handle(
         }
         return Ok(text(StatusCode::OK, "released"));
     }
+    if path == "/make" {
+        seen.lock().unwrap().push(record(0));
+        return Ok(made(req.uri().query().unwrap_or("")));
+    }
+    if path == "/drip" {
+        seen.lock().unwrap().push(record(0));
+        let rest = async move {
+            if let Ok(permit) = held.acquire().await {
+                permit.forget();
+            }
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(DRIP_REST)))
+        };
+        let frames = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(DRIP_FIRST)))])
+            .chain(futures_util::stream::once(rest));
+        let mut response = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+        response
+            .headers_mut()
+            .insert("content-type", http::HeaderValue::from_static("text/html"));
+        return Ok(response);
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         seen.lock().unwrap().push(record(0));
         let total: usize = n.parse().unwrap_or(0);
@@ -222,6 +246,49 @@ async fn upstream_handle(
         .headers_mut()
         .insert("x-upstream", http::HeaderValue::from_static("1"));
     Ok(response)
+}
+
+/// What `/drip` sends first, at once.
+pub const DRIP_FIRST: &[u8] = b"<html><body><p>first part, sent before the app finishes</p>\n";
+/// What `/drip` sends once released.
+pub const DRIP_REST: &[u8] = b"<p>the rest</p></body></html>\n";
+
+/// The body `/make?n=N` sends: `N` bytes of repetitive HTML.
+pub fn made_body(n: usize) -> Vec<u8> {
+    let line = b"<tr><td>gatehouse</td><td>compressible row of a table</td></tr>\n";
+    line.iter().copied().cycle().take(n).collect()
+}
+
+fn made(query: &str) -> Response<UpBody> {
+    let mut n = 0;
+    let mut status = StatusCode::OK;
+    let mut headers = Vec::new();
+    for pair in query.split('&') {
+        let Some((key, value)) = pair.split_once('=') else {
+            continue;
+        };
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8_lossy()
+            .into_owned();
+        match key {
+            "n" => n = value.parse().unwrap_or(0),
+            "s" => status = StatusCode::from_u16(value.parse().unwrap_or(200)).unwrap(),
+            "h" => {
+                if let Some((name, value)) = value.split_once(':') {
+                    headers.push((name.to_owned(), value.trim().to_owned()));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut response = text(status, made_body(n));
+    for (name, value) in headers {
+        response.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(&value).unwrap(),
+        );
+    }
+    response
 }
 
 fn websocket_route(mut req: Request<Incoming>, route: String, rooms: Rooms) -> Response<UpBody> {

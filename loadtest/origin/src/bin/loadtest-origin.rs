@@ -2,8 +2,10 @@
 //! keep-alive on one thread: `GET /ws` with an `Upgrade: websocket` header becomes a
 //! WebSocket echo (text and binary frames are sent back as they came), anything else gets
 //! the same fixed 1 KiB body once its request body has been read (as an app's would be:
-//! an unread body makes hyper close the connection, which would measure reconnects). It
-//! prints `listening ADDR` once bound.
+//! an unread body makes hyper close the connection, which would measure reconnects), and
+//! `GET /page` a 32 KiB HTML page (a table of rows that differ, as a listing view renders;
+//! for the compression measurement, loadtest/compression.sh). It prints `listening ADDR`
+//! once bound.
 //!
 //! ```text
 //! loadtest-origin [--listen 127.0.0.1:18000]
@@ -28,6 +30,42 @@ use tokio_tungstenite::WebSocketStream;
 
 /// The fixed response body: 1 KiB.
 static BODY: [u8; 1024] = [b'x'; 1024];
+
+/// `GET /page`: 32 KiB of HTML whose rows differ (ids, names, amounts), so it compresses
+/// like a listing page (10:1 with gzip) rather than like one repeated byte.
+fn page() -> Bytes {
+    static PAGE: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    PAGE.get_or_init(|| {
+        use std::fmt::Write as _;
+        let mut html = String::from(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Orders</title>\
+             <link rel=\"stylesheet\" href=\"/static/site.css\"></head><body><main><table class=\"orders\">\n",
+        );
+        let names = ["Ada Lovelace", "Grace Hopper", "Alan Turing", "Edsger Dijkstra", "Barbara Liskov"];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut row = 0u64;
+        while html.len() < 32 * 1024 - 200 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            row += 1;
+            let name = names[usize::try_from(seed % 5).unwrap_or(0)];
+            let _ = writeln!(
+                html,
+                "<tr id=\"order-{row}\"><td><a href=\"/orders/{row}/\">#{row:06}</a></td><td>{name}</td>\
+                 <td class=\"amount\">{}.{:02} EUR</td><td>2026-11-{:02}</td><td><span class=\"status-{}\">{}</span></td></tr>",
+                seed % 10_000,
+                seed % 100,
+                1 + seed % 28,
+                seed % 3,
+                ["paid", "open", "refunded"][usize::try_from(seed % 3).unwrap_or(0)],
+            );
+        }
+        html.push_str("</table></main></body></html>\n");
+        Bytes::from(html)
+    })
+    .clone()
+}
 
 fn main() {
     let mut listen: SocketAddr = "127.0.0.1:18000".parse().expect("default address");
@@ -81,6 +119,14 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             return Ok(response);
         }
         return Ok(status(StatusCode::BAD_REQUEST));
+    }
+    if req.uri().path() == "/page" {
+        let mut response = Response::new(Full::new(page()));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        return Ok(response);
     }
     if req.into_body().collect().await.is_err() {
         return Ok(status(StatusCode::BAD_REQUEST));
