@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end smoke test of the Docker path, run as an operator would: builds the gatehouse
-# image (../Dockerfile) and the example app (mysite/Dockerfile: Django + Channels under
-# daphne), brings up docker-compose.yml (gatehouse + web (Gunicorn) + channels (Daphne on a Unix socket) + Redis) with a dev certificate
-# for example.com, and checks from the host:
+# image (../Dockerfile) and the example app (mysite/Dockerfile: Django + Channels), brings
+# up docker-compose.yml (gatehouse; web: Gunicorn on TCP; channels: Daphne on a Unix socket
+# shared with gatehouse; Redis) with a dev certificate for example.com, and checks from the host:
 #
 #   - `gatehouse check` in the container accepts the mounted config (docs' step 5)
 #   - HTTPS through the gateway reaches Django, which sees https and the client's Host
