@@ -62,6 +62,16 @@ pub enum ProxyError {
         /// The cause, flattened.
         reason: String,
     },
+    /// Every instance of the group has `max_requests` in flight (circuit breaking).
+    #[error(
+        "upstream group {group}: every instance has {limit} requests in flight (max_requests)"
+    )]
+    UpstreamFull {
+        /// The group's name (`default` for `[upstream]`).
+        group: std::sync::Arc<str>,
+        /// `max_requests`.
+        limit: usize,
+    },
     /// The request body exceeds `proxy.max_body_size`.
     #[error("request body larger than {limit} bytes (max_body_size)")]
     BodyTooLarge {
@@ -129,7 +139,8 @@ impl ProxyError {
             | ProxyError::ClientBody { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::UpstreamBroken { .. } => Side::Upstream,
+            | ProxyError::UpstreamBroken { .. }
+            | ProxyError::UpstreamFull { .. } => Side::Upstream,
             ProxyError::Static(_) => Side::Internal,
         }
     }
@@ -143,7 +154,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // nginx `limit_conn_status` is 503 too.
-            ProxyError::ClientRequestsInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientRequestsInFlight { .. } | ProxyError::UpstreamFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BadRequest(_)
             | ProxyError::UnderscoreHeader(_)
             | ProxyError::ClientBody { timeout: false, .. } => StatusCode::BAD_REQUEST,

@@ -84,6 +84,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The upstream groups (the admin listener shows their instances' state).
+    pub(crate) fn upstream_groups(&self) -> &[Arc<Upstreams>] {
+        &self.groups
+    }
+
     /// The rate limiter, when configured (the admin listener reads its Redis state).
     pub(crate) fn limiter(&self) -> Option<&Arc<RateLimiter>> {
         self.limiter.as_ref()

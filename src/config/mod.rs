@@ -15,12 +15,14 @@ use serde::Deserialize;
 
 pub mod access;
 pub mod acme;
+pub mod balancing;
 pub mod compression;
 pub mod rate_limit;
 pub mod routing;
 
 use access::{AccessRule, RawAccess};
 use acme::{AcmeConfig, RawAcme};
+pub use balancing::{Balance, Balancing, HealthCheck};
 use compression::{CompressionConfig, RawCompression};
 use rate_limit::{RateLimitConfig, RawRateLimit};
 pub use routing::{ErrorPages, Route, Upstream, UpstreamGroup, UpstreamTarget, UpstreamTls};
