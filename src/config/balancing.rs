@@ -208,3 +208,66 @@ fn validate_health_check(raw: &RawBalancing, key: &str, p: &mut Problems) -> Opt
         unhealthy_threshold,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+        [listen]
+        https = "127.0.0.1:8443"
+        [tls]
+        cert = "certs/a.crt"
+        key = "certs/a.key"
+        [upstream]
+        url = ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    "#;
+
+    #[test]
+    fn keys_apply_per_group_with_defaults() {
+        let text = format!(
+            "{BASE}health_check_path = \"/healthz/\"\nbalance = \"least_requests\"\nmax_requests = 8\n\
+             [upstreams.api]\nurl = \"http://api:80\"\n[[route]]\nprefix = \"/api/\"\nupstream = \"api\"\n"
+        );
+        let config = Config::parse(&text, Path::new("g.toml")).unwrap();
+        let balancing = &config.upstream.balancing;
+        let check = balancing.health_check.as_ref().unwrap();
+        assert_eq!(check.path.as_str(), "/healthz/");
+        assert_eq!(check.interval, DEFAULT_HEALTH_CHECK_INTERVAL);
+        assert_eq!(check.timeout, DEFAULT_HEALTH_CHECK_TIMEOUT);
+        assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
+        assert_eq!(balancing.balance, Balance::LeastRequests);
+        assert_eq!(balancing.max_requests, Some(8));
+        let api = &config.upstreams[0].upstream.balancing;
+        assert!(api.health_check.is_none());
+        assert_eq!(api.balance, Balance::RoundRobin);
+        assert!((api.retry_budget - DEFAULT_RETRY_BUDGET).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let text = format!(
+            "{BASE}health_check_path = \"healthz\"\nhealth_check_interval = \"1s\"\nhealth_check_timeout = \"2s\"\n\
+             unhealthy_threshold = 0\nbalance = \"random\"\nretry_budget = 1.5\nmax_requests = 0\n\
+             [upstreams.api]\nurl = \"http://api:80\"\nhealthy_threshold = 2\n[[route]]\nprefix = \"/api/\"\nupstream = \"api\"\n"
+        );
+        let err = Config::parse(&text, Path::new("g.toml")).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstream.health_check_path",
+                "upstream.health_check_timeout",
+                "upstream.unhealthy_threshold",
+                "upstream.balance",
+                "upstream.retry_budget",
+                "upstream.max_requests",
+                "upstreams.api.healthy_threshold",
+            ],
+            "{err}"
+        );
+    }
+}
