@@ -41,9 +41,7 @@ pub enum ProxyError {
         reason: String,
     },
     /// The upstream did not answer in time.
-    #[error(
-        "upstream group {group} ({upstream}): no response within {after:?} (response_timeout)"
-    )]
+    #[error("upstream group {group} ({upstream}): no response within {after:?} ({setting})")]
     UpstreamTimeout {
         /// The group's name (`default` for `[upstream]`).
         group: std::sync::Arc<str>,
@@ -51,6 +49,8 @@ pub enum ProxyError {
         upstream: UpstreamTarget,
         /// The configured timeout.
         after: Duration,
+        /// Its key: `response_timeout` or `try_timeout`.
+        setting: &'static str,
     },
     /// The upstream answered with something broken or closed early.
     #[error("upstream group {group} ({upstream}): {reason}")]

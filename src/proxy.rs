@@ -482,6 +482,7 @@ impl Proxy {
         let limits = SendLimits {
             response_timeout: route.and_then(|route| route.response_timeout),
             max_body_size,
+            timeout_setting: "response_timeout",
         };
         let mut response = upstreams.send(parts, upload.body, limits).await?;
         if let Some(downstream) = downstream_upgrade {

@@ -67,6 +67,9 @@ pub struct Upstreams {
     retries_refused: AtomicU64,
     /// Requests answered 503 because every instance was at `max_requests`.
     rejected_full: AtomicU64,
+    /// `try_timeout`: the response timeout of each try of an idempotent request without
+    /// a body, which then goes to the next instance.
+    try_timeout: Option<Duration>,
     /// `upstream.unhealthy_for`.
     unhealthy_for: Duration,
     /// The group's `response_timeout`, unless a route sets its own.
@@ -82,6 +85,8 @@ pub struct SendLimits {
     pub response_timeout: Option<Duration>,
     /// The request's body limit, named when the body exceeds it.
     pub max_body_size: u64,
+    /// The key of `response_timeout` for messages (`try_timeout` when that applies).
+    pub timeout_setting: &'static str,
 }
 
 struct Instance {
@@ -164,6 +169,7 @@ impl Upstreams {
             retries: AtomicU64::new(0),
             retries_refused: AtomicU64::new(0),
             rejected_full: AtomicU64::new(0),
+            try_timeout: balancing.try_timeout,
             unhealthy_for: settings.unhealthy_for,
             response_timeout: settings.response_timeout,
             checker,
@@ -190,17 +196,38 @@ impl Upstreams {
         let mut in_flight = self.pick(None)?;
         let mut request = Request::from_parts(parts, body);
         *request.uri_mut() = upstream_uri(&in_flight.0.target, request.uri());
+        // `try_timeout` bounds each try of a request that may be sent again after the
+        // app saw it (idempotent, no body); others wait the whole response timeout.
+        let try_timeout = self
+            .try_timeout
+            .filter(|_| retry.as_ref().is_some_and(|template| template.after_close));
+        let limits = match try_timeout {
+            Some(per_try) => SendLimits {
+                response_timeout: Some(
+                    per_try.min(limits.response_timeout.unwrap_or(self.response_timeout)),
+                ),
+                timeout_setting: "try_timeout",
+                ..limits
+            },
+            None => limits,
+        };
         let mut attempts = 1;
         loop {
             match self.send_to(in_flight.0, request, limits).await {
                 // Refused: nothing was sent, so any request whose body can be sent again
                 // goes to the next instance. Closed before its response head (an instance
-                // restarting drops the requests on its connections): the request may have
-                // been acted on, so only an idempotent one without a body goes, as
-                // nginx's `proxy_next_upstream error` does.
+                // restarting drops the requests on its connections) or, with
+                // `try_timeout`, not answered within it: the request may have been acted
+                // on, so only an idempotent one without a body goes, as nginx's
+                // `proxy_next_upstream error timeout` does.
                 Err(
-                    err @ (ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamBroken { .. }),
+                    err @ (ProxyError::UpstreamConnect { .. }
+                    | ProxyError::UpstreamBroken { .. }
+                    | ProxyError::UpstreamTimeout { .. }),
                 ) => {
+                    if matches!(err, ProxyError::UpstreamTimeout { .. }) && try_timeout.is_none() {
+                        return Err(err);
+                    }
                     let Some(template) = retry.as_ref() else {
                         return Err(err);
                     };
@@ -251,6 +278,7 @@ impl Upstreams {
                     group: self.name.clone(),
                     upstream: instance.target.clone(),
                     after: response_timeout,
+                    setting: limits.timeout_setting,
                 })
             }
             Some(Err(err)) => {

@@ -375,3 +375,84 @@ async fn the_retry_budget_caps_amplification_when_every_instance_fails() {
     assert!(samples.count("gatehouse_upstream_retries_refused_total{group=\"default\"}") > 0);
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn try_timeout_sends_an_idempotent_request_on_to_the_next_instance() {
+    let pki = Pki::new("try-timeout");
+    let (_, files) = pki.localhost("site");
+    let quick = Upstream::start().await;
+    let stuck = Upstream::start().await;
+    stuck.set_delay(Duration::from_secs(30));
+    let urls = [
+        format!("http://{}", quick.addr),
+        format!("http://{}", stuck.addr),
+    ];
+    let config = config_with(&files, &urls, "try_timeout = \"200ms\"");
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let client = https_client(&pki.root_pem(), Http::One, gateway.https);
+    for _ in 0..4 {
+        let response = client.get(gateway.url("/page")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert!(stuck.arrived() > 0, "the stuck instance had its tries");
+    assert_eq!(
+        quick.seen().len(),
+        4,
+        "and the quick one answered every request"
+    );
+    let samples = scrape(gateway.admin.unwrap()).await;
+    assert_eq!(
+        samples.count("gatehouse_upstream_retries_total{group=\"default\"}"),
+        stuck.arrived()
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn health_checks_of_an_https_group_are_verified_and_take_a_failing_instance_out() {
+    let pki = Pki::new("health-https");
+    let (_, files) = pki.localhost("site");
+    let internal = Pki::new("health-internal-ca");
+    let leaf = internal.leaf(&["api-internal"]);
+    let chain = format!("{}{}", leaf.cert_pem, internal.intermediate_pem());
+    let first = Upstream::start_tls(&chain, &leaf.key_pem).await;
+    let second = Upstream::start_tls(&chain, &leaf.key_pem).await;
+    let ca = pki.dir.join("internal-ca.pem");
+    std::fs::write(&ca, internal.root_pem()).unwrap();
+    let web = Upstream::start().await;
+    let config = format!(
+        "{base}\n[upstreams.api]\nurl = [\"https://{a}\", \"https://{b}\"]\nca_file = \"{ca}\"\nserver_name = \"api-internal\"\nhealth_check_path = \"/healthz/\"\nhealth_check_host = \"api.example\"\nhealth_check_interval = \"50ms\"\nhealth_check_timeout = \"50ms\"\n\n[[route]]\nprefix = \"/api/\"\nupstream = \"api\"\n",
+        base = base_config(&files, web.addr),
+        a = first.addr,
+        b = second.addr,
+        ca = ca.display(),
+    );
+    let gateway = start_gateway(&config, &pki.dir).await;
+    let admin = gateway.admin.unwrap();
+    let series = format!(
+        "gatehouse_upstream_healthy{{group=\"api\",instance=\"https://{}\"}}",
+        second.addr
+    );
+    eventually(PROMPT, "the TLS instance is checked", || async {
+        second
+            .seen()
+            .into_iter()
+            .find(|s| s.uri.path() == "/healthz/")
+    })
+    .await;
+    assert_eq!(second.last().headers["host"], "api.example");
+    second.set_health(500);
+    eventually(PROMPT, "the failing TLS instance is out", || async {
+        scrape(admin).await.count(&series) == 0
+    })
+    .await;
+    let client = https_client(&pki.root_pem(), Http::Two, gateway.https);
+    let before = second.seen_except("/healthz/");
+    for _ in 0..6 {
+        let response = client.get(gateway.url("/api/x")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(second.seen_except("/healthz/"), before);
+    assert_eq!(first.seen_except("/healthz/"), 6);
+    gateway.stop().await;
+}

@@ -1,6 +1,6 @@
 //! Per-group balancing and protection keys of `[upstream]` / `[upstreams.NAME]`: active
 //! health checks (`health_check_*`, `healthy_threshold`, `unhealthy_threshold`),
-//! `balance`, `retry_budget` and `max_requests`. The raw fields sit in
+//! `balance`, `retry_budget`, `try_timeout` and `max_requests`. The raw fields sit in
 //! [`super::routing::RawUpstream`] (serde's `deny_unknown_fields` does not mix with
 //! `flatten`); they are validated here.
 
@@ -63,6 +63,7 @@ pub(super) struct RawBalancing {
     pub(super) balance: Option<String>,
     pub(super) retry_budget: Option<f64>,
     pub(super) max_requests: Option<usize>,
+    pub(super) try_timeout: Option<String>,
 }
 
 /// The balancing keys of one group, validated.
@@ -76,6 +77,9 @@ pub struct Balancing {
     pub retry_budget: f64,
     /// `max_requests`: requests in flight per instance beyond which requests get 503.
     pub max_requests: Option<usize>,
+    /// `try_timeout`: the response timeout of each try of an idempotent request without
+    /// a body; one not answered within it goes to the next instance (within the budget).
+    pub try_timeout: Option<Duration>,
 }
 
 /// Validates the balancing keys of the group at `key` (`upstream` or `upstreams.NAME`).
@@ -105,8 +109,20 @@ pub(super) fn validate(raw: &RawBalancing, key: &str, p: &mut Problems) -> Balan
             "0 would refuse every request; write the requests in flight one instance takes (e.g. its worker count × 2), or remove the key for no limit",
         );
     }
+    let try_timeout = raw.try_timeout.as_deref().map(|value| {
+        let key = format!("{key}.try_timeout");
+        let timeout = p.duration(&key, Some(value), Duration::from_secs(1));
+        if timeout.is_zero() {
+            p.add(
+                key,
+                "must be longer than 0; write e.g. \"5s\" (below response_timeout), or remove it",
+            );
+        }
+        timeout
+    });
     Balancing {
         health_check,
+        try_timeout,
         balance,
         retry_budget: retry_budget.clamp(0.0, 1.0),
         max_requests: raw.max_requests.filter(|&max| max > 0),

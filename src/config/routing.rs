@@ -174,6 +174,7 @@ pub struct RawUpstream {
     balance: Option<String>,
     retry_budget: Option<f64>,
     max_requests: Option<usize>,
+    try_timeout: Option<String>,
 }
 
 /// `[[route]]` as written.
@@ -221,6 +222,7 @@ pub fn validate_upstream(raw: RawUpstream, key: &str, p: &mut Problems) -> Upstr
             balance: raw.balance,
             retry_budget: raw.retry_budget,
             max_requests: raw.max_requests,
+            try_timeout: raw.try_timeout,
         },
         key,
         p,

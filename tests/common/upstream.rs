@@ -74,6 +74,8 @@ struct Knobs {
     health: AtomicU16,
     /// Milliseconds every other answer waits.
     delay_ms: AtomicU64,
+    /// Requests other than `/healthz/` that arrived (answered or not).
+    arrived: AtomicU64,
 }
 
 impl Upstream {
@@ -190,6 +192,12 @@ impl Upstream {
         self.knobs
             .delay_ms
             .store(u64::try_from(delay.as_millis()).unwrap(), Ordering::Relaxed);
+    }
+
+    /// Requests other than `/healthz/` that arrived, including those still waiting on
+    /// [`Upstream::set_delay`] (which `seen` records only once answered).
+    pub fn arrived(&self) -> u64 {
+        self.knobs.arrived.load(Ordering::Relaxed)
     }
 
     /// Requests seen so far whose path is not `path` (e.g. leaving out health checks).
@@ -311,6 +319,9 @@ async fn upstream_handle(
     if path == "/healthz/" && health != 0 {
         seen.lock().unwrap().push(record(0));
         return Ok(text(StatusCode::from_u16(health).unwrap(), "health"));
+    }
+    if path != "/healthz/" {
+        knobs.arrived.fetch_add(1, Ordering::Relaxed);
     }
     let delay = knobs.delay_ms.load(Ordering::Relaxed);
     if delay > 0 && path != "/healthz/" {
