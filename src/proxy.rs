@@ -123,7 +123,16 @@ impl Proxy {
                 });
                 running.unwrap_or_else(|| Arc::new(Upstreams::new(name, settings)))
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // The groups left behind stop their health checks now, not when the last
+        // connection holding the old snapshot closes.
+        if let Some((_, proxy)) = previous {
+            for old in &proxy.groups {
+                if !groups.iter().any(|kept| Arc::ptr_eq(kept, old)) {
+                    old.retire();
+                }
+            }
+        }
         let routes = RouteTable::new(
             config
                 .routes

@@ -125,9 +125,7 @@ impl Drop for InFlight<'_> {
 
 impl Drop for Upstreams {
     fn drop(&mut self) {
-        if let Some(checker) = &self.checker {
-            checker.abort();
-        }
+        self.retire();
     }
 }
 
@@ -173,6 +171,15 @@ impl Upstreams {
             unhealthy_for: settings.unhealthy_for,
             response_timeout: settings.response_timeout,
             checker,
+        }
+    }
+
+    /// Stops the health checker: a reload replaced the group. (Connections opened before
+    /// the reload hold the old snapshot, and with it this group, until they close; new
+    /// requests already use the new group, so its checker alone must run.)
+    pub fn retire(&self) {
+        if let Some(checker) = &self.checker {
+            checker.abort();
         }
     }
 

@@ -207,7 +207,11 @@ async fn health_checks_go_over_the_groups_transport_with_its_host_and_stop_with_
     assert_eq!(reload.status(), 200);
     assert_eq!(logs.lines.count("health checks started"), 1);
 
-    // A reload that changes the group starts a new checker and stops the old one.
+    // A reload that changes the group starts a new checker and stops the old one, even
+    // while a connection opened before it (holding the old snapshot) stays open.
+    let client = https_client(&pki.root_pem(), Http::Two, gateway.https);
+    let page = client.get(gateway.url("/app/x")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
     std::fs::write(&path, format!("{base}{}", group("/ready/"))).unwrap();
     let reload = plain_client()
         .post(format!("http://{admin}/reload"))
@@ -227,6 +231,13 @@ async fn health_checks_go_over_the_groups_transport_with_its_host_and_stop_with_
     })
     .await;
     assert_eq!(count("/healthz/"), old, "the old checker stopped");
+    let page = client.get(gateway.url("/app/y")).send().await.unwrap();
+    assert_eq!(
+        page.status(),
+        200,
+        "on the connection opened before the reload"
+    );
+    assert!(app.seen().iter().any(|s| s.uri.path() == "/app/y"));
     gateway.stop().await;
 }
 

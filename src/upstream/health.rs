@@ -6,8 +6,8 @@
 //! Lifecycle of an instance: *passing* (the start state: a new or reloaded group serves
 //! at once) → (`unhealthy_threshold` failures in a row) *failing* → (`healthy_threshold`
 //! passes in a row) *passing*. The task belongs to one [`super::Upstreams`]: it is aborted
-//! when that is dropped (a reload that changed the group), and a reload that keeps the
-//! group keeps the same `Upstreams`, so never runs two checkers for one group.
+//! when a reload replaces the group (or when it is dropped), and a reload that keeps the
+//! group keeps the same `Upstreams`, so one group never has two checkers.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
