@@ -28,6 +28,7 @@ pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;
+pub(crate) mod redis_client;
 pub(crate) mod request_body;
 pub(crate) mod routing;
 pub(crate) mod static_files;
@@ -101,6 +102,7 @@ impl Gateway {
         let acme = match &config.acme {
             Some(acme) => Some(Arc::new(tls::acme::AcmeState::load(
                 acme,
+                config.redis.as_ref(),
                 &provider,
                 now,
                 config.tls.expiry_warning_days,

@@ -262,7 +262,11 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
             } else {
                 (addr, place)
             };
-            let handshake = tls_handshake(stream, snapshot.acceptor.config());
+            let handshake = tls_handshake(
+                stream,
+                snapshot.acceptor.config(),
+                snapshot.certificates.acme(),
+            );
             let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err((sni, err))) => {
@@ -308,18 +312,34 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
 
 /// Runs the TLS handshake; on failure also returns the SNI the client asked for, so the
 /// log says which site a failing client wanted.
+///
+/// A TLS-ALPN-01 validation (only `acme-tls/1` offered) of a challenge another instance
+/// published is answered with that challenge's certificate, looked up in Redis here,
+/// where waiting is possible (the certificate resolver is synchronous).
 async fn tls_handshake(
     stream: TcpStream,
     config: &Arc<rustls::ServerConfig>,
+    acme: Option<&Arc<crate::tls::acme::AcmeState>>,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, (Option<String>, io::Error)> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
         .await
         .map_err(|err| (None, err))?;
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    start
-        .into_stream(config.clone())
-        .await
-        .map_err(|err| (sni, err))
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    // RFC 8737 §3: the CA offers `acme-tls/1` and nothing else.
+    let only_acme_alpn = hello.alpn().is_some_and(|mut protocols| {
+        protocols.next() == Some(crate::tls::acme::ALPN) && protocols.next().is_none()
+    });
+    let mut config = config.clone();
+    if let (true, Some(acme), Some(name)) = (only_acme_alpn, acme, sni.as_deref()) {
+        if let Some(challenge) = acme
+            .shared_tls_alpn_config(name, config.crypto_provider())
+            .await
+        {
+            config = challenge;
+        }
+    }
+    start.into_stream(config).await.map_err(|err| (sni, err))
 }
 
 /// Sorts a handshake error for the failure counter.

@@ -218,6 +218,15 @@ impl Live {
                 startup.metrics.clone(),
                 startup.shutdown.child_token(),
             ));
+            if let Some(replicas) = state.replicas() {
+                // Certificates another instance orders are loaded as they are shared.
+                tokio::spawn(tls::acme::replicas::follow(
+                    state.clone(),
+                    replicas.clone(),
+                    startup.provider.clone(),
+                    startup.shutdown.child_token(),
+                ));
+            }
         }
         let snapshot = assemble(
             config,

@@ -366,6 +366,16 @@ fn print_acme(
         "  renew:     with {} or a third of the lifetime left, whichever is smaller",
         humantime::format_duration(acme.renew_before)
     );
+    match &config.redis {
+        Some(redis) => println!(
+            "  instances: coordinated through Redis ({} = {}): one orders, all serve",
+            redis.key,
+            redis.redacted()
+        ),
+        None => println!(
+            "  instances: this one alone (no [redis]: several instances would each order their own certificate)"
+        ),
+    }
     match tls::acme::storage::account_summary(&acme.storage) {
         Some(account) if account.directory == acme.directory => {
             println!("  account:   {} ({})", account.id, account.email);

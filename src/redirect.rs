@@ -78,7 +78,7 @@ impl Redirector {
         if let (Some(state), Some(token)) =
             (&self.tokens, req.uri().path().strip_prefix(ACME_PREFIX))
         {
-            if let Some(key_authorization) = state.challenges().http(token) {
+            if let Some(key_authorization) = state.http_answer(token).await {
                 let mut response = Response::new(full(key_authorization));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -249,6 +249,7 @@ async fn a_restart_keeps_the_account_and_the_certificate() {
         format!("acme ({})", pebble.directory),
         format!("  names:     {name}"),
         "  challenge: http-01".to_owned(),
+        "  instances: this one alone (no [redis]".to_owned(),
         format!(
             "  account:   {}",
             pebble.directory.replace("/dir", "/my-account/")
@@ -602,4 +603,505 @@ url = "http://{upstream}"
         "{err}"
     );
     assert!(err.contains("mounted and writable"), "{err}");
+}
+
+/// `acme_config` with the shared `[redis]` section.
+fn replica_config(
+    name: &str,
+    ports: &Ports,
+    challenge: &str,
+    pebble: &Pebble,
+    dir: &Path,
+    upstream: std::net::SocketAddr,
+    redis: &RedisServer,
+) -> String {
+    let password_file = dir.join("redis_password");
+    std::fs::write(&password_file, format!("{ACME_REDIS_PASSWORD}\n")).unwrap();
+    format!(
+        "{}\n[redis]\nurl = \"redis://gatehouse@127.0.0.1:{}/0\"\npassword_file = \"{}\"\n",
+        acme_config(name, ports, challenge, pebble, dir, upstream, 0),
+        redis.port,
+        password_file.display()
+    )
+}
+
+const ACME_REDIS_PASSWORD: &str = "acme-Secret-7";
+
+/// A redis-server whose only user is the gateway's, with the ACL that
+/// docs/operations.md ("Several instances") gives for ACME.
+async fn acme_redis(name: &str) -> RedisServer {
+    let dir = scratch_dir(&format!("{name}-redis"));
+    let acl = dir.join("users.acl");
+    std::fs::write(
+        &acl,
+        format!("user default off\nuser gatehouse on >{ACME_REDIS_PASSWORD} resetkeys ~gatehouse:acme:* resetchannels -@all +get +set +del +eval\n"),
+    )
+    .unwrap();
+    RedisServer::start_on(free_port(), dir, &["--aclfile", acl.to_str().unwrap()]).await
+}
+
+/// `gatehouse_acme_orders_total{outcome="issued"}` of `gateway`.
+fn issued_orders(gateway: &TestGateway) -> u64 {
+    gateway
+        .samples()
+        .count("gatehouse_acme_orders_total{outcome=\"issued\"}")
+}
+
+/// Two instances sharing one Redis, each on its own addresses. pebble validates only on
+/// the second instance's ports, so a certificate the first one orders can only be issued
+/// when the second answers the challenge the first published.
+async fn replicas_order_once_and_answer_each_others_challenges(
+    challenge: &str,
+    name: &str,
+    redis_outage: bool,
+) {
+    if !pebble_installed() {
+        return;
+    }
+    let logs = capture_logs();
+    let redis = acme_redis(name).await;
+    let (ports_a, ports_b) = (Ports::free(), Ports::free());
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports_b.http,
+            tls_port: ports_b.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let upstream = Upstream::start().await;
+    let (dir_a, dir_b) = (
+        scratch_dir(&format!("{name}-a")),
+        scratch_dir(&format!("{name}-b")),
+    );
+    let config_a = replica_config(
+        name,
+        &ports_a,
+        challenge,
+        &pebble,
+        &dir_a,
+        upstream.addr,
+        &redis,
+    );
+    let config_b = replica_config(
+        name,
+        &ports_b,
+        challenge,
+        &pebble,
+        &dir_b,
+        upstream.addr,
+        &redis,
+    );
+    let (a, b) = tokio::join!(
+        start_gateway(&config_a, &dir_a),
+        start_gateway(&config_b, &dir_b)
+    );
+
+    // Both start with the placeholder and want a certificate at once: one orders.
+    let first = trusted_serial(a.https, name, &root).await;
+    assert_eq!(trusted_serial(b.https, name, &root).await, first);
+    assert_eq!(
+        issued_orders(&a) + issued_orders(&b),
+        1,
+        "{}",
+        logs.lines.text()
+    );
+    assert_eq!(
+        pebble.output.count("POST /order-plz"),
+        1,
+        "{}",
+        pebble.output.text()
+    );
+    assert_eq!(logs.lines.count("ACME: ordering a certificate"), 1);
+    assert_eq!(
+        logs.lines
+            .count("ACME certificate issued by another instance loaded from Redis"),
+        1,
+        "{}",
+        logs.lines.text()
+    );
+    for gateway in [&a, &b] {
+        let (_, ready) = readyz(gateway.admin.unwrap()).await;
+        assert_eq!(ready["checks"]["acme"]["state"], "issued", "{ready}");
+    }
+
+    // A renewal forced on the first instance: the CA asks the second one, which answers
+    // with what the first published in Redis; the second then serves the new certificate.
+    let a_before = issued_orders(&a);
+    let (status, renewed) = admin_post(a.admin.unwrap(), "/acme/renew").await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(renewed["outcome"], "issued", "{renewed}");
+    assert_eq!(issued_orders(&a), a_before + 1);
+    let second = trusted_serial(a.https, name, &root).await;
+    assert_ne!(second, first);
+    wait_for_serial(&b, name, &root, &second).await;
+    assert_eq!(pebble.output.count("POST /order-plz"), 2);
+    assert_eq!(issued_orders(&a) + issued_orders(&b), 2);
+    eprintln!(
+        "{challenge}: one order per issuance for two instances; the instance that did not order answered the CA"
+    );
+    if redis_outage {
+        // Redis down: nothing is ordered alone, both keep serving, the renewal is retried
+        // and goes through once Redis is back.
+        let mut redis = redis;
+        redis.kill();
+        let (status, failed) = admin_post(a.admin.unwrap(), "/acme/renew").await;
+        assert_eq!(status, 502, "{failed}");
+        let error = failed["error"].as_str().unwrap();
+        assert!(
+            error.contains("cannot coordinate with the other instances through Redis (redis.url = redis://gatehouse@127.0.0.1:")
+                && error.contains("not ordering alone"),
+            "{error}"
+        );
+        assert_eq!(pebble.output.count("POST /order-plz"), 2);
+        for gateway in [&a, &b] {
+            assert_eq!(
+                served_serial(gateway.https, name, &root).await.unwrap(),
+                second
+            );
+        }
+        let retry = logs
+            .lines
+            .wait_for_line("retrying in 2s", ISSUE_WITHIN)
+            .await;
+        assert!(
+            retry.contains("the current certificate keeps serving"),
+            "{retry}"
+        );
+        redis.spawn().await;
+        let third = eventually(
+            ISSUE_WITHIN,
+            "the first instance renews once Redis is back",
+            || async {
+                served_serial(a.https, name, &root)
+                    .await
+                    .ok()
+                    .filter(|serial| *serial != second)
+            },
+        )
+        .await;
+        wait_for_serial(&b, name, &root, &third).await;
+        assert_eq!(pebble.output.count("POST /order-plz"), 3);
+        assert_eq!(issued_orders(&a) + issued_orders(&b), 3);
+    }
+    assert!(
+        !logs.lines.text().contains(ACME_REDIS_PASSWORD),
+        "the Redis password was logged"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Waits until `gateway` serves `serial` for `name`.
+async fn wait_for_serial(gateway: &TestGateway, name: &str, root: &str, serial: &str) {
+    eventually(
+        ISSUE_WITHIN,
+        format!("the instance on {} serves {serial}", gateway.https),
+        || async {
+            served_serial(gateway.https, name, root)
+                .await
+                .ok()
+                .filter(|served| served == serial)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_instances_sharing_redis_order_once_and_answer_http01_for_each_other() {
+    replicas_order_once_and_answer_each_others_challenges(
+        "http-01",
+        "replicas-http.gatehouse.test",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_instances_sharing_redis_answer_tls_alpn01_for_each_other() {
+    replicas_order_once_and_answer_each_others_challenges(
+        "tls-alpn-01",
+        "replicas-alpn.gatehouse.test",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_account_the_ca_forgot_is_replaced_by_a_new_one() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "stale.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    let mut pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(
+        &acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    trusted_serial(gateway.https, name, &root).await;
+    let stored = std::fs::read_to_string(dir.join("acme/account.json")).unwrap();
+
+    // pebble forgets its accounts when it restarts: the stored one is unknown now.
+    pebble.restart().await;
+    let root = pebble.issuer_root_pem().await;
+    let (status, renewed) = admin_post(gateway.admin.unwrap(), "/acme/renew").await;
+    assert_eq!(status, 200, "{renewed}\n{}", logs.lines.text());
+    assert_eq!(renewed["outcome"], "issued");
+    trusted_serial(gateway.https, name, &root).await;
+    let line = logs
+        .lines
+        .wait_for_line("creating a new account", ISSUE_WITHIN)
+        .await;
+    assert!(
+        line.contains("the CA does not know the account in acme.storage")
+            && line.contains("accountDoesNotExist"),
+        "{line}"
+    );
+    assert_eq!(logs.lines.count("ACME account created"), 2);
+    // The new account replaced the stored one.
+    assert_ne!(
+        std::fs::read_to_string(dir.join("acme/account.json")).unwrap(),
+        stored
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_near_expiry_whose_renewals_fail_is_warned_about_once_a_day() {
+    if !pebble_installed() {
+        return;
+    }
+    let name = "expiring.gatehouse.test";
+    let logs = capture_logs();
+    let ports = Ports::free();
+    // A day-long certificate is within tls.expiry_warning_days from the start.
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: Some(86_400),
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    let upstream = Upstream::start().await;
+    let gateway = start_gateway(
+        &acme_config(name, &ports, "http-01", &pebble, &dir, upstream.addr, 0),
+        &dir,
+    )
+    .await;
+    let serial = trusted_serial(gateway.https, name, &root).await;
+    // The CA goes away: renewals fail.
+    drop(pebble);
+    for _ in 0..2 {
+        let (status, failed) = admin_post(gateway.admin.unwrap(), "/acme/renew").await;
+        assert_eq!(status, 502, "{failed}");
+    }
+    let line = logs
+        .lines
+        .wait_for_line("renewals keep failing", ISSUE_WITHIN)
+        .await;
+    assert!(
+        line.contains("the ACME certificate expires in 0 days")
+            && line.contains("gatehouse renew")
+            && line.contains("WARN"),
+        "{line}"
+    );
+    // Two failures, one warning (at most one a day).
+    assert_eq!(logs.lines.count("ACME order failed"), 2);
+    assert_eq!(logs.lines.count("renewals keep failing"), 1);
+    assert_eq!(
+        served_serial(gateway.https, name, &root).await.unwrap(),
+        serial
+    );
+    gateway.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// certbot (webroot) with the certificate files under [tls]
+// ---------------------------------------------------------------------------------------
+
+/// Whether certbot is installed; when not, says why its test is skipped.
+fn certbot_installed() -> bool {
+    let found = std::process::Command::new("certbot")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        eprintln!("SKIPPED: certbot is not installed (apt-get install certbot; .ci/test does)");
+    }
+    found
+}
+
+/// `certbot certonly` against `pebble` for `name`, everything kept under `dir`, with
+/// `method` (`--standalone ...` or `--webroot -w DIR`), on a blocking thread (the
+/// in-process gateway must keep answering); panics with certbot's output when it fails.
+async fn certbot(pebble: &Pebble, dir: &Path, name: &str, method: &[&str]) -> String {
+    let (directory, ca_file, dir, name) = (
+        pebble.directory.clone(),
+        pebble.ca_file.clone(),
+        dir.to_path_buf(),
+        name.to_owned(),
+    );
+    let method: Vec<String> = method.iter().map(|arg| (*arg).to_owned()).collect();
+    tokio::task::spawn_blocking(move || run_certbot(&directory, &ca_file, &dir, &name, &method))
+        .await
+        .unwrap()
+}
+
+fn run_certbot(
+    directory: &str,
+    ca_file: &Path,
+    dir: &Path,
+    name: &str,
+    method: &[String],
+) -> String {
+    let output = std::process::Command::new("certbot")
+        .args([
+            "certonly",
+            "--non-interactive",
+            "--agree-tos",
+            "--no-eff-email",
+        ])
+        .args(["-m", "ops@gatehouse.test", "-d", name])
+        .args(["--server", directory])
+        .arg("--config-dir")
+        .arg(dir.join("certbot/config"))
+        .arg("--work-dir")
+        .arg(dir.join("certbot/work"))
+        .arg("--logs-dir")
+        .arg(dir.join("certbot/logs"))
+        .args(method)
+        .env("REQUESTS_CA_BUNDLE", ca_file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "certbot {method:?} failed:\n{text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn certbot_webroot_renews_through_the_gateway_and_the_new_files_are_hot_reloaded() {
+    if !pebble_installed() || !certbot_installed() {
+        return;
+    }
+    let name = "certbot.gatehouse.test";
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        name,
+        PebbleOptions {
+            http_port: ports.http,
+            tls_port: ports.https,
+            validity_seconds: None,
+        },
+    )
+    .await;
+    let root = pebble.issuer_root_pem().await;
+    let dir = scratch_dir(name);
+    // The first certificate before the gateway runs (it needs one to start): certbot's
+    // own server on the port the gateway takes next.
+    let port = ports.http.to_string();
+    certbot(
+        &pebble,
+        &dir,
+        name,
+        &[
+            "--standalone",
+            "--http-01-address",
+            "127.0.0.1",
+            "--http-01-port",
+            &port,
+        ],
+    )
+    .await;
+    let live = dir.join(format!("certbot/config/live/{name}"));
+    let webroot = dir.join("webroot");
+    let challenge_dir = webroot.join(".well-known/acme-challenge");
+    std::fs::create_dir_all(&challenge_dir).unwrap();
+    let upstream = Upstream::start().await;
+    let config = format!(
+        r#"[listen]
+http = "127.0.0.1:{http}"
+https = "127.0.0.1:{https}"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[redirect]
+acme_challenge_dir = "{challenges}"
+
+[upstream]
+url = "http://{upstream}"
+
+[log]
+access_log = false
+"#,
+        http = ports.http,
+        https = ports.https,
+        cert = live.join("fullchain.pem").display(),
+        key = live.join("privkey.pem").display(),
+        challenges = challenge_dir.display(),
+        upstream = upstream.addr,
+    );
+    let gateway = start_gateway(&config, &dir).await;
+    let first = trusted_serial(gateway.https, name, &root).await;
+
+    // The renewal: certbot writes the token under the webroot, the CA fetches it from
+    // the gateway's plain-HTTP listener, and the new files (live/ symlinks swapped to new
+    // archive files) are picked up without a restart.
+    let output = certbot(
+        &pebble,
+        &dir,
+        name,
+        &[
+            "--webroot",
+            "-w",
+            webroot.to_str().unwrap(),
+            "--force-renewal",
+        ],
+    )
+    .await;
+    assert!(
+        output.contains("Successfully received certificate"),
+        "{output}"
+    );
+    let renewed = eventually(ISSUE_WITHIN, "the renewed files are served", || async {
+        served_serial(gateway.https, name, &root)
+            .await
+            .ok()
+            .filter(|serial| *serial != first)
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_link(live.join("fullchain.pem")).unwrap(),
+        Path::new(&format!("../../archive/{name}/fullchain2.pem"))
+    );
+    eprintln!("certbot webroot renewal served without a restart: {first} -> {renewed}");
+    gateway.stop().await;
 }

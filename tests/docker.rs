@@ -597,6 +597,11 @@ fn yaml_subset_parser_reads_what_compose_files_use() {
     assert_eq!(items[1].str(), "plain");
     assert_eq!(doc.at("a.e"), &Yaml::Map(BTreeMap::new()));
     assert_eq!(doc.at("f").strings(), ["g"]);
+    assert_eq!(with_defaults("${A:-80}:8080"), "80:8080");
+    assert_eq!(
+        with_defaults("${A:-127.0.0.1:80}:${B:-8080}"),
+        "127.0.0.1:80:8080"
+    );
     assert!(std::panic::catch_unwind(|| parse_yaml("a:\n\tb: 1\n")).is_err());
     assert!(std::panic::catch_unwind(|| parse_yaml("a: &x 1\n")).is_err());
 }
@@ -613,6 +618,23 @@ fn mount(entry: &str) -> (String, String, String) {
     };
     let (target, mode) = rest.split_once(':').unwrap_or((&rest, "rw"));
     (source.to_owned(), target.to_owned(), mode.to_owned())
+}
+
+/// What compose makes of `${VAR:-default}` with VAR unset: the default.
+fn with_defaults(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find('}').unwrap();
+        let (_, default) = rest[start + 2..end]
+            .split_once(":-")
+            .unwrap_or_else(|| panic!("{text}: a variable without a default"));
+        out.push_str(default);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn docker_config() -> toml::Table {
@@ -665,7 +687,13 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
     }
 
     // Ports: the host's 80/443 to the EXPOSEd 8080/8443 the config listens on.
-    let ports = gatehouse.at("ports").strings();
+    // (The host side can be moved, e.g. to loopback by examples/docker-smoke.sh.)
+    let ports: Vec<String> = gatehouse
+        .at("ports")
+        .strings()
+        .iter()
+        .map(|p| with_defaults(p))
+        .collect();
     assert_eq!(ports, ["80:8080", "443:8443"]);
     assert_eq!(config["listen"]["http"].as_str(), Some("0.0.0.0:8080"));
     assert_eq!(config["listen"]["https"].as_str(), Some("0.0.0.0:8443"));
@@ -792,7 +820,7 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
     assert_eq!(gatehouse.at("networks").strings(), ["frontend", "backend"]);
 
     // Redis: ACL file from a secret; gatehouse gets its password as a secret, at the
-    // config's password_file; redis_url names the compose service.
+    // config's password_file; [redis] url names the compose service.
     let redis = services.at("redis");
     let redis_command = redis.at("command").strings();
     let acl = redis_command
@@ -802,12 +830,12 @@ fn compose_file_parses_and_agrees_with_the_dockerfile_and_the_mounted_config() {
         .expect("redis-server --aclfile");
     let acl_secret = acl.strip_prefix("/run/secrets/").unwrap();
     assert_eq!(redis.at("secrets").strings(), [acl_secret]);
-    let rate_limit = &config["rate_limit"];
+    let redis_section = &config["redis"];
     assert_eq!(
-        rate_limit["redis_url"].as_str(),
+        redis_section["url"].as_str(),
         Some("redis://gatehouse@redis:6379/0")
     );
-    let password_file = rate_limit["password_file"].as_str().unwrap();
+    let password_file = redis_section["password_file"].as_str().unwrap();
     let secret = password_file.strip_prefix("/run/secrets/").unwrap();
     assert_eq!(gatehouse.at("secrets").strings(), [secret]);
     for name in compose.at("secrets").keys() {

@@ -109,10 +109,10 @@ fn limit(extra: &str) -> String {
 async fn two_gateways_sharing_redis_enforce_one_limit() {
     let redis = RedisServer::start("rl-shared-redis", &[]).await;
     let setup = setup("rl-shared").await;
-    let section = limit(&format!(
-        "requests_per_second = 10\nburst = 5\nredis_url = \"{}\"\ndecision_timeout = \"500ms\"\nkey_prefix = \"shared:\"",
-        redis.url()
-    ));
+    // The shared [redis] section (the other tests use the deprecated [rate_limit] keys,
+    // which keep working).
+    let section = format!("[redis]\nurl = \"{}\"\n", redis.url())
+        + &limit("requests_per_second = 10\nburst = 5\ndecision_timeout = \"500ms\"\nkey_prefix = \"shared:\"");
     let a = setup.gateway(&section).await;
     let b = setup.gateway(&section).await;
     let seen = hammer(&setup, &[&a, &b], 3, Duration::from_secs(5)).await;
@@ -408,6 +408,22 @@ async fn wrong_password_fails_clearly_without_printing_it() {
     println!("{text}");
     assert!(text.contains("rate_limit.redis_url"), "{text}");
     assert!(!text.contains(wrong), "password printed:\n{text}");
+    // These are the deprecated [rate_limit] keys: they work, and both `run` (above) and
+    // `check` say what to write instead.
+    assert!(
+        text.contains("rate_limit.redis_url: the Redis keys under [rate_limit] are deprecated"),
+        "{text}"
+    );
+    let check = common::run_binary(&["check", "--config", degraded.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "warning: rate_limit.redis_url: the Redis keys under [rate_limit] are deprecated"
+        ) && stdout.contains("move them to a [redis] section"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(wrong), "password printed:\n{stdout}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ pub mod acme;
 pub mod balancing;
 pub mod compression;
 pub mod rate_limit;
+pub mod redis;
 pub mod routing;
 
 use access::{AccessRule, RawAccess};
@@ -25,6 +26,7 @@ use acme::{AcmeConfig, RawAcme};
 pub use balancing::{Balance, Balancing, HealthCheck};
 use compression::{CompressionConfig, RawCompression};
 use rate_limit::{RateLimitConfig, RawRateLimit};
+use redis::{RawRedis, RedisSettings};
 pub use routing::{ErrorPages, Route, Upstream, UpstreamGroup, UpstreamTarget, UpstreamTls};
 use routing::{RawErrors, RawRoute, RawUpstream};
 
@@ -131,6 +133,9 @@ pub struct Config {
     pub websocket: WebSocket,
     /// Rate limiting; `None` when the section is absent.
     pub rate_limit: Option<RateLimitConfig>,
+    /// The Redis rate limiting and ACME share: `[redis]`, or the deprecated `[rate_limit]`
+    /// keys; `None` without either.
+    pub redis: Option<RedisSettings>,
     /// Certificates obtained and renewed over ACME; `None` when the section is absent.
     pub acme: Option<AcmeConfig>,
     /// Admin listener (health, readiness, metrics).
@@ -517,6 +522,7 @@ struct RawConfig {
     #[serde(default)]
     websocket: RawWebSocket,
     rate_limit: Option<RawRateLimit>,
+    redis: Option<RawRedis>,
     acme: Option<RawAcme>,
     admin: Option<RawAdmin>,
     #[serde(default)]
@@ -659,6 +665,7 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(self.redis.as_ref().and_then(RedisSettings::deprecation));
         if let Some(dir) = &self.redirect.acme_challenge_dir {
             if !dir.is_dir() {
                 warnings.push(format!(
@@ -721,6 +728,11 @@ impl Config {
         restart_key("log.format", self.log.format != new.log.format);
         // The ACME manager runs with the settings it started with.
         restart_key("acme", self.acme != new.acme);
+        // So does its Redis; rate limiting follows a new one at once.
+        restart_key(
+            "redis (acme)",
+            self.acme.is_some() && self.redis != new.redis,
+        );
         // The live part of `new`: restart-only keys keep their running values.
         let live = self.with_restart_keys_of(new);
         let mut applied = Vec::new();
@@ -764,6 +776,9 @@ impl Config {
         live.server.reuse_port = self.server.reuse_port;
         live.log.format = self.log.format;
         live.acme.clone_from(&self.acme);
+        if self.acme.is_some() {
+            live.redis.clone_from(&self.redis);
+        }
         live
     }
 
@@ -871,9 +886,11 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         ),
         allowed_upgrades: validate_upgrades(raw.websocket.allowed_upgrades, p),
     };
+    let redis_section = raw.redis.and_then(|raw| redis::validate_section(raw, p));
     let rate_limit = raw
         .rate_limit
-        .and_then(|raw| rate_limit::validate_config(raw, p));
+        .and_then(|raw| rate_limit::validate_config(raw, redis_section.as_ref(), p));
+    let redis = redis_section.or_else(|| rate_limit.as_ref().and_then(|r| r.redis.clone()));
     let admin = raw.admin.and_then(|admin| {
         let token = admin
             .token_file
@@ -943,6 +960,7 @@ fn validate(raw: RawConfig, path: &Path, p: &mut Problems) -> Config {
         compression,
         websocket,
         rate_limit,
+        redis,
         acme,
         admin,
         server,

@@ -2,13 +2,14 @@
 //! default policy, rules by prefix and method, Redis settings (URL, password file, TLS
 //! CA, cluster nodes) with the password kept out of every `Debug` and log line.
 
-use std::fmt;
 use std::time::Duration;
 
 use http::Method;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use super::redis::{self as shared, RedisInput};
+pub use super::redis::{redact_url, RedisSettings};
 use super::Problems;
 
 /// Default Redis key prefix (`rate_limit.key_prefix`).
@@ -157,86 +158,15 @@ pub enum Mode {
     Shadow,
 }
 
-/// Where Redis is, and the secret to reach it. `Debug` never shows the password.
-#[derive(Clone, PartialEq)]
-pub struct RedisSettings {
-    /// `redis_url`, or `redis_cluster_nodes` when `cluster` is set (passwords included).
-    pub urls: Vec<String>,
-    /// Whether `urls` are cluster seed nodes.
-    pub cluster: bool,
-    /// Password from `password_file`; overrides any password in the URLs.
-    pub password: Option<String>,
-    /// PEM CA certificates trusted for `rediss://` (`redis_ca_file`); system roots when
-    /// `None`.
-    pub ca: Option<Vec<u8>>,
-    /// The config key the URLs came from, for messages.
-    pub key: &'static str,
-}
-
-impl RedisSettings {
-    /// The URLs as safe to print: passwords replaced by `***`.
-    pub fn redacted(&self) -> String {
-        self.urls
-            .iter()
-            .map(|url| redact_url(url))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// Removes every secret from `text` (e.g. an error message) before it is printed.
-    pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        let secrets = self
-            .password
-            .iter()
-            .cloned()
-            .chain(self.urls.iter().filter_map(|url| url_password(url)));
-        for secret in secrets {
-            if !secret.is_empty() {
-                out = out.replace(&secret, "***");
-            }
-        }
-        out
-    }
-}
-
-impl fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("urls", &self.redacted())
-            .field("cluster", &self.cluster)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("ca", &self.ca.is_some())
-            .field("key", &self.key)
-            .finish()
-    }
-}
-
-/// The authority's `user:password@` part of a URL, if any: (start, end) of the password.
-fn password_span(url: &str) -> Option<(usize, usize)> {
-    let start = url.find("://")? + 3;
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    let at = start + url[start..end].rfind('@')?;
-    let colon = start + url[start..at].find(':')?;
-    Some((colon + 1, at))
-}
-
-fn url_password(url: &str) -> Option<String> {
-    password_span(url).map(|(from, to)| url[from..to].to_owned())
-}
-
-/// `url` with its password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    match password_span(url) {
-        Some((from, to)) => format!("{}***{}", &url[..from], &url[to..]),
-        None => url.to_owned(),
-    }
-}
-
 /// Validates `[rate_limit]`, reporting every bad key.
-pub fn validate_config(raw: RawRateLimit, problems: &mut Problems) -> Option<RateLimitConfig> {
+///
+/// `section` is `[redis]` when the file has one: rate limiting uses it unless the
+/// deprecated `[rate_limit]` Redis keys are set (both at once is an error).
+pub fn validate_config(
+    raw: RawRateLimit,
+    section: Option<&RedisSettings>,
+    problems: &mut Problems,
+) -> Option<RateLimitConfig> {
     let p = problems;
     let default = validate_rate(
         "rate_limit",
@@ -254,13 +184,28 @@ pub fn validate_config(raw: RawRateLimit, problems: &mut Problems) -> Option<Rat
         .enumerate()
         .filter_map(|(index, rule)| validate_rule(index, rule, &mut names, p))
         .collect();
-    let redis = validate_redis(
-        raw.redis_url,
-        raw.redis_cluster_nodes,
-        raw.password_file.as_deref(),
-        raw.redis_ca_file.as_deref(),
-        p,
-    );
+    let legacy = RedisInput {
+        url: raw.redis_url,
+        cluster_nodes: raw.redis_cluster_nodes,
+        password_file: raw.password_file,
+        ca_file: raw.redis_ca_file,
+    };
+    let redis = if legacy.is_empty() {
+        section.cloned()
+    } else if let Some(section) = section {
+        let key = if legacy.url.is_some() || legacy.cluster_nodes.is_empty() {
+            shared::LEGACY.url
+        } else {
+            shared::LEGACY.cluster_nodes
+        };
+        p.add(
+            key,
+            format!("Redis is set both here and in [redis] ({}); remove redis_url, redis_cluster_nodes, password_file and redis_ca_file from [rate_limit] (deprecated): rate limiting uses [redis]", section.key),
+        );
+        None
+    } else {
+        shared::validate(legacy, &shared::LEGACY, p)
+    };
     let on_redis_error = match raw.on_redis_error.as_deref() {
         None | Some("local") => OnRedisError::Local,
         Some("allow") => OnRedisError::Allow,
@@ -479,118 +424,5 @@ fn validate_rule(
         prefix,
         methods,
         limit: Some(limit),
-    })
-}
-
-fn validate_redis(
-    url: Option<String>,
-    cluster_nodes: Vec<String>,
-    password_file: Option<&str>,
-    ca_file: Option<&str>,
-    p: &mut Problems,
-) -> Option<RedisSettings> {
-    let ca = ca_file.and_then(|file| {
-        let path = p.path(file);
-        match std::fs::read(&path) {
-            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(pem),
-            Ok(_) => {
-                p.add(
-                    "rate_limit.redis_ca_file",
-                    format!("{} holds no PEM certificate; point it at the CA that signed the Redis server certificate", path.display()),
-                );
-                None
-            }
-            Err(err) => {
-                p.add(
-                    "rate_limit.redis_ca_file",
-                    format!("cannot read {}: {err}; point it at the CA (PEM) that signed the Redis server certificate", path.display()),
-                );
-                None
-            }
-        }
-    });
-    let password = password_file.and_then(|file| {
-        let path = p.path(file);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let secret = text.trim_end_matches(['\r', '\n']).to_owned();
-                if secret.is_empty() {
-                    p.add(
-                        "rate_limit.password_file",
-                        format!("{} is empty; write the Redis password into it (one line)", path.display()),
-                    );
-                    None
-                } else {
-                    Some(secret)
-                }
-            }
-            Err(err) => {
-                p.add(
-                    "rate_limit.password_file",
-                    format!("cannot read {}: {err}; mount the secret there (e.g. a Docker secret at /run/secrets/redis_password)", path.display()),
-                );
-                None
-            }
-        }
-    });
-    let (urls, cluster, key) = match (url, cluster_nodes.is_empty()) {
-        (Some(_), false) => {
-            p.add(
-                "rate_limit.redis_cluster_nodes",
-                "set either redis_url (one Redis) or redis_cluster_nodes (Redis Cluster), not both",
-            );
-            return None;
-        }
-        (Some(url), true) => (vec![url], false, "rate_limit.redis_url"),
-        (None, false) => (cluster_nodes, true, "rate_limit.redis_cluster_nodes"),
-        (None, true) => {
-            if password.is_some() || ca.is_some() {
-                p.add(
-                    "rate_limit.redis_url",
-                    "password_file or redis_ca_file is set without redis_url or redis_cluster_nodes; add redis_url = \"redis://user@redis:6379\"",
-                );
-            }
-            return None;
-        }
-    };
-    let mut ok = true;
-    if ca.is_some() && !urls.iter().all(|url| url.starts_with("rediss://")) {
-        p.add(
-            "rate_limit.redis_ca_file",
-            "is only used for TLS; write the URL with rediss:// (Redis with tls-port) or remove redis_ca_file",
-        );
-        ok = false;
-    }
-    for url in &urls {
-        let shown = redact_url(url);
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            p.add(
-                key,
-                format!("`{shown}` must start with redis:// (or rediss:// for TLS); write e.g. \"redis://gatehouse@redis:6379/0\""),
-            );
-            ok = false;
-            continue;
-        }
-        if let Err(err) = ::redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
-            let settings = RedisSettings {
-                urls: vec![url.clone()],
-                cluster,
-                password: password.clone(),
-                ca: None,
-                key,
-            };
-            p.add(
-                key,
-                format!("`{shown}` is not a Redis URL ({}); write e.g. \"redis://user:password@host:6379/0\"", settings.scrub(&err.to_string())),
-            );
-            ok = false;
-        }
-    }
-    ok.then_some(RedisSettings {
-        urls,
-        cluster,
-        password,
-        ca,
-        key,
     })
 }

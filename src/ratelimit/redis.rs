@@ -44,18 +44,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
-use redis::{
-    IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation, TlsCertificates,
-};
+use redis::{RedisError, RedisResult, Script};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Decision, OnRedisError, Policy, RateLimitError, RedisSettings};
 use crate::clock::AtomicInstant;
 use crate::metrics::Metrics;
+use crate::redis_client::{self, ConnectOptions, RedisConn};
 
 /// GCRA (generic cell rate algorithm) on one key, with Redis' own clock.
 ///
@@ -99,39 +95,16 @@ const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// which the gateway's ACL user may run), so an idle gateway's `/readyz` still tells.
 pub const IDLE_CHECK_EVERY: Duration = Duration::from_secs(2);
 
-/// A connection to one Redis or to a cluster; cloning shares it.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
+/// The shared connection, with the script's two uses.
+type Conn = RedisConn;
 
-impl Conn {
-    /// Loads the script again: a round trip that needs only the ACL the gateway has.
-    async fn check(&self, script: &Script) -> RedisResult<()> {
-        let _: String = match self {
-            Conn::Single(manager) => {
-                script
-                    .prepare_invoke()
-                    .load_async(&mut manager.clone())
-                    .await?
-            }
-            Conn::Cluster(cluster) => {
-                script
-                    .prepare_invoke()
-                    .load_async(&mut cluster.clone())
-                    .await?
-            }
-        };
-        Ok(())
-    }
-
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> RedisResult<(i64, i64, i64, i64)> {
-        match self {
-            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
-            Conn::Cluster(cluster) => invocation.invoke_async(&mut cluster.clone()).await,
-        }
-    }
+/// Loads the script again: a round trip that needs only the ACL the gateway has.
+async fn check(conn: &Conn, script: &Script) -> RedisResult<()> {
+    let _: String = script
+        .prepare_invoke()
+        .load_async(&mut conn.clone())
+        .await?;
+    Ok(())
 }
 
 /// State shared by the request path and the probe task.
@@ -225,11 +198,16 @@ impl RedisLimiter {
         if shared.open.load(Ordering::Relaxed) {
             return None;
         }
-        let conn = Conn::clone(shared.conn.load().as_ref()?);
+        let mut conn = Conn::clone(shared.conn.load().as_ref()?);
         let interval_us = u64::try_from(policy.interval().as_micros()).unwrap_or(u64::MAX);
         let mut invocation = shared.script.key(key);
         invocation.arg(interval_us).arg(policy.burst);
-        match tokio::time::timeout(shared.decision_timeout, conn.invoke(&invocation)).await {
+        match tokio::time::timeout(
+            shared.decision_timeout,
+            invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+        )
+        .await
+        {
             Ok(Ok(reply)) => {
                 shared.succeeded();
                 Some(decision(reply))
@@ -313,48 +291,16 @@ fn degraded(
 
 /// A new connection with the script loaded (on every master for a cluster).
 async fn connect(settings: &RedisSettings, script: &Script) -> RedisResult<Conn> {
-    let mut nodes = Vec::with_capacity(settings.urls.len());
-    for url in &settings.urls {
-        let info = url.as_str().into_connection_info()?;
-        let mut redis = info.redis_settings().clone().set_skip_set_lib_name();
-        if let Some(password) = &settings.password {
-            redis = redis.set_password(password);
-        }
-        nodes.push(info.set_redis_settings(redis));
-    }
-    if settings.cluster {
-        let mut builder = ClusterClientBuilder::new(nodes)
-            .connection_timeout(PROBE_TIMEOUT)
-            .response_timeout(PROBE_TIMEOUT)
-            .retries(1);
-        if let Some(password) = &settings.password {
-            builder = builder.password(password);
-        }
-        if let Some(ca) = &settings.ca {
-            builder = builder.certs(certificates(ca));
-        }
-        let mut conn = builder.build()?.get_async_connection().await?;
-        script.load_async(&mut conn).await?;
-        Ok(Conn::Cluster(conn))
-    } else {
-        let info = nodes.pop().ok_or_else(|| {
-            RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
-        })?;
-        let client = match &settings.ca {
-            Some(ca) => redis::Client::build_with_tls(info, certificates(ca))?,
-            None => redis::Client::open(info)?,
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(PROBE_TIMEOUT))
-            // Each decision has its own timeout; a second timer per command would only
-            // cost time on the request path. Connecting is bounded by the caller.
-            .set_response_timeout(None)
-            .set_number_of_retries(1)
-            .set_max_delay(BACKOFF_MAX);
-        let mut manager = ConnectionManager::new_with_config(client, config).await?;
-        script.load_async(&mut manager).await?;
-        Ok(Conn::Single(manager))
-    }
+    let options = ConnectOptions {
+        timeout: PROBE_TIMEOUT,
+        // Each decision has its own timeout; a second timer per command would only
+        // cost time on the request path. Connecting is bounded by the caller.
+        response_timeout: None,
+        max_reconnect_delay: BACKOFF_MAX,
+    };
+    let mut conn = redis_client::connect(settings, options).await?;
+    script.load_async(&mut conn).await?;
+    Ok(conn)
 }
 
 /// Checks Redis when no decision has reached it for [`IDLE_CHECK_EVERY`]; on failure
@@ -366,7 +312,7 @@ async fn idle_check_failed(shared: &Shared) -> bool {
     let Some(conn) = shared.conn.load_full() else {
         return false;
     };
-    let reason = match tokio::time::timeout(PROBE_TIMEOUT, conn.check(&shared.script)).await {
+    let reason = match tokio::time::timeout(PROBE_TIMEOUT, check(&conn, &shared.script)).await {
         Ok(Ok(())) => {
             shared.succeeded();
             return false;
@@ -386,13 +332,6 @@ async fn idle_check_failed(shared: &Shared) -> bool {
         "Redis failing (idle check): deciding with the fallback; reconnecting in the background"
     );
     true
-}
-
-fn certificates(ca: &[u8]) -> TlsCertificates {
-    TlsCertificates {
-        client_tls: None,
-        root_cert: Some(ca.to_vec()),
-    }
 }
 
 /// Waits for the breaker to open (checking an idle Redis meanwhile), then probes with

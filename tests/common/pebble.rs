@@ -50,9 +50,12 @@ pub struct Pebble {
     pub ca_file: PathBuf,
     /// The management interface (`/roots/0`).
     pub management: String,
-    /// pebble's log.
+    /// pebble's log (of the current process: a restart starts a new one).
     pub output: Arc<Lines>,
     listener_root_pem: String,
+    /// How pebble was started, to start it again.
+    config_path: PathBuf,
+    dns_port: u16,
 }
 
 impl Pebble {
@@ -91,15 +94,7 @@ impl Pebble {
         dns_output
             .wait_for_line("Starting management server", Duration::from_secs(20))
             .await;
-        let (pebble, output) = spawn_logged(
-            Command::new("pebble")
-                .arg("-config")
-                .arg(&config_path)
-                .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
-                .env("PEBBLE_VA_NOSLEEP", "1")
-                .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .env("PEBBLE_AUTHZREUSE", "0"),
-        );
+        let (pebble, output) = spawn_pebble(&config_path, dns_port);
         let pebble = Pebble {
             ca: pebble,
             dns,
@@ -108,12 +103,27 @@ impl Pebble {
             management: format!("https://127.0.0.1:{management}"),
             output,
             listener_root_pem: pki.root_pem(),
+            config_path,
+            dns_port,
         };
         pebble
             .output
             .wait_for_line("ACME directory available", Duration::from_secs(20))
             .await;
         pebble
+    }
+
+    /// Stops pebble and starts it again on the same addresses: it forgets every account
+    /// and order (pebble keeps them in memory) and issues from a new root.
+    pub async fn restart(&mut self) {
+        let _ = self.ca.kill();
+        let _ = self.ca.wait();
+        let (ca, output) = spawn_pebble(&self.config_path, self.dns_port);
+        self.ca = ca;
+        self.output = output;
+        self.output
+            .wait_for_line("ACME directory available", Duration::from_secs(20))
+            .await;
     }
 
     /// The root of the certificates pebble issues (new at every start), as PEM. The
@@ -146,6 +156,19 @@ impl Drop for Pebble {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts pebble with its test settings (see the module comment).
+fn spawn_pebble(config_path: &std::path::Path, dns_port: u16) -> (Child, Arc<Lines>) {
+    spawn_logged(
+        Command::new("pebble")
+            .arg("-config")
+            .arg(config_path)
+            .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0"),
+    )
 }
 
 /// Starts `command` with its stdout and stderr collected as [`Lines`].

@@ -81,7 +81,7 @@ impl Challenges {
 }
 
 /// The RFC 8737 challenge certificate for `name`.
-fn challenge_certificate(
+pub(crate) fn challenge_certificate(
     name: &str,
     digest: &[u8],
     provider: &CryptoProvider,

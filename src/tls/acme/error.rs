@@ -45,6 +45,12 @@ pub enum AcmeError {
         /// What went wrong, with the CA's problem document when it sent one.
         reason: String,
     },
+    /// The CA does not know the stored account (deactivated, or a test CA restarted).
+    #[error("the CA does not know the account in acme.storage: {reason}")]
+    UnknownAccount {
+        /// The CA's problem document.
+        reason: String,
+    },
     /// The CA took too long.
     #[error("the CA did not finish the order within {seconds} s ({step}); it will be asked again")]
     Timeout {
@@ -52,6 +58,16 @@ pub enum AcmeError {
         step: &'static str,
         /// How long was waited.
         seconds: u64,
+    },
+    /// Redis, through which the instances coordinate, failed: nothing is ordered alone.
+    #[error("cannot coordinate with the other instances through Redis ({key} = {redis}): {reason}; not ordering alone (each instance ordering by itself could exhaust the CA's rate limits); is Redis up and reachable?")]
+    Redis {
+        /// The URLs, passwords redacted.
+        redis: String,
+        /// The config key they came from.
+        key: &'static str,
+        /// What went wrong, secrets removed.
+        reason: String,
     },
     /// The issued certificate failed the doctor's checks (it is not served).
     #[error("the issued certificate was refused: {0}")]

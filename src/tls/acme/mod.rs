@@ -35,10 +35,11 @@ mod error;
 mod manager;
 mod order;
 mod placeholder;
+pub mod replicas;
 pub mod schedule;
 pub mod storage;
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
@@ -47,10 +48,12 @@ use tokio::sync::{watch, Notify};
 
 use super::{certs, CertSlot, LoadedCertificate};
 use crate::config::acme::AcmeConfig;
+use crate::config::redis::RedisSettings;
 use crate::config::CertificateSource;
 pub use challenges::Challenges;
 pub use error::AcmeError;
 pub use manager::run;
+pub use replicas::Replicas;
 
 /// The ALPN protocol of TLS-ALPN-01 validations (RFC 8737).
 pub const ALPN: &[u8] = b"acme-tls/1";
@@ -98,17 +101,26 @@ pub struct AcmeState {
     status: Mutex<AcmeStatus>,
     /// Wakes the manager for a forced renewal.
     renew: Notify,
+    /// Wakes the manager to schedule again (a certificate came from another instance).
+    rescheduled: Notify,
+    /// The other instances, through Redis; `None` without `[redis]` (this instance
+    /// orders alone).
+    replicas: Option<Arc<Replicas>>,
     /// Attempts finished so far and the last one's report (renewal requests wait on it).
     attempts: watch::Sender<(u64, Option<AttemptReport>)>,
     /// Days before expiry at which reports warn (`tls.expiry_warning_days`).
     expiry_warning_days: u32,
+    /// The CA's last `Retry-After` on an error answer.
+    retry_after: Arc<order::RetryAfter>,
 }
 
 impl AcmeState {
     /// Checks that `config.storage` is writable, and loads the certificate kept there when
     /// the doctor accepts it (names included), else a placeholder; nothing is ordered yet.
+    /// With `redis`, orders are coordinated with the other instances through it.
     pub fn load(
         config: &AcmeConfig,
+        redis: Option<&RedisSettings>,
         provider: &CryptoProvider,
         now: SystemTime,
         expiry_warning_days: u32,
@@ -151,8 +163,12 @@ impl AcmeState {
             challenges: Challenges::default(),
             status: Mutex::new(status),
             renew: Notify::new(),
+            rescheduled: Notify::new(),
+            replicas: redis
+                .map(|redis| Arc::new(Replicas::new(redis.clone(), &config.names, provider))),
             attempts: watch::channel((0, None)).0,
             expiry_warning_days,
+            retry_after: Arc::default(),
         })
     }
 
@@ -169,6 +185,55 @@ impl AcmeState {
     /// The challenges being answered now.
     pub fn challenges(&self) -> &Challenges {
         &self.challenges
+    }
+
+    /// The other instances, when `[redis]` is configured.
+    pub fn replicas(&self) -> Option<&Arc<Replicas>> {
+        self.replicas.as_ref()
+    }
+
+    /// The key authorization for an HTTP-01 `token`: this instance's own challenge, or
+    /// one another instance published in Redis.
+    pub async fn http_answer(&self, token: &str) -> Option<String> {
+        if let Some(answer) = self.challenges.http(token) {
+            return Some(answer);
+        }
+        let replicas = self.replicas.as_ref()?;
+        if !replicas::plausible_token(token) {
+            return None;
+        }
+        replicas.http_answer(token).await
+    }
+
+    /// For a TLS-ALPN-01 validation of `name` (a `ClientHello` offering only `acme-tls/1`):
+    /// a TLS configuration answering the challenge another instance published in Redis.
+    /// `None` when this instance published it itself (the resolver answers), the name is
+    /// not ours, or no instance did. Called in the asynchronous accept path, before the
+    /// handshake goes on, because the resolver cannot wait for Redis.
+    pub async fn shared_tls_alpn_config(
+        &self,
+        name: &str,
+        provider: &Arc<CryptoProvider>,
+    ) -> Option<Arc<rustls::ServerConfig>> {
+        let replicas = self.replicas.as_ref()?;
+        if self.challenges.tls_alpn(name).is_some()
+            || !self
+                .config
+                .names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name))
+        {
+            return None;
+        }
+        let digest = replicas.tls_alpn_digest(name).await?;
+        let certified = challenges::challenge_certificate(name, &digest, provider).ok()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Some(Arc::new(config))
     }
 
     /// Whether the placeholder is still served (no certificate issued yet).

@@ -34,6 +34,20 @@ pub fn backoff(failures: u32, unit: f64) -> Duration {
     base + base.mul_f64(unit.clamp(0.0, 1.0) / 10.0)
 }
 
+/// The CA's `Retry-After` wait when it is longer than the `backoff` a failure would
+/// wait anyway (rate limits ask for hours; the backoff starts at a minute).
+pub fn ca_wait_beyond(backoff: Duration, asked: Option<Duration>) -> Option<Duration> {
+    asked.filter(|asked| *asked > backoff)
+}
+
+/// The wait after `failures` consecutive attempts that could not reach Redis to
+/// coordinate (1 for the first): 2 s, doubling to a minute. Short, because nothing is
+/// asked of the CA, and the instance should order as soon as Redis is back.
+pub fn coordination_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(5);
+    (Duration::from_secs(2) * (1 << doublings)).min(Duration::from_secs(60))
+}
+
 /// When a certificate valid from `not_before` to `not_after` is renewed: with
 /// `min(renew_before, lifetime / 3)` left, moved earlier by up to a twentieth of the
 /// lifetime (at most [`MAX_RENEWAL_JITTER`]) times `unit` (random, `[0, 1)`).
@@ -89,15 +103,24 @@ pub(crate) enum Wake {
     Due,
     /// A renewal was requested.
     Forced,
+    /// The served certificate changed (another instance shared one): schedule again.
+    Rescheduled,
     /// The gateway is shutting down.
     Shutdown,
 }
 
-/// Waits `delay`, or less when a renewal is requested or shutdown starts.
-pub(crate) async fn wait(delay: Duration, renew: &Notify, shutdown: &CancellationToken) -> Wake {
+/// Waits `delay`, or less when a renewal is requested, the certificate changed, or
+/// shutdown starts.
+pub(crate) async fn wait(
+    delay: Duration,
+    renew: &Notify,
+    rescheduled: &Notify,
+    shutdown: &CancellationToken,
+) -> Wake {
     tokio::select! {
         () = tokio::time::sleep(delay) => Wake::Due,
         () = renew.notified() => Wake::Forced,
+        () = rescheduled.notified() => Wake::Rescheduled,
         () = shutdown.cancelled() => Wake::Shutdown,
     }
 }
@@ -137,6 +160,23 @@ mod tests {
             backoff(1, 0.999_999),
             Duration::from_secs(60) + Duration::from_secs(6).mul_f64(0.999_999)
         );
+    }
+
+    #[test]
+    fn the_cas_retry_after_wins_when_longer_than_the_backoff() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(ca_wait_beyond(minute, None), None);
+        assert_eq!(ca_wait_beyond(minute, Some(Duration::from_secs(10))), None);
+        assert_eq!(
+            ca_wait_beyond(minute, Some(Duration::from_secs(3 * 3600))),
+            Some(Duration::from_secs(3 * 3600))
+        );
+    }
+
+    #[test]
+    fn redis_outages_are_retried_within_seconds_then_every_minute() {
+        let waits: Vec<u64> = (1..=8).map(|n| coordination_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
     }
 
     #[test]
@@ -204,10 +244,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_wait_ends_when_due_unless_renewal_or_shutdown_comes_first() {
         let renew = Arc::new(Notify::new());
+        let rescheduled = Notify::new();
         let shutdown = CancellationToken::new();
 
         let started = tokio::time::Instant::now();
-        let wake = wait(backoff(3, 0.5), &renew, &shutdown).await;
+        let wake = wait(backoff(3, 0.5), &renew, &rescheduled, &shutdown).await;
         assert_eq!(wake, Wake::Due);
         assert_eq!(started.elapsed(), Duration::from_secs(315));
 
@@ -217,11 +258,20 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(42)).await;
             trigger.notify_one();
         });
-        let wake = wait(backoff(8, 0.0), &renew, &shutdown).await;
+        let wake = wait(backoff(8, 0.0), &renew, &rescheduled, &shutdown).await;
         assert_eq!(wake, Wake::Forced);
         assert_eq!(started.elapsed(), Duration::from_secs(42));
 
+        rescheduled.notify_one();
+        assert_eq!(
+            wait(DAY, &renew, &rescheduled, &shutdown).await,
+            Wake::Rescheduled
+        );
+
         shutdown.cancel();
-        assert_eq!(wait(DAY, &renew, &shutdown).await, Wake::Shutdown);
+        assert_eq!(
+            wait(DAY, &renew, &rescheduled, &shutdown).await,
+            Wake::Shutdown
+        );
     }
 }
