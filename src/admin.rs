@@ -153,6 +153,7 @@ async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Body> {
             let snapshot = state.live().current();
             let mut text = state.metrics.render(snapshot.proxy.tunnels.open_count());
             render_certificates(&mut text, &snapshot.certificates);
+            crate::upstream::render_metrics(snapshot.proxy.upstream_groups(), &mut text);
             let mut response = Response::new(full(text));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -293,6 +294,10 @@ pub struct Checks {
     pub certificates: CertificatesCheck,
     /// TCP reachability of each upstream target (cached for [`UPSTREAM_CACHE`]).
     pub upstream: UpstreamReport,
+    /// Every upstream group's instances: health (active checks and refusals) and
+    /// requests in flight. Informational: readiness follows `upstream`.
+    #[serde(default)]
+    pub upstream_instances: Vec<InstanceReport>,
     /// The rate limiter's Redis, when it uses one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisCheck>,
@@ -390,6 +395,21 @@ pub struct TargetCheck {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// One entry of `checks.upstream_instances`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InstanceReport {
+    /// The group (`default` for `[upstream]`).
+    pub group: String,
+    /// The instance's URL.
+    pub instance: String,
+    /// It gets requests.
+    pub healthy: bool,
+    /// `healthy`, `failing health check` or `skipped after refusing a connection`.
+    pub state: String,
+    /// Requests sent to it without a response head yet.
+    pub in_flight: usize,
 }
 
 /// `checks.redis`.
@@ -561,6 +581,20 @@ async fn readiness(state: &AdminState) -> Readiness {
         failing.push("upstream".to_owned());
     }
 
+    let upstream_instances = snapshot
+        .proxy
+        .upstream_groups()
+        .iter()
+        .flat_map(|group| group.instance_states())
+        .map(|state| InstanceReport {
+            group: state.group,
+            instance: state.instance,
+            healthy: state.healthy,
+            state: state.state.to_owned(),
+            in_flight: state.in_flight,
+        })
+        .collect();
+
     let redis_ready = snapshot
         .proxy
         .limiter()
@@ -608,6 +642,7 @@ async fn readiness(state: &AdminState) -> Readiness {
             connections,
             certificates,
             upstream,
+            upstream_instances,
             redis,
             config_reload,
             acme,

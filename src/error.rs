@@ -41,9 +41,7 @@ pub enum ProxyError {
         reason: String,
     },
     /// The upstream did not answer in time.
-    #[error(
-        "upstream group {group} ({upstream}): no response within {after:?} (response_timeout)"
-    )]
+    #[error("upstream group {group} ({upstream}): no response within {after:?} ({setting})")]
     UpstreamTimeout {
         /// The group's name (`default` for `[upstream]`).
         group: std::sync::Arc<str>,
@@ -51,6 +49,8 @@ pub enum ProxyError {
         upstream: UpstreamTarget,
         /// The configured timeout.
         after: Duration,
+        /// Its key: `response_timeout` or `try_timeout`.
+        setting: &'static str,
     },
     /// The upstream answered with something broken or closed early.
     #[error("upstream group {group} ({upstream}): {reason}")]
@@ -61,6 +61,16 @@ pub enum ProxyError {
         upstream: UpstreamTarget,
         /// The cause, flattened.
         reason: String,
+    },
+    /// Every instance of the group has `max_requests` in flight (circuit breaking).
+    #[error(
+        "upstream group {group}: every instance has {limit} requests in flight (max_requests)"
+    )]
+    UpstreamFull {
+        /// The group's name (`default` for `[upstream]`).
+        group: std::sync::Arc<str>,
+        /// `max_requests`.
+        limit: usize,
     },
     /// The request body exceeds `proxy.max_body_size`.
     #[error("request body larger than {limit} bytes (max_body_size)")]
@@ -129,7 +139,8 @@ impl ProxyError {
             | ProxyError::ClientBody { .. } => Side::Downstream,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::UpstreamBroken { .. } => Side::Upstream,
+            | ProxyError::UpstreamBroken { .. }
+            | ProxyError::UpstreamFull { .. } => Side::Upstream,
             ProxyError::Static(_) => Side::Internal,
         }
     }
@@ -143,7 +154,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // nginx `limit_conn_status` is 503 too.
-            ProxyError::ClientRequestsInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientRequestsInFlight { .. } | ProxyError::UpstreamFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BadRequest(_)
             | ProxyError::UnderscoreHeader(_)
             | ProxyError::ClientBody { timeout: false, .. } => StatusCode::BAD_REQUEST,

@@ -84,6 +84,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The upstream groups (the admin listener shows their instances' state).
+    pub(crate) fn upstream_groups(&self) -> &[Arc<Upstreams>] {
+        &self.groups
+    }
+
     /// The rate limiter, when configured (the admin listener reads its Redis state).
     pub(crate) fn limiter(&self) -> Option<&Arc<RateLimiter>> {
         self.limiter.as_ref()
@@ -118,7 +123,16 @@ impl Proxy {
                 });
                 running.unwrap_or_else(|| Arc::new(Upstreams::new(name, settings)))
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // The groups left behind stop their health checks now, not when the last
+        // connection holding the old snapshot closes.
+        if let Some((_, proxy)) = previous {
+            for old in &proxy.groups {
+                if !groups.iter().any(|kept| Arc::ptr_eq(kept, old)) {
+                    old.retire();
+                }
+            }
+        }
         let routes = RouteTable::new(
             config
                 .routes
@@ -477,6 +491,7 @@ impl Proxy {
         let limits = SendLimits {
             response_timeout: route.and_then(|route| route.response_timeout),
             max_body_size,
+            timeout_setting: "response_timeout",
         };
         let mut response = upstreams.send(parts, upload.body, limits).await?;
         if let Some(downstream) = downstream_upgrade {

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 pub mod access;
 pub mod acme;
+pub mod balancing;
 pub mod compression;
 pub mod rate_limit;
 pub mod redis;
@@ -22,6 +23,7 @@ pub mod routing;
 
 use access::{AccessRule, RawAccess};
 use acme::{AcmeConfig, RawAcme};
+pub use balancing::{Balance, Balancing, HealthCheck};
 use compression::{CompressionConfig, RawCompression};
 use rate_limit::{RateLimitConfig, RawRateLimit};
 use redis::{RawRedis, RedisSettings};

@@ -20,6 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 
+use super::balancing::{self, Balancing, RawBalancing};
 use super::{
     Problems, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, DEFAULT_POOL_MAX_IDLE,
     DEFAULT_RESPONSE_TIMEOUT, DEFAULT_UNHEALTHY_FOR,
@@ -51,6 +52,8 @@ pub struct Upstream {
     pub unhealthy_for: Duration,
     /// How `https://` targets are verified.
     pub tls: UpstreamTls,
+    /// Active health checks, `balance`, `retry_budget`, `max_requests`.
+    pub balancing: Balancing,
 }
 
 /// Verification of `https://` upstreams.
@@ -162,6 +165,16 @@ pub struct RawUpstream {
     unhealthy_for: Option<String>,
     ca_file: Option<String>,
     server_name: Option<String>,
+    health_check_path: Option<String>,
+    health_check_host: Option<String>,
+    health_check_interval: Option<String>,
+    health_check_timeout: Option<String>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
+    balance: Option<String>,
+    retry_budget: Option<f64>,
+    max_requests: Option<usize>,
+    try_timeout: Option<String>,
 }
 
 /// `[[route]]` as written.
@@ -198,6 +211,22 @@ pub struct RawErrors {
 
 /// Validates one upstream group; `key` is `upstream` or `upstreams.NAME`.
 pub fn validate_upstream(raw: RawUpstream, key: &str, p: &mut Problems) -> Upstream {
+    let balancing = balancing::validate(
+        &RawBalancing {
+            health_check_path: raw.health_check_path,
+            health_check_host: raw.health_check_host,
+            health_check_interval: raw.health_check_interval,
+            health_check_timeout: raw.health_check_timeout,
+            healthy_threshold: raw.healthy_threshold,
+            unhealthy_threshold: raw.unhealthy_threshold,
+            balance: raw.balance,
+            retry_budget: raw.retry_budget,
+            max_requests: raw.max_requests,
+            try_timeout: raw.try_timeout,
+        },
+        key,
+        p,
+    );
     let urls = match raw.url {
         OneOrMany::One(url) => vec![url],
         OneOrMany::Many(urls) => urls,
@@ -291,6 +320,7 @@ pub fn validate_upstream(raw: RawUpstream, key: &str, p: &mut Problems) -> Upstr
             DEFAULT_UNHEALTHY_FOR,
         ),
         tls,
+        balancing,
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +50,10 @@ pub struct Seen {
 ///   with `Content-Length`, the status and headers given (values percent-decoded);
 /// - `/drip`: an HTML stream without length: [`DRIP_FIRST`] at once, then, once a
 ///   `/hold` permit is released, [`DRIP_REST`];
+/// - `/healthz/`: [`Upstream::set_health`]'s status once set, else as anything else;
 /// - anything else: reads the whole body and answers 200 `seen METHOD PATH LEN`.
+///
+/// [`Upstream::set_delay`] makes every answer but `/healthz/` wait first (a slow instance).
 ///
 /// Every request is recorded in `seen`.
 pub struct Upstream {
@@ -59,8 +62,20 @@ pub struct Upstream {
     rooms: Rooms,
     /// One permit per `/hold` request allowed to finish.
     held: Arc<Semaphore>,
+    knobs: Arc<Knobs>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// How the app misbehaves on purpose.
+#[derive(Default)]
+struct Knobs {
+    /// Status of `/healthz/` (0: answered like any other path).
+    health: AtomicU16,
+    /// Milliseconds every other answer waits.
+    delay_ms: AtomicU64,
+    /// Requests other than `/healthz/` that arrived (answered or not).
+    arrived: AtomicU64,
 }
 
 impl Upstream {
@@ -111,10 +126,12 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let rooms: Rooms = Arc::new(Mutex::new(HashMap::new()));
         let held = Arc::new(Semaphore::new(0));
+        let knobs = Arc::new(Knobs::default());
         let stop = CancellationToken::new();
         let task = {
             let (seen, rooms, held, stop) =
                 (seen.clone(), rooms.clone(), held.clone(), stop.clone());
+            let knobs = knobs.clone();
             tokio::spawn(async move {
                 let connections = tokio_util::task::TaskTracker::new();
                 let mut accepted_count = 0;
@@ -125,6 +142,7 @@ impl Upstream {
                     };
                     let (seen, rooms, held, stop) =
                         (seen.clone(), rooms.clone(), held.clone(), stop.clone());
+                    let knobs = knobs.clone();
                     accepted_count += 1;
                     let connection = accepted_count;
                     connections.spawn(async move {
@@ -132,8 +150,10 @@ impl Upstream {
                             return;
                         };
                         let service = service_fn(move |req| {
+                            let knobs = knobs.clone();
                             upstream_handle(
                                 req,
+                                knobs,
                                 seen.clone(),
                                 rooms.clone(),
                                 held.clone(),
@@ -156,9 +176,38 @@ impl Upstream {
             seen,
             rooms,
             held,
+            knobs,
             stop,
             task,
         }
+    }
+
+    /// Makes `/healthz/` answer `status` (0: like any other path again).
+    pub fn set_health(&self, status: u16) {
+        self.knobs.health.store(status, Ordering::Relaxed);
+    }
+
+    /// Makes every answer but `/healthz/` wait `delay` first.
+    pub fn set_delay(&self, delay: Duration) {
+        self.knobs
+            .delay_ms
+            .store(u64::try_from(delay.as_millis()).unwrap(), Ordering::Relaxed);
+    }
+
+    /// Requests other than `/healthz/` that arrived, including those still waiting on
+    /// [`Upstream::set_delay`] (which `seen` records only once answered).
+    pub fn arrived(&self) -> u64 {
+        self.knobs.arrived.load(Ordering::Relaxed)
+    }
+
+    /// Requests seen so far whose path is not `path` (e.g. leaving out health checks).
+    pub fn seen_except(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|seen| seen.uri.path() != path)
+            .count()
     }
 
     /// Requests seen so far.
@@ -251,6 +300,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<UpBody> {
 
 async fn upstream_handle(
     req: Request<Incoming>,
+    knobs: Arc<Knobs>,
     seen: Arc<Mutex<Vec<Seen>>>,
     rooms: Rooms,
     held: Arc<Semaphore>,
@@ -265,6 +315,18 @@ async fn upstream_handle(
         body_len: len,
         connection,
     };
+    let health = knobs.health.load(Ordering::Relaxed);
+    if path == "/healthz/" && health != 0 {
+        seen.lock().unwrap().push(record(0));
+        return Ok(text(StatusCode::from_u16(health).unwrap(), "health"));
+    }
+    if path != "/healthz/" {
+        knobs.arrived.fetch_add(1, Ordering::Relaxed);
+    }
+    let delay = knobs.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 && path != "/healthz/" {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if let Some(rest) = path.strip_prefix("/ws/") {
         seen.lock().unwrap().push(record(0));
         return Ok(websocket_route(req, rest.to_owned(), rooms));
