@@ -89,6 +89,40 @@ impl Context {
         false
     }
 
+    /// Admits a connection just accepted from `addr`: `None` when it is refused (an
+    /// untrusted peer on a PROXY protocol listener, or a client over its connection limit).
+    fn admit(&self, snapshot: &crate::live::Snapshot, addr: SocketAddr) -> Option<Admission> {
+        if !self.proxy_peer_allowed(snapshot, addr) {
+            return None;
+        }
+        if snapshot.config.listen.proxy_protocol {
+            return Some(Admission::Proxied);
+        }
+        let place = self.client_place(&snapshot.connections, addr).ok()?;
+        Some(Admission::Direct(place))
+    }
+
+    /// The client of an admitted connection and its place under the per-client limit;
+    /// behind PROXY protocol read from the header within `header_limit`. `None` when the
+    /// connection was refused.
+    async fn client(
+        &self,
+        admission: Admission,
+        stream: &mut TcpStream,
+        addr: SocketAddr,
+        settings: &ConnectionSettings,
+        header_limit: Duration,
+    ) -> Option<(SocketAddr, Option<ClientPlace>)> {
+        match admission {
+            Admission::Direct(place) => Some((addr, place)),
+            Admission::Proxied => {
+                let client = self.proxied_client(stream, addr, header_limit).await?;
+                let place = self.client_place(settings, client).ok()?;
+                Some((client, place))
+            }
+        }
+    }
+
     /// Reads the PROXY header of a connection from the trusted proxy at `addr` within
     /// `limit` and returns the client it carries (the proxy itself for its own health
     /// checks); `None` when the connection was refused.
@@ -164,6 +198,14 @@ impl Context {
     }
 }
 
+/// Who a just-admitted connection's client is.
+enum Admission {
+    /// The peer itself, its place under `server.max_connections_per_client` taken.
+    Direct(Option<ClientPlace>),
+    /// Known only once the trusted balancer's PROXY header is read.
+    Proxied,
+}
+
 /// A listener's connection limit: places taken after `accept`, so idle listeners hold
 /// none; while it is full the listener stops accepting and new clients wait in the
 /// kernel's backlog.
@@ -223,18 +265,8 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
         };
         let accepted = tokio::time::Instant::now();
         let snapshot = ctx.live.current();
-        if !ctx.proxy_peer_allowed(&snapshot, addr) {
+        let Some(admission) = ctx.admit(&snapshot, addr) else {
             continue;
-        }
-        let proxied = snapshot.config.listen.proxy_protocol;
-        // Behind PROXY protocol the client is known only once its header is read.
-        let place = if proxied {
-            None
-        } else {
-            let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
-                continue;
-            };
-            place
         };
         let config = &snapshot.config;
         if config.rate_limit.is_some() && config.proxy.trusted_proxies.is_empty() {
@@ -244,23 +276,17 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
         ctx.drain.connections.spawn(async move {
             let open = task_ctx.metrics.connection_opened();
             let settings = &snapshot.connections;
-            let (addr, place) = if proxied {
-                // The header shares the first request's deadline, counted from the
-                // connection's place under the budget.
-                let limit = settings
-                    .limits
-                    .first_request
-                    .saturating_sub(accepted.elapsed());
-                let Some(client) = task_ctx.proxied_client(&mut stream, addr, limit).await
-                else {
-                    return;
-                };
-                let Ok(place) = task_ctx.client_place(settings, client) else {
-                    return;
-                };
-                (client, place)
-            } else {
-                (addr, place)
+            // A PROXY header shares the first request's deadline, counted from the
+            // connection's place under the budget.
+            let header_limit = settings
+                .limits
+                .first_request
+                .saturating_sub(accepted.elapsed());
+            let Some((addr, place)) = task_ctx
+                .client(admission, &mut stream, addr, settings, header_limit)
+                .await
+            else {
+                return;
             };
             let handshake = tls_handshake(
                 stream,
@@ -361,17 +387,8 @@ pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
             break;
         };
         let snapshot = ctx.live.current();
-        if !ctx.proxy_peer_allowed(&snapshot, addr) {
+        let Some(admission) = ctx.admit(&snapshot, addr) else {
             continue;
-        }
-        let proxied = snapshot.config.listen.proxy_protocol;
-        let place = if proxied {
-            None
-        } else {
-            let Ok(place) = ctx.client_place(&snapshot.connections, addr) else {
-                continue;
-            };
-            place
         };
         let task_ctx = ctx.clone();
         ctx.drain.connections.spawn(async move {
@@ -380,17 +397,12 @@ pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
             // Made before the PROXY header is read, so the header and the first request
             // share one deadline.
             let activity = Activity::new(settings.limits);
-            let (addr, place) = if proxied {
-                let limit = settings.limits.first_request;
-                let Some(client) = task_ctx.proxied_client(&mut stream, addr, limit).await else {
-                    return;
-                };
-                let Ok(place) = task_ctx.client_place(settings, client) else {
-                    return;
-                };
-                (client, place)
-            } else {
-                (addr, place)
+            let header_limit = settings.limits.first_request;
+            let Some((addr, place)) = task_ctx
+                .client(admission, &mut stream, addr, settings, header_limit)
+                .await
+            else {
+                return;
             };
             let watched_activity = activity.clone();
             let live = task_ctx.live.clone();
