@@ -243,8 +243,11 @@ def write_report(raw, out_dir):
         o = s.get((scen, "origin"), {}).get(field)
         ratio = g / n if g is not None and n else None
         tgt = "" if target is None else (f"≥ {target:g}×" if higher else f"≤ {target:g}×")
+        # A proxy answering errors fast (a 421, a 502) is not a fast proxy: no verdict.
+        failed = sum(s.get((scen, t), {}).get("errors") or 0 for t in ("gatehouse", "nginx"))
+        ruling = f"**invalid: {failed:,} errors**" if failed else verdict(ratio, target, higher)
         rows.append(
-            f"| {label} | {value_text(g, kind)} | {value_text(n, kind)} | {fmt(ratio, 2, '×') if ratio else '–'} | {tgt} | {verdict(ratio, target, higher)} | {value_text(o, kind) if o is not None else ''} |"
+            f"| {label} | {value_text(g, kind)} | {value_text(n, kind)} | {fmt(ratio, 2, '×') if ratio else '–'} | {tgt} | {ruling} | {value_text(o, kind) if o is not None else ''} |"
         )
         if ratio is not None:
             chart.append((label, ratio, target, higher))
@@ -260,6 +263,9 @@ def write_report(raw, out_dir):
         ratio = r["rate"] / off["rate"] if r.get("rate") and off.get("rate") else None
         tgt = "≥ 0.9×" if t.endswith("redis") else ""
         ver = verdict(ratio, 0.9, True) if t.endswith("redis") else ""
+        failed = (r.get("errors") or 0) + (off.get("errors") or 0)
+        if failed:
+            ver = f"**invalid: {failed:,} errors**"
         rl_rows.append(
             f"| 6. rate limiting {label} vs off: req/s (50 conns) | {value_text(r['rate'], 'rate')} | off: {value_text(off.get('rate'), 'rate')} | {fmt(ratio, 2, '×') if ratio else '–'} | {tgt} | {ver} | |"
         )

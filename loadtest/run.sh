@@ -143,7 +143,7 @@ https = "127.0.0.1:$1"
 [tls]
 cert = "$PKI/chain.pem"
 key = "$PKI/leaf.key"
-names = ["localhost"]
+names = ["localhost", "127.0.0.1"]   # the load generators send Host: 127.0.0.1 (unknown hosts get 421)
 min_version = "1.3"
 
 [upstream]
