@@ -204,7 +204,12 @@ fn parse_qvalue(text: &str) -> Option<u32> {
     if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let thousandths = format!("{fraction:0<3}").parse::<u32>().ok()?;
+    // Digits padded to three places, without an allocation per qvalue.
+    let thousandths = fraction
+        .bytes()
+        .zip([100, 10, 1])
+        .map(|(digit, place)| u32::from(digit - b'0') * place)
+        .sum::<u32>();
     match whole {
         "0" => Some(thousandths),
         "1" if thousandths == 0 => Some(1000),
