@@ -32,10 +32,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::body::Incoming;
 
 use crate::config::{Config, UpstreamTarget};
 use crate::forwarding::{
@@ -185,12 +184,39 @@ struct Prober {
 struct ProbedGroup {
     /// `default` for `[upstream]`.
     name: String,
-    client: Client<upstream_io::Connector, Full<Bytes>>,
+    /// Opens a fresh connection per request: simple servers (runserver, wsgiref) close
+    /// theirs after each response, so a kept one could fail a probe.
+    connector: upstream_io::Connector,
     /// The first target.
     target: UpstreamTarget,
 }
 
 impl ProbedGroup {
+    /// Sends `request` (its URI absolute: the connector picks the transport by it) over
+    /// a new connection and returns the response head.
+    async fn exchange(
+        &self,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, String> {
+        let target = request.uri().clone();
+        if let Some(path) = target.path_and_query() {
+            *request.uri_mut() = Uri::from(path.clone());
+        }
+        let mut connector = self.connector.clone();
+        let io = tower::Service::call(&mut connector, target)
+            .await
+            .map_err(|err| error_chain(&*err))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        // Ends once the answer has been read and `sender` dropped.
+        tokio::spawn(connection);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|err| error_chain(&err))
+    }
+
     /// How messages name it: the target, with the group unless it is `[upstream]`.
     fn shown(&self) -> String {
         if self.name == crate::config::routing::DEFAULT_GROUP {
@@ -223,14 +249,7 @@ pub async fn probe(
             settings.connect_timeout = options.timeout;
             Some(ProbedGroup {
                 name: name.to_owned(),
-                client: Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    // A fresh connection per request: simple servers (runserver, wsgiref)
-                    // close theirs after each response, and a stale pooled one would fail
-                    // a probe.
-                    .pool_max_idle_per_host(0)
-                    .build(upstream_io::connector(&settings)),
+                connector: upstream_io::connector(&settings),
                 target: upstream.targets.first()?.clone(),
             })
         })
@@ -404,10 +423,10 @@ impl Prober {
             request: shown.clone(),
             reason,
         };
-        let response = tokio::time::timeout(self.timeout, group.client.request(request))
+        let response = tokio::time::timeout(self.timeout, group.exchange(request))
             .await
             .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
-            .map_err(|err| unreachable(error_chain(&err)))?;
+            .map_err(unreachable)?;
         let status = response.status();
         let location = response
             .headers()

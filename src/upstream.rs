@@ -1,10 +1,10 @@
-//! The upstream side of a request: the pooled keep-alive HTTP/1.1 client, the choice of
+//! The upstream side of a request: the choice of
 //! instance (`balance`: round robin or least requests; skipping unhealthy and full
 //! instances), the response timeout, and failover of requests that never left or can be
 //! sent again, within the group's retry budget ([`budget`]).
 //!
 //! One [`Upstreams`] serves one upstream group (`[upstream]` or `[upstreams.NAME]`): the
-//! group owns its pool, its instances' health, its balancing position, its retry budget
+//! group owns its instances' connection pools ([`pool`]), their health, its balancing position, its retry budget
 //! and its health checker ([`health`]).
 //!
 //! Health of an instance, two ways. Passive: *healthy* → (connection refused) *skipped*
@@ -16,6 +16,9 @@
 
 mod budget;
 mod health;
+mod pool;
+
+pub use pool::UpstreamBody;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -25,12 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
-use http::uri::{self, PathAndQuery};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -39,16 +38,13 @@ use crate::config::{self, Balance, UpstreamTarget};
 use crate::error::{chain, ProxyError};
 use crate::metrics;
 use crate::request_body::{BodyStopped, DownstreamBodyError, RequestBody, UploadProgress};
-use crate::upstream_io::{self, UpstreamConnection};
+use crate::upstream_io;
+use pool::{ConnPool, SendError};
 
-/// The upstream HTTP client: pooled keep-alive HTTP/1.1 connections.
-type UpstreamClient = Client<upstream_io::Connector, RequestBody>;
-
-/// One group's instances and the pooled client that reaches them.
+/// One group's instances and their connection pools.
 pub struct Upstreams {
     /// The group's name, for logs (`default` for `[upstream]`).
     name: Arc<str>,
-    client: UpstreamClient,
     /// Shared with the health checker.
     instances: Arc<[Instance]>,
     /// Round-robin position.
@@ -76,6 +72,8 @@ pub struct Upstreams {
     response_timeout: Duration,
     /// The health checker, aborted when the group is dropped.
     checker: Option<AbortHandle>,
+    /// The task closing expired idle connections, likewise.
+    sweeper: Option<AbortHandle>,
 }
 
 /// What the route of a request sets for sending it.
@@ -91,6 +89,8 @@ pub struct SendLimits {
 
 struct Instance {
     target: UpstreamTarget,
+    /// Its keep-alive connections.
+    pool: Arc<ConnPool>,
     /// Skipped until then after refusing a connection.
     down_until: AtomicInstant,
     /// Passes its active health check (always, without one).
@@ -133,18 +133,18 @@ impl Upstreams {
     /// The client and instances of the group `name`, and its health checker when it has
     /// `health_check_path` (started on the current Tokio runtime).
     pub fn new(name: &str, settings: &config::Upstream) -> Upstreams {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle)
-            .http1_preserve_header_case(false)
-            .build(upstream_io::connector(settings));
+        let connector = upstream_io::connector(settings);
         let instances: Arc<[Instance]> = settings
             .targets
             .iter()
             .map(|target| Instance {
                 target: target.clone(),
+                pool: Arc::new(ConnPool::new(
+                    connector.clone(),
+                    target_uri(target),
+                    settings.pool_max_idle,
+                    settings.pool_idle_timeout,
+                )),
                 down_until: AtomicInstant::now(),
                 passing: AtomicBool::new(true),
                 in_flight: AtomicUsize::new(0),
@@ -152,12 +152,18 @@ impl Upstreams {
             .collect();
         let name: Arc<str> = name.into();
         let balancing = &settings.balancing;
-        let checker = balancing.health_check.clone().and_then(|check| {
-            health::spawn(name.clone(), client.clone(), instances.clone(), check)
-        });
+        let checker = balancing
+            .health_check
+            .clone()
+            .and_then(|check| health::spawn(name.clone(), instances.clone(), check));
+        let pools = instances.iter().map(|i| Arc::downgrade(&i.pool)).collect();
+        // Often enough that connections the app closed do not linger for long.
+        let sweep_every = settings
+            .pool_idle_timeout
+            .clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let sweeper = pool::spawn_sweeper(pools, sweep_every);
         Upstreams {
             name,
-            client,
             instances,
             next: AtomicUsize::new(0),
             random: AtomicU64::new(RandomState::new().hash_one(0u8)),
@@ -171,6 +177,7 @@ impl Upstreams {
             unhealthy_for: settings.unhealthy_for,
             response_timeout: settings.response_timeout,
             checker,
+            sweeper,
         }
     }
 
@@ -178,8 +185,8 @@ impl Upstreams {
     /// the reload hold the old snapshot, and with it this group, until they close; new
     /// requests already use the new group, so its checker alone must run.)
     pub fn retire(&self) {
-        if let Some(checker) = &self.checker {
-            checker.abort();
+        for task in [&self.checker, &self.sweeper].into_iter().flatten() {
+            task.abort();
         }
     }
 
@@ -193,7 +200,7 @@ impl Upstreams {
         parts: Parts,
         body: RequestBody,
         limits: SendLimits,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let retry = if self.instances.len() > 1 {
             RetryTemplate::of(&parts, &body)
         } else {
@@ -202,7 +209,7 @@ impl Upstreams {
         self.budget.deposit();
         let mut in_flight = self.pick(None)?;
         let mut request = Request::from_parts(parts, body);
-        *request.uri_mut() = upstream_uri(&in_flight.0.target, request.uri());
+        origin_form(request.uri_mut());
         // `try_timeout` bounds each try of a request that may be sent again after the
         // app saw it (idempotent, no body); others wait the whole response timeout.
         let try_timeout = self
@@ -254,7 +261,7 @@ impl Upstreams {
                     tracing::warn!(error = %err, "upstream failed before answering; trying the next instance");
                     attempts += 1;
                     in_flight = next;
-                    request = template.build(&in_flight.0.target);
+                    request = template.build();
                 }
                 result => return result,
             }
@@ -264,39 +271,34 @@ impl Upstreams {
     async fn send_to(
         &self,
         instance: &Instance,
-        mut request: Request<RequestBody>,
+        request: Request<RequestBody>,
         limits: SendLimits,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let response_timeout = limits.response_timeout.unwrap_or(self.response_timeout);
         let progress = request.body().progress();
-        let captured = progress.is_some().then(|| capture_connection(&mut request));
-        let response = self.client.request(request);
+        // A timeout drops the exchange, and with it the connection.
+        let response = instance.pool.send(request);
         let answered = match progress {
             None => tokio::time::timeout(response_timeout, response).await.ok(),
             Some(progress) => within_app_time(response, &progress, response_timeout).await,
         };
         match answered {
             Some(Ok(response)) => Ok(response),
-            None => {
-                if let Some(captured) = &captured {
-                    kill(captured);
-                }
-                Err(ProxyError::UpstreamTimeout {
+            None => Err(ProxyError::UpstreamTimeout {
+                group: self.name.clone(),
+                upstream: instance.target.clone(),
+                after: response_timeout,
+                setting: limits.timeout_setting,
+            }),
+            Some(Err(SendError::Connect(err))) => {
+                self.mark_down(instance);
+                Err(ProxyError::UpstreamConnect {
                     group: self.name.clone(),
                     upstream: instance.target.clone(),
-                    after: response_timeout,
-                    setting: limits.timeout_setting,
+                    reason: chain(&*err),
                 })
             }
-            Some(Err(err)) => {
-                if err.is_connect() {
-                    self.mark_down(instance);
-                    return Err(ProxyError::UpstreamConnect {
-                        group: self.name.clone(),
-                        upstream: instance.target.clone(),
-                        reason: chain(&err),
-                    });
-                }
+            Some(Err(SendError::Http(err))) => {
                 if is_body_limit(&err) {
                     return Err(ProxyError::BodyTooLarge {
                         limit: limits.max_body_size,
@@ -436,18 +438,23 @@ impl Upstreams {
             .collect()
     }
 
-    /// Writes this group's retry and `max_requests` counters (`header` once per name).
+    /// Writes one of this group's counters (`header` once per name).
     fn render_counters(&self, out: &mut String, metric: &str) {
         let value = match metric {
-            "gatehouse_upstream_retries_total" => &self.retries,
-            "gatehouse_upstream_retries_refused_total" => &self.retries_refused,
-            _ => &self.rejected_full,
+            "gatehouse_upstream_retries_total" => self.retries.load(Ordering::Relaxed),
+            "gatehouse_upstream_retries_refused_total" => {
+                self.retries_refused.load(Ordering::Relaxed)
+            }
+            "gatehouse_upstream_connections_opened_total" => {
+                self.instances.iter().map(|i| i.pool.opened()).sum()
+            }
+            _ => self.rejected_full.load(Ordering::Relaxed),
         };
         let _ = writeln!(
             out,
             "{metric}{{group=\"{}\"}} {}",
             metrics::escape(&self.name),
-            value.load(Ordering::Relaxed)
+            value
         );
     }
 }
@@ -494,6 +501,10 @@ pub fn render_metrics(groups: &[Arc<Upstreams>], out: &mut String) {
         (
             "gatehouse_upstream_retries_refused_total",
             "Retries not made because the group's retry_budget was spent.",
+        ),
+        (
+            "gatehouse_upstream_connections_opened_total",
+            "Connections opened to the group's instances (kept alive and reused between requests).",
         ),
         (
             "gatehouse_upstream_full_total",
@@ -557,25 +568,14 @@ impl RetryTemplate {
         })
     }
 
-    fn build(&self, target: &UpstreamTarget) -> Request<RequestBody> {
+    fn build(&self) -> Request<RequestBody> {
         let body = self.body.replay().unwrap_or_else(RequestBody::empty);
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = upstream_uri(target, &self.uri);
+        *request.uri_mut() = self.uri.clone();
+        origin_form(request.uri_mut());
         *request.headers_mut() = self.headers.clone();
         request
-    }
-}
-
-/// Closes the connection a timed-out streamed upload was going to: hyper may be waiting
-/// to write into a socket the app no longer reads, holding the client's body with it.
-fn kill(captured: &CaptureConnection) {
-    if let Some(connected) = captured.connection_metadata().as_ref() {
-        let mut extras = http::Extensions::new();
-        connected.get_extras(&mut extras);
-        if let Some(connection) = extras.get::<UpstreamConnection>() {
-            connection.kill();
-        }
     }
 }
 
@@ -616,16 +616,24 @@ fn client_body_failure(err: &(dyn std::error::Error + 'static)) -> Option<bool> 
     client_side.then_some(false)
 }
 
-fn upstream_uri(target: &UpstreamTarget, original: &Uri) -> Uri {
-    let mut parts = uri::Parts::default();
-    parts.scheme = Some(target.scheme.clone());
-    parts.authority = Some(target.authority.clone());
-    parts.path_and_query = Some(
-        original
+/// `uri` as an HTTP/1.1 request line names it to the app: the path and query only (an
+/// HTTP/2 request's URI also has the scheme and authority).
+fn origin_form(uri: &mut Uri) {
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let path = uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    // Scheme, authority and path are all present, so this cannot fail.
-    Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *uri = Uri::from(path);
+    }
+}
+
+/// The scheme and authority that reach `target` (the connector's key for it).
+fn target_uri(target: &UpstreamTarget) -> Uri {
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query("/")
+        .build()
+        .unwrap_or_default()
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -289,6 +289,11 @@ struct Shared {
 }
 
 impl UpstreamConnection {
+    /// Whether [`kill`](Self::kill) was called: the connection must not be used again.
+    pub fn is_killed(&self) -> bool {
+        self.0.killed.load(Ordering::Relaxed)
+    }
+
     /// Fails every later read and write of the connection, waking a writer that waits.
     pub fn kill(&self) {
         self.0.killed.store(true, Ordering::Relaxed);
@@ -305,6 +310,11 @@ impl UpstreamConnection {
 }
 
 impl UpstreamIo {
+    /// The handle that can kill this connection.
+    pub fn handle(&self) -> UpstreamConnection {
+        self.handle.clone()
+    }
+
     fn new(transport: Transport) -> UpstreamIo {
         UpstreamIo {
             inner: TokioIo::new(transport),
@@ -365,6 +375,13 @@ impl UpstreamIo {
             }
             ready @ Poll::Ready(_) => ready,
         }
+    }
+}
+
+impl Drop for UpstreamIo {
+    fn drop(&mut self) {
+        // Closed after a kill: reset, as `killed` explains.
+        let _ = self.killed();
     }
 }
 
@@ -443,15 +460,5 @@ impl Write for UpstreamIo {
             Err(err) if peer_gone(&err) => Poll::Ready(Ok(())),
             result => Poll::Ready(result),
         }
-    }
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        let connected = match self.inner.inner().tcp() {
-            Some(tcp) => tcp.connected(),
-            None => Connected::new(),
-        };
-        connected.extra(self.handle.clone())
     }
 }

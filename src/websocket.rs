@@ -45,7 +45,6 @@ use std::time::Duration;
 use base64::Engine;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -93,10 +92,10 @@ impl Tunnels {
     /// Relays an HTTP/1.1 upgrade: returns the upstream's `101` (every header, including
     /// `Sec-WebSocket-Accept`, `-Protocol` and `-Extensions`) for the client and spawns
     /// the copy.
-    pub fn open(
+    pub fn open<B>(
         &self,
         downstream: OnUpgrade,
-        upstream_response: &mut Response<Incoming>,
+        upstream_response: &mut Response<B>,
         peer: Arc<Peer>,
         client: IpAddr,
         idle_timeout: Option<Duration>,
@@ -117,10 +116,10 @@ impl Tunnels {
 
     /// Relays an RFC 8441 WebSocket: the client gets `200` on its CONNECT stream, with
     /// the subprotocol and extensions the upstream chose.
-    pub fn open_h2(
+    pub fn open_h2<B>(
         &self,
         downstream: OnUpgrade,
-        upstream_response: &mut Response<Incoming>,
+        upstream_response: &mut Response<B>,
         peer: Arc<Peer>,
         client: IpAddr,
         idle_timeout: Option<Duration>,

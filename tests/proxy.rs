@@ -744,3 +744,66 @@ async fn access_log_has_one_structured_line_per_request() {
         "query strings may hold secrets: log the path only"
     );
 }
+
+/// Issue 16: the upstream hop keeps connections alive and reuses them (over either
+/// client protocol); a connection the app closes after its answer, or whose answer the
+/// client abandoned half-way, is never used again.
+#[tokio::test]
+async fn upstream_connections_are_reused_but_never_when_closed_or_left_dirty() {
+    let s = setup("proxy-pool").await;
+    let logs = capture_logs();
+    let config =
+        base_config(&s.files, s.upstream.addr).replace("access_log = false", "access_log = true");
+    let gateway = start_gateway(&config, &s.pki.dir).await;
+    let get = |client: reqwest::Client, path: &'static str| {
+        let url = gateway.url(path);
+        async move {
+            let response = client.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.text().await.unwrap()
+        }
+    };
+    for version in BOTH {
+        let client = s.client(version, &gateway);
+        for _ in 0..3 {
+            assert_eq!(get(client.clone(), "/again").await, "seen GET /again 0");
+        }
+    }
+    let connections: Vec<u64> = s
+        .upstream
+        .seen()
+        .iter()
+        .map(|seen| seen.connection)
+        .collect();
+    assert_eq!(connections, [1; 6], "one kept-alive upstream connection");
+
+    // The app closes its connection after this answer: the next request opens another.
+    let client = s.client(Http::One, &gateway);
+    let closing = get(client.clone(), "/make?n=10&h=connection:close").await;
+    assert_eq!(closing.len(), 10);
+    assert_eq!(get(client.clone(), "/next").await, "seen GET /next 0");
+    assert_eq!(s.upstream.last().connection, 2);
+
+    // The client leaves after the first chunk of 8 MiB: the rest is unread on that
+    // connection, so it must close rather than serve the next request.
+    let response = client
+        .get(gateway.url("/bytes/8388608"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    logs.lines
+        .wait_for_line("/bytes/8388608", Duration::from_secs(10))
+        .await;
+    for _ in 0..3 {
+        assert_eq!(get(client.clone(), "/after").await, "seen GET /after 0");
+    }
+    let last = s.upstream.last();
+    assert_eq!(
+        last.connection, 3,
+        "a new connection after the abandoned answer"
+    );
+    gateway.stop().await;
+}

@@ -1,6 +1,6 @@
 //! Active health checks of one group: a task that requests `health_check_path` from
-//! every instance each `health_check_interval`, over the group's own client (its
-//! transport, TLS and pool), and takes an instance out of rotation after
+//! every instance each `health_check_interval`, over the instance's own pool (its
+//! transport, TLS and connections), and takes an instance out of rotation after
 //! `unhealthy_threshold` failed checks in a row, back after `healthy_threshold` passes.
 //!
 //! Lifecycle of an instance: *passing* (the start state: a new or reloaded group serves
@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 
-use super::{upstream_uri, Instance, UpstreamClient};
+use super::{Instance, SendError};
 use crate::config::HealthCheck;
 use crate::error::chain;
 use crate::request_body::RequestBody;
@@ -63,22 +63,16 @@ impl Streak {
 /// Starts the checker of group `group` (none outside a Tokio runtime).
 pub(super) fn spawn(
     group: Arc<str>,
-    client: UpstreamClient,
     instances: Arc<[Instance]>,
     check: HealthCheck,
 ) -> Option<AbortHandle> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     tracing::info!(%group, path = check.path.as_str(), interval = ?check.interval, "health checks started");
-    let task = runtime.spawn(run(group, client, instances, check));
+    let task = runtime.spawn(run(group, instances, check));
     Some(task.abort_handle())
 }
 
-async fn run(
-    group: Arc<str>,
-    client: UpstreamClient,
-    instances: Arc<[Instance]>,
-    check: HealthCheck,
-) {
+async fn run(group: Arc<str>, instances: Arc<[Instance]>, check: HealthCheck) {
     let mut streaks = vec![Streak::default(); instances.len()];
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -86,8 +80,8 @@ async fn run(
         ticker.tick().await;
         let mut probes = JoinSet::new();
         for index in 0..instances.len() {
-            let (client, instances, check) = (client.clone(), instances.clone(), check.clone());
-            probes.spawn(async move { (index, probe(&client, &instances[index], &check).await) });
+            let (instances, check) = (instances.clone(), check.clone());
+            probes.spawn(async move { (index, probe(&instances[index], &check).await) });
         }
         let mut results = vec![Err("check stopped".to_owned()); instances.len()];
         while let Some(joined) = probes.join_next().await {
@@ -113,11 +107,7 @@ async fn run(
 }
 
 /// One check: a GET of the health path with the group's Host; 2xx and 3xx pass.
-async fn probe(
-    client: &UpstreamClient,
-    instance: &Instance,
-    check: &HealthCheck,
-) -> Result<(), String> {
+async fn probe(instance: &Instance, check: &HealthCheck) -> Result<(), String> {
     let target = &instance.target;
     let host = check.host.clone().unwrap_or_else(|| {
         let host = if target.unix_socket.is_some() {
@@ -128,14 +118,17 @@ async fn probe(
         HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("localhost"))
     });
     let mut request = Request::new(RequestBody::empty());
-    *request.uri_mut() = upstream_uri(target, &check.path.as_str().parse().unwrap_or_default());
+    *request.uri_mut() = http::Uri::from(check.path.clone());
     request.headers_mut().insert(HOST, host);
     request.headers_mut().insert(
         USER_AGENT,
         HeaderValue::from_static("gatehouse-health-check"),
     );
     let exchange = async {
-        let response = client.request(request).await.map_err(|err| chain(&err))?;
+        let response = instance.pool.send(request).await.map_err(|err| match err {
+            SendError::Connect(err) => chain(&*err),
+            SendError::Http(err) => chain(&err),
+        })?;
         let status = response.status();
         // Read the answer so its connection goes back to the pool.
         let _ = Limited::new(response.into_body(), MAX_HEALTH_BODY)
