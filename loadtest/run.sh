@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Gatehouse vs nginx, side by side on one machine (issue 8). See loadtest/README.md.
+# Gatehouse vs nginx and a bare hyper + rustls server, side by side on one machine (issues 8
+# and 16). See loadtest/README.md.
 #
 #   loadtest/run.sh            # quick mode: 2 rounds of 4 s per measurement (~3 min after the build)
 #   loadtest/run.sh full       # 5 rounds of 10 s (~20 min)
@@ -10,9 +11,13 @@
 #   LOADTEST_NO_INSTALL=1  do not apt-get/pip install missing tools
 #   LOADTEST_OUT=DIR       where the results go (default loadtest/results)
 #   LOADTEST_KEEP=1        keep the temp dir (configs, logs, raw outputs)
+#   LOADTEST_WORKERS=N     workers per server (default 1): Gatehouse worker_threads, nginx
+#                          worker_processes, loadtest-bare --workers; with N > 1 the servers
+#                          are pinned to CPUs 0-1 instead of CPU 0
 #
-# Layout: origin + proxies pinned to CPU 0, every load generator to CPU 1 (taskset). The
-# proxies each get one worker. Everything listens on 127.0.0.1 only.
+# Layout: origin + proxies (and the bare server) pinned to CPU 0, every load generator to
+# CPU 1 (taskset). Each server gets one worker (LOADTEST_WORKERS above). Everything listens
+# on 127.0.0.1 only.
 set -euo pipefail
 
 MODE=${1:-quick}
@@ -45,11 +50,19 @@ if [[ $(nproc) -lt 2 ]]; then
   log "only one CPU: proxies and load generators share it (numbers will say little)"
   LOAD_CPU=0
 fi
+WORKERS=${LOADTEST_WORKERS:-1}
+[[ $WORKERS =~ ^[1-9][0-9]*$ ]] || { echo "LOADTEST_WORKERS must be a number >= 1" >&2; exit 2; }
+# The CPUs the servers under test (Gatehouse, nginx, bare) are pinned to. With more than one
+# worker each they get CPUs 0-1: they then share the generators' core, so req/s and latency
+# are bounded by that; CPU per request stays comparable. The origin stays on CPU 0.
+PROXY_CPUS=$SERVER_CPU
+((WORKERS == 1)) || PROXY_CPUS=$SERVER_CPU,$LOAD_CPU
 
 # Ports (loopback only).
 P_ORIGIN=18000
 P_GH=18443 P_GH_LOCAL=18444 P_GH_REDIS=18445 P_GH_FRESH=18446
 P_NGINX=19443 P_NGINX_FRESH=19446
+P_BARE=18447 P_BARE_FRESH=18448
 
 # ---------------------------------------------------------------- tools
 install_missing() {
@@ -112,6 +125,14 @@ log "building gatehouse and the origin (release) from ${LOADTEST_REV:-working tr
 GH=$TARGET/release/gatehouse
 ORIGIN=$TARGET/release/loadtest-origin
 CLIENT=$TARGET/release/loadtest-client
+# The bare hyper + rustls server (issue 16's floor). A revision older than the kit's bare
+# server has none: skip it rather than run a binary left over from another build.
+BARE=""
+if [[ -f $SRC/loadtest/origin/src/bin/loadtest-bare.rs ]]; then
+  BARE=$TARGET/release/loadtest-bare
+else
+  log "${LOADTEST_REV:-the working tree} has no loadtest-bare: the bare target is skipped"
+fi
 
 # ---------------------------------------------------------------- PKI (temp dir, never committed)
 PKI=$WORK/pki
@@ -156,7 +177,7 @@ header_read_timeout = "300s"   # the idle-connection scenario holds connections 
 keepalive_timeout = "300s"     # as nginx keepalive_timeout below
 
 [server]
-worker_threads = 1
+worker_threads = $WORKERS
 
 [log]
 level = "warn"
@@ -173,7 +194,7 @@ nginx_config() { # PORT DIR
   mkdir -p "$2"
   cat >"$2/nginx.conf" <<EOF
 # nginx configured like Gatehouse (written by loadtest/run.sh)
-worker_processes 1;
+worker_processes $WORKERS;
 worker_rlimit_nofile $NOFILE;
 user root;
 pid $2/nginx.pid;
@@ -239,19 +260,32 @@ start_gh() { # CONFIG PORT -> GH_PID (empty if the config is refused)
     log "gatehouse refuses $1: $(grep -m1 -E '^  - ' "$1.check" || head -1 "$1.check")"
     return 0
   fi
-  taskset -c $SERVER_CPU "$GH" run --config "$1" >"$1.log" 2>&1 &
+  taskset -c "$PROXY_CPUS" "$GH" run --config "$1" >"$1.log" 2>&1 &
   GH_PID=$!
   PIDS+=("$GH_PID")
   wait_port "$2"
 }
-start_nginx() { # DIR PORT -> NGINX_PIDS (master worker)
-  taskset -c $SERVER_CPU nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' 2>>"$1/error.log" &
+start_nginx() { # DIR PORT -> NGINX_PIDS (master workers...)
+  taskset -c "$PROXY_CPUS" nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' 2>>"$1/error.log" &
   local master=$!
   PIDS+=("$master")
   wait_port "$2"
-  local worker
-  worker=$(pgrep -P "$master" | head -1)
-  NGINX_PIDS="$master $worker"
+  # The master listens before it forks the workers: wait until all of them exist, or their
+  # CPU time would be missed.
+  local workers=""
+  for _ in $(seq 1 50); do
+    workers=$(pgrep -P "$master" | tr '\n' ' ' || true) # none yet: pgrep fails (pipefail)
+    (($(wc -w <<<"$workers") >= WORKERS)) && break
+    sleep 0.1
+  done
+  NGINX_PIDS="$master ${workers% }"
+}
+start_bare() { # PORT -> BARE_PID
+  taskset -c "$PROXY_CPUS" "$BARE" --cert "$PKI/chain.pem" --key "$PKI/leaf.key" \
+    --listen "127.0.0.1:$1" --workers "$WORKERS" >"$WORK/bare-$1.log" 2>&1 &
+  BARE_PID=$!
+  PIDS+=("$BARE_PID")
+  wait_port "$1"
 }
 stop_pids() {
   local pid
@@ -295,7 +329,7 @@ measure() {
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date +%s)
-log "mode $MODE: $ROUNDS rounds x ${DUR}s; idle connections: $IDLE_TLS TLS, $IDLE_WS WebSockets (open-file limit $NOFILE)"
+log "mode $MODE: $ROUNDS rounds x ${DUR}s; $WORKERS worker(s) per server on CPU $PROXY_CPUS; idle connections: $IDLE_TLS TLS, $IDLE_WS WebSockets (open-file limit $NOFILE)"
 
 start_origin
 start_gh "$WORK/gh.toml" $P_GH
@@ -303,20 +337,26 @@ MAIN_GH=$GH_PID
 [[ -n $MAIN_GH ]] || { log "gatehouse did not start; see $WORK/gh.toml.check"; exit 1; }
 start_nginx "$WORK/nginx" $P_NGINX
 MAIN_NGINX=$NGINX_PIDS
+with_bare=()
+if [[ -n $BARE ]]; then
+  start_bare $P_BARE
+  with_bare=(bare)
+fi
 
-declare -A URL=([gatehouse]=https://127.0.0.1:$P_GH [nginx]=https://127.0.0.1:$P_NGINX [origin]=http://127.0.0.1:$P_ORIGIN)
-declare -A PROC=([gatehouse]=$MAIN_GH [nginx]=$MAIN_NGINX [origin]=$ORIGIN_PID)
+declare -A URL=([gatehouse]=https://127.0.0.1:$P_GH [nginx]=https://127.0.0.1:$P_NGINX [origin]=http://127.0.0.1:$P_ORIGIN [bare]=https://127.0.0.1:$P_BARE)
+declare -A PROC=([gatehouse]=$MAIN_GH [nginx]=$MAIN_NGINX [origin]=$ORIGIN_PID [bare]=${BARE_PID:-})
 
-# Warm up both proxies (pools, caches).
-for t in gatehouse nginx; do
+# Warm up both proxies (pools, caches) and the bare server.
+for t in gatehouse nginx "${with_bare[@]}"; do
   taskset -c $LOAD_CPU wrk -t1 -c64 -d1s "${URL[$t]}/" >/dev/null 2>&1 || true
 done
 
 for round in $(seq 1 "$ROUNDS"); do
   log "round $round/$ROUNDS"
-  # Order alternates per round (A B, then B A) so neither proxy always runs first.
+  # Order alternates per round (A B, then B A) so neither proxy always runs first. The
+  # bare server (the floor, not a contender) follows the pair in every round.
   if ((round % 2)); then order=(gatehouse nginx); else order=(nginx gatehouse); fi
-  targets=("${order[@]}")
+  targets=("${order[@]}" "${with_bare[@]}")
   ((round <= CEILING_ROUNDS)) && with_origin=(origin) || with_origin=()
 
   # 1. HTTP/1.1 keep-alive
@@ -338,8 +378,8 @@ for round in $(seq 1 "$ROUNDS"); do
     measure handshake "$t" "$round" client "${PROC[$t]}" \
       "$CLIENT" handshake --url "${URL[$t]}/" --conns 32 --duration "$DUR"
   done
-  # 5. WebSocket echo round trips
-  for t in "${targets[@]}" "${with_origin[@]}"; do
+  # 5. WebSocket echo round trips (the bare server has no WebSocket)
+  for t in "${order[@]}" "${with_origin[@]}"; do
     url=${URL[$t]/https:/wss:}
     url=${url/http:/ws:}
     measure ws-echo "$t" "$round" client "${PROC[$t]}" \
@@ -387,15 +427,21 @@ EXTRA_PIDS=""
 # shellcheck disable=SC2086
 stop_pids $GH_LOCAL $GH_REDIS
 
-# 4. memory: fresh processes, RSS before and after holding idle connections
+# 4. memory: fresh processes, RSS before and after holding idle connections (the bare server
+# for TLS only: it has no WebSocket)
 for kind in tls ws; do
-  for t in gatehouse nginx; do
+  idle_targets=(gatehouse nginx)
+  [[ $kind == tls ]] && idle_targets+=("${with_bare[@]}")
+  for t in "${idle_targets[@]}"; do
     if [[ $t == gatehouse ]]; then
       start_gh "$WORK/gh-fresh.toml" $P_GH_FRESH
       pids=$GH_PID url=https://127.0.0.1:$P_GH_FRESH
-    else
+    elif [[ $t == nginx ]]; then
       start_nginx "$WORK/nginx-fresh" $P_NGINX_FRESH
       pids=$NGINX_PIDS url=https://127.0.0.1:$P_NGINX_FRESH
+    else
+      start_bare $P_BARE_FRESH
+      pids=$BARE_PID url=https://127.0.0.1:$P_BARE_FRESH
     fi
     sleep 0.5
     args=(--conns "$IDLE_TLS")
@@ -441,6 +487,10 @@ NOFILE=$NOFILE
 CLK_TCK=$(getconf CLK_TCK)
 SERVER_CPU=$SERVER_CPU
 LOAD_CPU=$LOAD_CPU
+WORKERS=$WORKERS
+PROXY_CPUS=$PROXY_CPUS
+BARE=${BARE:+yes}
+BARE_CMD=${BARE:+loadtest-bare --cert chain.pem --key leaf.key --listen 127.0.0.1:$P_BARE --workers $WORKERS}
 RL_LOCAL=${GH_LOCAL:+yes}
 REDIS_PORT=$REDIS_PORT
 REDIS_VERSION=$(redis-server --version 2>/dev/null | grep -o 'v=[0-9.]*' | cut -c3-)
