@@ -37,6 +37,10 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+// Gatehouse's allocator (and settings): memory per idle connection is compared to it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The same fixed response body as `loadtest-origin`: 1 KiB.
