@@ -4,14 +4,16 @@
 //!
 //! This module holds the policy side: choosing the rule for a request, the client key
 //! (IP, IPv6 grouped by prefix), and the `429` / `RateLimit` headers. `config::rate_limit` validates
-//! `[rate_limit]`; [`redis`] runs GCRA in Redis behind a timeout and a circuit breaker;
-//! [`local`] runs the same GCRA numbers in process. See `docs/rate-limiting.md`.
+//! `[rate_limit]`; [`redis`] runs GCRA in Redis behind a timeout and a circuit breaker,
+//! and [`lease`] spares it round trips (tokens granted ahead, refusals until their retry
+//! time); [`local`] runs the same GCRA numbers in process. See `docs/rate-limiting.md`.
 //!
 //! One decision: allow-listed client → exempt; rule (or static prefix) exempt → exempt;
 //! otherwise the most specific matching policy (longest rule prefix, else `default`) is
 //! asked of Redis (or governor), and the outcome is enforced, or only counted in shadow
 //! mode. Each request is checked against exactly one policy.
 
+pub mod lease;
 pub mod local;
 pub mod redis;
 

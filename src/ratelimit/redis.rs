@@ -48,6 +48,7 @@ use redis::{RedisError, RedisResult, Script};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::lease::{lease_size, Leases};
 use super::{Decision, OnRedisError, Policy, RateLimitError, RedisSettings};
 use crate::clock::AtomicInstant;
 use crate::metrics::Metrics;
@@ -56,25 +57,29 @@ use crate::redis_client::{self, ConnectOptions, RedisConn};
 /// GCRA (generic cell rate algorithm) on one key, with Redis' own clock.
 ///
 /// KEYS\[1\]: the client's key. ARGV\[1\]: emission interval T in µs (1 / rate);
-/// ARGV\[2\]: burst B. The key holds the theoretical arrival time (TAT, µs). A request
-/// conforms when `TAT - (B-1)·T <= now`; it then moves TAT to `max(TAT, now) + T`. The
-/// key expires when TAT is reached (the bucket is full again), so memory is bounded by
-/// the active clients. Returns `{allowed, remaining, retry_after_us, reset_us}`.
+/// ARGV\[2\]: burst B; ARGV\[3\] (default 1): tokens wanted, N. The key holds the
+/// theoretical arrival time (TAT, µs). A request conforms when `TAT - (B-1)·T <= now`;
+/// it then takes `g = min(N, tokens available)` and moves TAT to `max(TAT, now) + g·T`.
+/// The key expires when TAT is reached (the bucket is full again), so memory is bounded
+/// by the active clients. Returns `{granted, remaining, retry_after_us, reset_us}`
+/// (`granted` 0: refused).
 pub const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local wanted = tonumber(ARGV[3] or '1')
 local tat = now
 local stored = redis.call('GET', KEYS[1])
 if stored then tat = math.max(tonumber(stored), now) end
 if tat - tolerance > now then
   return {0, 0, tat - tolerance - now, tat - now}
 end
-local new_tat = tat + interval
+local granted = math.min(wanted, math.floor((now + tolerance - tat) / interval) + 1)
+local new_tat = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
   'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000) + 1))
-return {1, math.floor((now + tolerance - new_tat) / interval) + 1, 0, new_tat - now}
+return {granted, math.floor((now + tolerance - new_tat) / interval) + 1, 0, new_tat - now}
 ";
 
 /// Consecutive failures that open the breaker.
@@ -132,6 +137,8 @@ struct Shared {
 /// The Redis backend of [`super::RateLimiter`].
 pub struct RedisLimiter {
     shared: Arc<Shared>,
+    /// Redis's recent grants and refusals, spent and repeated without a round trip.
+    leases: Leases,
 }
 
 impl RedisLimiter {
@@ -183,7 +190,10 @@ impl RedisLimiter {
             shared.wake.notify_one();
         }
         tokio::spawn(probe_task(shared.clone(), stop.clone()));
-        Ok(RedisLimiter { shared })
+        Ok(RedisLimiter {
+            shared,
+            leases: Leases::default(),
+        })
     }
 
     /// Whether Redis is deciding (breaker closed and connected).
@@ -191,17 +201,25 @@ impl RedisLimiter {
         !self.shared.open.load(Ordering::Relaxed) && self.shared.conn.load().is_some()
     }
 
-    /// One GCRA step in Redis for `key`; `None` when Redis is skipped, failed or too slow
-    /// (the caller then applies `on_redis_error`).
+    /// One GCRA step in Redis for `key` (or a token Redis leased earlier, or a refusal it
+    /// gave that still holds: [`super::lease`]); `None` when Redis is skipped, failed or
+    /// too slow (the caller then applies `on_redis_error`).
     pub async fn decide(&self, key: &str, policy: &Policy) -> Option<Decision> {
+        if let Some(decided) = self.leases.decide(key, Instant::now()) {
+            return Some(decided);
+        }
         let shared = &*self.shared;
         if shared.open.load(Ordering::Relaxed) {
             return None;
         }
         let mut conn = Conn::clone(shared.conn.load().as_ref()?);
-        let interval_us = u64::try_from(policy.interval().as_micros()).unwrap_or(u64::MAX);
+        let interval = policy.interval();
+        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
         let mut invocation = shared.script.key(key);
-        invocation.arg(interval_us).arg(policy.burst);
+        invocation
+            .arg(interval_us)
+            .arg(policy.burst)
+            .arg(lease_size(policy.burst));
         match tokio::time::timeout(
             shared.decision_timeout,
             invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
@@ -210,7 +228,12 @@ impl RedisLimiter {
         {
             Ok(Ok(reply)) => {
                 shared.succeeded();
-                Some(decision(reply))
+                let granted = u32::try_from(reply.0.max(0)).unwrap_or(0);
+                let answer = decision(reply);
+                Some(
+                    self.leases
+                        .record(key, granted, answer, interval, Instant::now()),
+                )
             }
             Ok(Err(err)) => {
                 shared.failed(&describe(&shared.settings, &err), false);
@@ -255,7 +278,7 @@ impl Shared {
 fn decision((allowed, remaining, retry_after_us, reset_us): (i64, i64, i64, i64)) -> Decision {
     let micros = |value: i64| Duration::from_micros(u64::try_from(value).unwrap_or(0));
     Decision {
-        allowed: allowed == 1,
+        allowed: allowed >= 1,
         remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
         retry_after: micros(retry_after_us),
         reset: micros(reset_us),
