@@ -14,6 +14,7 @@
 //! void) *none*; *none* → (refusal) *refused* → (retry time passed) *none*.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,10 +34,17 @@ pub fn lease_size(burst: u32) -> u32 {
     }
 }
 
-/// Per-key leases and remembered refusals.
-#[derive(Default)]
-pub struct Leases {
-    entries: Mutex<HashMap<String, Entry>>,
+/// Leases and remembered refusals, per key (a policy and a client).
+pub struct Leases<K> {
+    entries: Mutex<HashMap<K, Entry>>,
+}
+
+impl<K> Default for Leases<K> {
+    fn default() -> Self {
+        Leases {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 struct Entry {
@@ -50,9 +58,9 @@ struct Entry {
     reset_at: Instant,
 }
 
-impl Leases {
+impl<K: Hash + Eq> Leases<K> {
     /// A decision from what Redis granted or refused earlier, if that still holds.
-    pub fn decide(&self, key: &str, now: Instant) -> Option<Decision> {
+    pub fn decide(&self, key: &K, now: Instant) -> Option<Decision> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = entries.get_mut(key)?;
         if entry.until <= now {
@@ -85,7 +93,7 @@ impl Leases {
     /// request) and returns this request's decision.
     pub fn record(
         &self,
-        key: &str,
+        key: K,
         granted: u32,
         redis: Decision,
         interval: Duration,
@@ -117,7 +125,7 @@ impl Leases {
         if entries.len() >= MAX_ENTRIES {
             entries.retain(|_, entry| entry.until > now);
         }
-        match entries.get_mut(key) {
+        match entries.get_mut(&key) {
             // Concurrent requests each got a grant: their tokens add up (replacing one
             // lease by another would lose the first one's tokens).
             Some(held) if held.left > 0 && held.until > now => {
@@ -131,7 +139,7 @@ impl Leases {
             }
             Some(held) => *held = entry,
             None => {
-                entries.insert(key.to_owned(), entry);
+                entries.insert(key, entry);
             }
         }
         decision
@@ -161,45 +169,45 @@ mod tests {
 
     #[test]
     fn a_lease_is_spent_token_by_token_then_gone() {
-        let leases = Leases::default();
+        let leases: Leases<&str> = Leases::default();
         let now = Instant::now();
         let first = leases.record("k", 3, answer(true, 10, 0), Duration::from_secs(1), now);
         assert!(first.allowed);
         assert_eq!(first.remaining, 12);
         for remaining in [11, 10] {
-            let spent = leases.decide("k", now).expect("leased");
+            let spent = leases.decide(&"k", now).expect("leased");
             assert!(spent.allowed);
             assert_eq!(spent.remaining, remaining);
         }
         assert!(
-            leases.decide("k", now).is_none(),
+            leases.decide(&"k", now).is_none(),
             "three tokens, three requests"
         );
     }
 
     #[test]
     fn a_lease_is_void_once_redis_would_have_earned_it_back() {
-        let leases = Leases::default();
+        let leases: Leases<&str> = Leases::default();
         let now = Instant::now();
         leases.record("k", 4, answer(true, 0, 0), Duration::from_millis(10), now);
         assert!(leases
-            .decide("k", now + Duration::from_millis(39))
+            .decide(&"k", now + Duration::from_millis(39))
             .is_some());
         assert!(leases
-            .decide("k", now + Duration::from_millis(40))
+            .decide(&"k", now + Duration::from_millis(40))
             .is_none());
     }
 
     #[test]
     fn concurrent_grants_add_up() {
-        let leases = Leases::default();
+        let leases: Leases<&str> = Leases::default();
         let now = Instant::now();
         let interval = Duration::from_secs(1);
         leases.record("k", 3, answer(true, 10, 0), interval, now);
         leases.record("k", 3, answer(true, 7, 0), interval, now);
         leases.record("k", 0, answer(false, 0, 500), interval, now);
         let spent = (0..10)
-            .map_while(|_| leases.decide("k", now).filter(|d| d.allowed))
+            .map_while(|_| leases.decide(&"k", now).filter(|d| d.allowed))
             .count();
         assert_eq!(
             spent, 4,
@@ -209,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_refusal_holds_until_its_retry_time_only() {
-        let leases = Leases::default();
+        let leases: Leases<&str> = Leases::default();
         let now = Instant::now();
         let refused = leases.record(
             "k",
@@ -220,13 +228,13 @@ mod tests {
         );
         assert!(!refused.allowed);
         let again = leases
-            .decide("k", now + Duration::from_millis(60))
+            .decide(&"k", now + Duration::from_millis(60))
             .expect("still refused");
         assert!(!again.allowed);
         assert_eq!(again.retry_after, Duration::from_millis(40));
         assert!(leases
-            .decide("k", now + Duration::from_millis(100))
+            .decide(&"k", now + Duration::from_millis(100))
             .is_none());
-        assert!(leases.decide("other", now).is_none());
+        assert!(leases.decide(&"other", now).is_none());
     }
 }

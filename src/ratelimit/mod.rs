@@ -186,6 +186,9 @@ pub struct RateLimiter {
     headers_on_allowed: bool,
     /// Shared limiter, when Redis is configured.
     redis: Option<Arc<Backend<redis::RedisLimiter>>>,
+    /// Redis's recent grants and refusals per (policy, client key), spent and repeated
+    /// without a round trip. Per limiter, so a reload (new policies) starts afresh.
+    leases: lease::Leases<(usize, IpAddr)>,
     /// In-process limiter: the limiter in local mode, the fallback with Redis.
     local: Arc<Backend<local::LocalLimiter>>,
     metrics: Arc<Metrics>,
@@ -335,6 +338,7 @@ impl RateLimiter {
             on_redis_error: config.on_redis_error,
             headers_on_allowed: config.headers_on_allowed,
             redis,
+            leases: lease::Leases::default(),
             local,
             metrics,
             log_sampler: LogSampler::new(),
@@ -383,11 +387,24 @@ impl RateLimiter {
         let (decision, backend) = match &self.redis {
             None => (Some(self.local.decide(index, key)), RateLimitBackend::Local),
             Some(redis) => {
-                let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
-                // Boxed: the Redis call's state is large, and every request future (and
-                // hyper's per-connection slot sized to it) would otherwise carry it, in
-                // local mode too. One allocation next to a network round trip.
-                match Box::pin(redis.decide(&redis_key, &compiled.policy)).await {
+                let decided = match self.leases.decide(&(index, key), Instant::now()) {
+                    Some(leased) => Some(leased),
+                    None => {
+                        let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
+                        // Boxed: the Redis call's state is large, and every request
+                        // future would otherwise carry it, in local mode too. One
+                        // allocation next to a network round trip.
+                        Box::pin(redis.decide(&redis_key, &compiled.policy))
+                            .await
+                            .map(|(granted, answer)| {
+                                let interval = compiled.policy.interval();
+                                let now = Instant::now();
+                                self.leases
+                                    .record((index, key), granted, answer, interval, now)
+                            })
+                    }
+                };
+                match decided {
                     Some(decision) => (Some(decision), RateLimitBackend::Redis),
                     None => match self.on_redis_error {
                         OnRedisError::Local => (

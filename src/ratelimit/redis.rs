@@ -48,7 +48,7 @@ use redis::{RedisError, RedisResult, Script};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::lease::{lease_size, Leases};
+use super::lease::lease_size;
 use super::{Decision, OnRedisError, Policy, RateLimitError, RedisSettings};
 use crate::clock::AtomicInstant;
 use crate::metrics::Metrics;
@@ -137,8 +137,6 @@ struct Shared {
 /// The Redis backend of [`super::RateLimiter`].
 pub struct RedisLimiter {
     shared: Arc<Shared>,
-    /// Redis's recent grants and refusals, spent and repeated without a round trip.
-    leases: Leases,
 }
 
 impl RedisLimiter {
@@ -190,10 +188,7 @@ impl RedisLimiter {
             shared.wake.notify_one();
         }
         tokio::spawn(probe_task(shared.clone(), stop.clone()));
-        Ok(RedisLimiter {
-            shared,
-            leases: Leases::default(),
-        })
+        Ok(RedisLimiter { shared })
     }
 
     /// Whether Redis is deciding (breaker closed and connected).
@@ -201,20 +196,16 @@ impl RedisLimiter {
         !self.shared.open.load(Ordering::Relaxed) && self.shared.conn.load().is_some()
     }
 
-    /// One GCRA step in Redis for `key` (or a token Redis leased earlier, or a refusal it
-    /// gave that still holds: [`super::lease`]); `None` when Redis is skipped, failed or
-    /// too slow (the caller then applies `on_redis_error`).
-    pub async fn decide(&self, key: &str, policy: &Policy) -> Option<Decision> {
-        if let Some(decided) = self.leases.decide(key, Instant::now()) {
-            return Some(decided);
-        }
+    /// One GCRA step in Redis for `key`, asking for [`lease_size`] tokens: how many were
+    /// granted (0: refused) and the decision for this request. `None` when Redis is
+    /// skipped, failed or too slow (the caller then applies `on_redis_error`).
+    pub async fn decide(&self, key: &str, policy: &Policy) -> Option<(u32, Decision)> {
         let shared = &*self.shared;
         if shared.open.load(Ordering::Relaxed) {
             return None;
         }
         let mut conn = Conn::clone(shared.conn.load().as_ref()?);
-        let interval = policy.interval();
-        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let interval_us = u64::try_from(policy.interval().as_micros()).unwrap_or(u64::MAX);
         let mut invocation = shared.script.key(key);
         invocation
             .arg(interval_us)
@@ -229,11 +220,7 @@ impl RedisLimiter {
             Ok(Ok(reply)) => {
                 shared.succeeded();
                 let granted = u32::try_from(reply.0.max(0)).unwrap_or(0);
-                let answer = decision(reply);
-                Some(
-                    self.leases
-                        .record(key, granted, answer, interval, Instant::now()),
-                )
+                Some((granted, decision(reply)))
             }
             Ok(Err(err)) => {
                 shared.failed(&describe(&shared.settings, &err), false);
