@@ -387,22 +387,22 @@ impl RateLimiter {
         let (decision, backend) = match &self.redis {
             None => (Some(self.local.decide(index, key)), RateLimitBackend::Local),
             Some(redis) => {
-                let decided = match self.leases.decide(&(index, key), Instant::now()) {
-                    Some(leased) => Some(leased),
-                    None => {
-                        let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
-                        // Boxed: the Redis call's state is large, and every request
-                        // future would otherwise carry it, in local mode too. One
-                        // allocation next to a network round trip.
-                        Box::pin(redis.decide(&redis_key, &compiled.policy))
-                            .await
-                            .map(|(granted, answer)| {
-                                let interval = compiled.policy.interval();
-                                let now = Instant::now();
-                                self.leases
-                                    .record((index, key), granted, answer, interval, now)
-                            })
-                    }
+                let leased = self.leases.decide(&(index, key), Instant::now());
+                let decided = if leased.is_some() {
+                    leased
+                } else {
+                    let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
+                    // Boxed: the Redis call's state is large, and every request future
+                    // would otherwise carry it, in local mode too. One allocation next to
+                    // a network round trip.
+                    Box::pin(redis.decide(&redis_key, &compiled.policy))
+                        .await
+                        .map(|(granted, answer)| {
+                            let interval = compiled.policy.interval();
+                            let now = Instant::now();
+                            self.leases
+                                .record((index, key), granted, answer, interval, now)
+                        })
                 };
                 match decided {
                     Some(decision) => (Some(decision), RateLimitBackend::Redis),
