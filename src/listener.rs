@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +25,8 @@ use crate::client_limit::{ClientPlace, LimitReached};
 use crate::config::Config;
 use crate::connection::{canonical_ip, is_trusted, Drain, Peer, SharedAddress};
 use crate::error::Body;
-use crate::live::{ConnectionSettings, Live};
-use crate::metrics::{HandshakeFailure, Metrics, ProxyProtocolRefusal};
+use crate::live::{ConnectionSettings, Live, Snapshot};
+use crate::metrics::{ConnectionGuard, HandshakeFailure, Metrics, ProxyProtocolRefusal};
 use crate::proxy_protocol::{self, HeaderError};
 use crate::watchdog::{Activity, Busy, Stall, WatchedBody};
 
@@ -288,13 +289,17 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
             else {
                 return;
             };
-            let handshake = tls_handshake(
+            // Boxed: the handshake's state only lives until it completes; inline, this
+            // task would keep room for it for as long as the connection lasts.
+            let handshake = Box::pin(tls_handshake(
                 stream,
                 snapshot.acceptor.config(),
                 snapshot.certificates.acme(),
-            );
-            let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
-                Ok(Ok(tls)) => tls,
+            ));
+            let activity = Activity::new(settings.limits);
+            let held = (permit, open, place);
+            let Some(mut conn) = (match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+                Ok(Ok(tls)) => https_connection(tls, &snapshot, &task_ctx.live, addr, &activity, held),
                 Ok(Err((sni, err))) => {
                     task_ctx.metrics.handshake_failed(handshake_failure(&err));
                     tracing::debug!(peer = %addr, sni = sni.as_deref(), reason = %err, "TLS handshake failed");
@@ -305,37 +310,56 @@ pub(crate) async fn serve_https(listener: TcpListener, ctx: Arc<Context>) {
                     tracing::debug!(peer = %addr, reason = "timeout", "TLS handshake failed");
                     return;
                 }
+            }) else {
+                return;
             };
             task_ctx.metrics.handshake_ok();
-            if tls.get_ref().1.alpn_protocol() == Some(crate::tls::acme::ALPN) {
-                // A TLS-ALPN-01 validation: the handshake was the answer (RFC 8737).
-                return;
-            }
-            let tls_version = match tls.get_ref().1.protocol_version() {
-                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-                _ => "unknown",
-            };
-            let activity = Activity::new(settings.limits);
-            let trusted = &snapshot.config.proxy.trusted_proxies;
-            let peer = Peer::new(addr, trusted, tls_version, activity.clone());
-            let peer = Arc::new(peer.holding(permit, open, place));
-            let live = task_ctx.live.clone();
-            let service = service_fn(move |req| {
-                let busy = peer.activity.busy();
-                // The request path current now: a reload never changes a request that
-                // has started. Boxed: hyper keeps a slot the size of this future for
-                // every connection, idle or not; one allocation per request is cheaper
-                // than that slot's kilobytes on each of 10,000 idle connections.
-                let response = Box::pin(live.proxy().handle(peer.clone(), req));
-                async move { Ok::<_, Infallible>(watched(response.await, busy)) }
-            });
-            let conn = settings
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service);
-            drive(conn, &task_ctx, addr, &activity).await;
+            drive(conn.as_mut(), &task_ctx, addr, &activity).await;
         });
     }
+}
+
+/// The HTTP connection over a finished TLS handshake; `None` for a TLS-ALPN-01
+/// validation, which the handshake itself answered. Boxed, and built here rather than in
+/// the connection's task: a TLS stream or connection held in a variable of that task
+/// would stay in its state, moved-from, next to the live one (kilobytes on every
+/// connection, idle or not).
+fn https_connection<'a>(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    snapshot: &'a Snapshot,
+    live: &Arc<Live>,
+    addr: SocketAddr,
+    activity: &Arc<Activity>,
+    (permit, open, place): (OwnedSemaphorePermit, ConnectionGuard, Option<ClientPlace>),
+) -> Option<Pin<Box<impl GracefulConnection<Error: std::fmt::Display + Send> + Send + 'a>>> {
+    if tls.get_ref().1.alpn_protocol() == Some(crate::tls::acme::ALPN) {
+        // A TLS-ALPN-01 validation: the handshake was the answer (RFC 8737).
+        return None;
+    }
+    let tls_version = match tls.get_ref().1.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    };
+    let trusted = &snapshot.config.proxy.trusted_proxies;
+    let peer = Peer::new(addr, trusted, tls_version, activity.clone());
+    let peer = Arc::new(peer.holding(permit, open, place));
+    let live = live.clone();
+    let service = service_fn(move |req| {
+        let busy = peer.activity.busy();
+        // The request path current now: a reload never changes a request that has
+        // started. Boxed: hyper keeps a slot the size of this future for every
+        // connection, idle or not; one allocation per request is cheaper than that
+        // slot's kilobytes on each of 10,000 idle connections.
+        let response = Box::pin(live.proxy().handle(peer.clone(), req));
+        async move { Ok::<_, Infallible>(watched(response.await, busy)) }
+    });
+    Some(Box::pin(
+        snapshot
+            .connections
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(tls), service),
+    ))
 }
 
 /// Runs the TLS handshake; on failure also returns the SNI the client asked for, so the
@@ -413,10 +437,12 @@ pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
                 let response = live.redirector().handle(req);
                 async move { Ok::<_, Infallible>(watched(response.await, busy)) }
             });
-            let conn = settings
-                .builder
-                .serve_connection(TokioIo::new(stream), service);
-            drive(conn, &task_ctx, addr, &activity).await;
+            let mut conn = Box::pin(
+                settings
+                    .builder
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            drive(conn.as_mut(), &task_ctx, addr, &activity).await;
             drop((permit, place));
         });
     }
@@ -479,12 +505,14 @@ const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Runs a connection to completion. The watchdog closes it when it stalls; on shutdown it
 /// is asked to finish gracefully (once a request on its way, if any, has arrived), and
 /// dropped when the grace is over.
-async fn drive<C>(conn: C, ctx: &Context, addr: SocketAddr, activity: &Activity)
+///
+/// The connection is pinned by the caller: taken by value, it would be kept twice in
+/// this future's state (the argument, and the pinned copy), on every connection.
+async fn drive<C>(mut conn: Pin<&mut C>, ctx: &Context, addr: SocketAddr, activity: &Activity)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
         stall = activity.stalled() => {
