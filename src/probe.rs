@@ -837,7 +837,7 @@ fn sample_file(dir: &Path) -> Option<String> {
     None
 }
 
-/// An error and its causes, `: `-joined (hyper's legacy client hides the cause).
+/// An error and its causes, `: `-joined (hyper's errors show only the outer one).
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -10,13 +10,21 @@
 //! (the limit errs strict), which is why a lease is small: 1% of the burst, and only
 //! for bursts of 200 and more, so limits of a few requests per second stay exact.
 //!
+//! A lease is refilled by one request at a time per key: while one asks Redis, the others
+//! wait for its answer (at most `decision_timeout`) instead of each asking for a lease of
+//! their own, which under load would mean a round trip every few requests again.
+//!
 //! Lifecycle of an entry: *none* → (grant of more than one token) *leased* → (spent, or
-//! void) *none*; *none* → (refusal) *refused* → (retry time passed) *none*.
+//! void) *none*; *none* → (refusal) *refused* → (retry time passed) *none*. Of a key's
+//! refill: *none* → (a request finds no lease) *asking* → (answer recorded, Redis failed,
+//! or the request dropped) *none*, waking the requests that waited.
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::Decision;
 
@@ -36,15 +44,13 @@ pub fn lease_size(burst: u32) -> u32 {
 
 /// Leases and remembered refusals, per key (a policy and a client).
 pub struct Leases<K> {
-    entries: Mutex<HashMap<K, Entry>>,
+    state: Mutex<State<K>>,
 }
 
-impl<K> Default for Leases<K> {
-    fn default() -> Self {
-        Leases {
-            entries: Mutex::new(HashMap::new()),
-        }
-    }
+struct State<K> {
+    entries: HashMap<K, Entry>,
+    /// Keys whose lease a request is asking Redis for, and how its waiters are woken.
+    refills: HashMap<K, Arc<Notify>>,
 }
 
 struct Entry {
@@ -58,35 +64,81 @@ struct Entry {
     reset_at: Instant,
 }
 
-impl<K: Hash + Eq> Leases<K> {
+/// What a request does about the limit.
+pub enum Lookup<'a, K: Hash + Eq> {
+    /// Decided by a lease or a remembered refusal.
+    Decided(Decision),
+    /// Ask Redis. With a [`Refill`], this request asks for every request of the key, which
+    /// wait for its answer: record the answer through it.
+    Ask(Option<Refill<'a, K>>),
+}
+
+/// The right to refill a key's lease. Dropping it (answer recorded, Redis failed, or the
+/// request gone) wakes the requests that waited for it.
+pub struct Refill<'a, K: Hash + Eq> {
+    leases: &'a Leases<K>,
+    key: K,
+}
+
+impl<K> Default for Leases<K> {
+    fn default() -> Self {
+        Leases {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                refills: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Leases<K> {
+    fn lock(&self) -> MutexGuard<'_, State<K>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What to do for a request of `key`: decided by what Redis granted or refused
+    /// earlier, or ask Redis. For a policy leasing more than one token, one request at a
+    /// time asks; the others wait for its answer (up to `wait`, then ask themselves).
+    pub async fn lookup(&self, key: &K, lease_size: u32, wait: Duration) -> Lookup<'_, K> {
+        for _ in 0..2 {
+            let asking = {
+                let mut state = self.lock();
+                if let Some(decided) = state.decide(key, Instant::now()) {
+                    return Lookup::Decided(decided);
+                }
+                if lease_size <= 1 {
+                    return Lookup::Ask(None);
+                }
+                if let Some(asking) = state.refills.get(key) {
+                    asking.clone()
+                } else {
+                    state.refills.insert(key.clone(), Arc::new(Notify::new()));
+                    return Lookup::Ask(Some(Refill {
+                        leases: self,
+                        key: key.clone(),
+                    }));
+                }
+            };
+            let answered = asking.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            // The answer may have come between the lock above and `enable`.
+            let pending = self
+                .lock()
+                .refills
+                .get(key)
+                .is_some_and(|current| Arc::ptr_eq(current, &asking));
+            if pending {
+                let _ = tokio::time::timeout(wait, answered).await;
+            }
+        }
+        Lookup::Ask(None)
+    }
+
     /// A decision from what Redis granted or refused earlier, if that still holds.
-    pub fn decide(&self, key: &K, now: Instant) -> Option<Decision> {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = entries.get_mut(key)?;
-        if entry.until <= now {
-            entries.remove(key);
-            return None;
-        }
-        let reset = entry.reset_at.saturating_duration_since(now);
-        if entry.left == 0 {
-            return Some(Decision {
-                allowed: false,
-                remaining: 0,
-                retry_after: entry.until - now,
-                reset,
-            });
-        }
-        entry.left -= 1;
-        let decision = Decision {
-            allowed: true,
-            remaining: entry.remaining.saturating_add(entry.left),
-            retry_after: Duration::ZERO,
-            reset,
-        };
-        if entry.left == 0 {
-            entries.remove(key);
-        }
-        Some(decision)
+    #[cfg(test)]
+    fn decide(&self, key: &K, now: Instant) -> Option<Decision> {
+        self.lock().decide(key, now)
     }
 
     /// Records Redis's answer for `key` (`granted` tokens, one of them for this
@@ -121,7 +173,8 @@ impl<K: Hash + Eq> Leases<K> {
             remaining: redis.remaining.saturating_add(entry.left),
             ..redis
         };
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
+        let entries = &mut state.entries;
         if entries.len() >= MAX_ENTRIES {
             entries.retain(|_, entry| entry.until > now);
         }
@@ -143,6 +196,65 @@ impl<K: Hash + Eq> Leases<K> {
             }
         }
         decision
+    }
+}
+
+impl<K: Hash + Eq> State<K> {
+    fn decide(&mut self, key: &K, now: Instant) -> Option<Decision> {
+        let entry = self.entries.get_mut(key)?;
+        if entry.until <= now {
+            self.entries.remove(key);
+            return None;
+        }
+        let reset = entry.reset_at.saturating_duration_since(now);
+        if entry.left == 0 {
+            return Some(Decision {
+                allowed: false,
+                remaining: 0,
+                retry_after: entry.until - now,
+                reset,
+            });
+        }
+        entry.left -= 1;
+        let decision = Decision {
+            allowed: true,
+            remaining: entry.remaining.saturating_add(entry.left),
+            retry_after: Duration::ZERO,
+            reset,
+        };
+        if entry.left == 0 {
+            self.entries.remove(key);
+        }
+        Some(decision)
+    }
+}
+
+impl<K: Hash + Eq + Clone> Refill<'_, K> {
+    /// Records Redis's answer (see [`Leases::record`]); the waiting requests then find it.
+    pub fn record(
+        self,
+        granted: u32,
+        redis: Decision,
+        interval: Duration,
+        now: Instant,
+    ) -> Decision {
+        self.leases
+            .record(self.key.clone(), granted, redis, interval, now)
+    }
+}
+
+impl<K: Hash + Eq> Drop for Refill<'_, K> {
+    fn drop(&mut self) {
+        let asking = self
+            .leases
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refills
+            .remove(&self.key);
+        if let Some(asking) = asking {
+            asking.notify_waiters();
+        }
     }
 }
 
@@ -212,6 +324,48 @@ mod tests {
         assert_eq!(
             spent, 4,
             "two grants of three, one token of each used at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_request_refills_a_lease_while_the_others_wait_for_it() {
+        let leases: Leases<&str> = Leases::default();
+        let wait = Duration::from_secs(30);
+        let Lookup::Ask(Some(refill)) = leases.lookup(&"k", 10, wait).await else {
+            panic!("the first request asks Redis");
+        };
+        let waiter = leases.lookup(&"k", 10, wait);
+        tokio::pin!(waiter);
+        assert!(
+            futures_util::poll!(waiter.as_mut()).is_pending(),
+            "a second request waits for the first one's answer"
+        );
+        let now = Instant::now();
+        refill.record(10, answer(true, 100, 0), Duration::from_secs(1), now);
+        let Lookup::Decided(decided) = waiter.await else {
+            panic!("the waiter is served from the new lease");
+        };
+        assert!(decided.allowed);
+    }
+
+    #[tokio::test]
+    async fn a_refill_that_fails_lets_the_waiters_ask_themselves() {
+        let leases: Leases<&str> = Leases::default();
+        let wait = Duration::from_secs(30);
+        let Lookup::Ask(Some(refill)) = leases.lookup(&"k", 10, wait).await else {
+            panic!("the first request asks Redis");
+        };
+        let waiter = leases.lookup(&"k", 10, wait);
+        tokio::pin!(waiter);
+        assert!(futures_util::poll!(waiter.as_mut()).is_pending());
+        drop(refill);
+        assert!(
+            matches!(waiter.await, Lookup::Ask(Some(_))),
+            "the next request refills instead"
+        );
+        assert!(
+            matches!(leases.lookup(&"k", 1, wait).await, Lookup::Ask(None)),
+            "no lease, no waiting"
         );
     }
 

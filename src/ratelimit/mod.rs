@@ -387,22 +387,30 @@ impl RateLimiter {
         let (decision, backend) = match &self.redis {
             None => (Some(self.local.decide(index, key)), RateLimitBackend::Local),
             Some(redis) => {
-                let leased = self.leases.decide(&(index, key), Instant::now());
-                let decided = if leased.is_some() {
-                    leased
-                } else {
-                    let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
-                    // Boxed: the Redis call's state is large, and every request future
-                    // would otherwise carry it, in local mode too. One allocation next to
-                    // a network round trip.
-                    Box::pin(redis.decide(&redis_key, &compiled.policy))
-                        .await
-                        .map(|(granted, answer)| {
-                            let interval = compiled.policy.interval();
-                            let now = Instant::now();
-                            self.leases
-                                .record((index, key), granted, answer, interval, now)
+                let lease_key = (index, key);
+                let lease_size = lease::lease_size(compiled.policy.burst);
+                let lookup = self
+                    .leases
+                    .lookup(&lease_key, lease_size, redis.decision_timeout())
+                    .await;
+                let decided = match lookup {
+                    lease::Lookup::Decided(decided) => Some(decided),
+                    lease::Lookup::Ask(refill) => {
+                        let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
+                        // Boxed: the Redis call's state is large, and every request future
+                        // would otherwise carry it, in local mode too. One allocation next
+                        // to a network round trip.
+                        let answer = Box::pin(redis.decide(&redis_key, &compiled.policy)).await;
+                        answer.map(|(granted, answer)| {
+                            let (interval, now) = (compiled.policy.interval(), Instant::now());
+                            match refill {
+                                Some(refill) => refill.record(granted, answer, interval, now),
+                                None => self
+                                    .leases
+                                    .record(lease_key, granted, answer, interval, now),
+                            }
                         })
+                    }
                 };
                 match decided {
                     Some(decision) => (Some(decision), RateLimitBackend::Redis),

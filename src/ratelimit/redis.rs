@@ -191,6 +191,11 @@ impl RedisLimiter {
         Ok(RedisLimiter { shared })
     }
 
+    /// `rate_limit.decision_timeout`.
+    pub fn decision_timeout(&self) -> Duration {
+        self.shared.decision_timeout
+    }
+
     /// Whether Redis is deciding (breaker closed and connected).
     pub fn ready(&self) -> bool {
         !self.shared.open.load(Ordering::Relaxed) && self.shared.conn.load().is_some()
