@@ -434,7 +434,8 @@ pub(crate) async fn serve_http(listener: TcpListener, ctx: Arc<Context>) {
             let live = task_ctx.live.clone();
             let service = service_fn(move |req| {
                 let busy = watched_activity.busy();
-                let response = live.redirector().handle(req);
+                // Boxed, as on the HTTPS side: hyper keeps a slot this size per connection.
+                let response = Box::pin(live.redirector().handle(req));
                 async move { Ok::<_, Infallible>(watched(response.await, busy)) }
             });
             let mut conn = Box::pin(
