@@ -398,7 +398,7 @@ def write_report(raw, out_dir):
         f"- rate limiting: Redis {meta.get('REDIS_VERSION', '?')} on 127.0.0.1:{meta.get('REDIS_PORT', '?')}, started by the script and pinned to the load-generator core (in production Redis is on another host)",
         f"- open-file limit {meta['NOFILE']}: idle scenario holds {meta['IDLE_TLS']} TLS connections and {meta['IDLE_WS']} WebSockets (a proxy needs two descriptors per WebSocket)",
         *(
-            ["- bare server: `loadtest-bare`, hyper + rustls with Gatehouse's TLS settings (same chain and key, TLS 1.3, ALPN h2 + http/1.1, session cache and ticketer) and hyper settings, answering the origin's 1 KiB body itself (no upstream hop): the floor for a proxy built from those parts. and allocator (mimalloc)"]
+            ["- bare server: `loadtest-bare`, hyper + rustls with Gatehouse's TLS settings (same chain and key, TLS 1.3, ALPN h2 + http/1.1, session cache and ticketer), hyper settings and allocator (mimalloc), answering the origin's 1 KiB body itself (no upstream hop): the floor for a proxy built from those parts"]
             if has_bare
             else []
         ),
