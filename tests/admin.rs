@@ -401,6 +401,13 @@ async fn metrics_count_real_traffic_by_version_and_status_with_latency_and_conne
     );
     assert!(metrics.get("gatehouse_response_body_bytes_total") >= 100_000.0);
 
+    // Upstream: the seven requests, one after another, shared one kept-alive connection.
+    assert_eq!(
+        metrics.get("gatehouse_upstream_connections_opened_total{group=\"default\"}"),
+        1.0
+    );
+    assert!(upstream.seen().iter().all(|seen| seen.connection == 1));
+
     // Connections: the two pooled clients hold one connection each.
     assert_eq!(metrics.get("gatehouse_connections_open"), 2.0);
     assert!(metrics.get("gatehouse_connections_total") >= 3.0);
