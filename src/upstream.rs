@@ -1,11 +1,11 @@
-//! The upstream side of a request: the choice of
-//! instance (`balance`: round robin or least requests; skipping unhealthy and full
-//! instances), the response timeout, and failover of requests that never left or can be
-//! sent again, within the group's retry budget ([`budget`]).
+//! The upstream side of a request: the choice of instance (`balance`: round robin or
+//! least requests; skipping unhealthy and full instances), the response timeout, and
+//! failover of requests that never left or can be sent again, within the group's retry
+//! budget ([`budget`]).
 //!
 //! One [`Upstreams`] serves one upstream group (`[upstream]` or `[upstreams.NAME]`): the
-//! group owns its instances' connection pools ([`pool`]), their health, its balancing position, its retry budget
-//! and its health checker ([`health`]).
+//! group owns its instances' connection pools ([`pool`]) and health, its balancing
+//! position, its retry budget and its health checker ([`health`]).
 //!
 //! Health of an instance, two ways. Passive: *healthy* → (connection refused) *skipped*
 //! for `upstream.unhealthy_for` → *healthy* again. Active (with `health_check_path`):
