@@ -68,9 +68,13 @@ struct Entry {
 pub enum Lookup<'a, K: Hash + Eq> {
     /// Decided by a lease or a remembered refusal.
     Decided(Decision),
-    /// Ask Redis. With a [`Refill`], this request asks for every request of the key, which
+    /// Ask Redis, within the time given (what is left of `decision_timeout` after
+    /// waiting). With a [`Refill`], this request asks for every request of the key, which
     /// wait for its answer: record the answer through it.
-    Ask(Option<Refill<'a, K>>),
+    Ask(Option<Refill<'a, K>>, Duration),
+    /// Another request's answer did not come within `decision_timeout`: Redis is too
+    /// slow, decide as when it fails.
+    Unanswered,
 }
 
 /// The right to refill a key's lease. Dropping it (answer recorded, Redis failed, or the
@@ -98,8 +102,11 @@ impl<K: Hash + Eq + Clone> Leases<K> {
 
     /// What to do for a request of `key`: decided by what Redis granted or refused
     /// earlier, or ask Redis. For a policy leasing more than one token, one request at a
-    /// time asks; the others wait for its answer (up to `wait`, then ask themselves).
-    pub async fn lookup(&self, key: &K, lease_size: u32, wait: Duration) -> Lookup<'_, K> {
+    /// time asks; the others wait for its answer. `budget` (`decision_timeout`) bounds the
+    /// waiting and the asking together, so no request waits longer than without leases.
+    pub async fn lookup(&self, key: &K, lease_size: u32, budget: Duration) -> Lookup<'_, K> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         for _ in 0..2 {
             let asking = {
                 let mut state = self.lock();
@@ -107,16 +114,19 @@ impl<K: Hash + Eq + Clone> Leases<K> {
                     return Lookup::Decided(decided);
                 }
                 if lease_size <= 1 {
-                    return Lookup::Ask(None);
+                    return Lookup::Ask(None, left());
                 }
                 if let Some(asking) = state.refills.get(key) {
                     asking.clone()
                 } else {
                     state.refills.insert(key.clone(), Arc::new(Notify::new()));
-                    return Lookup::Ask(Some(Refill {
-                        leases: self,
-                        key: key.clone(),
-                    }));
+                    return Lookup::Ask(
+                        Some(Refill {
+                            leases: self,
+                            key: key.clone(),
+                        }),
+                        left(),
+                    );
                 }
             };
             let answered = asking.notified();
@@ -128,11 +138,14 @@ impl<K: Hash + Eq + Clone> Leases<K> {
                 .refills
                 .get(key)
                 .is_some_and(|current| Arc::ptr_eq(current, &asking));
-            if pending {
-                let _ = tokio::time::timeout(wait, answered).await;
+            if pending && tokio::time::timeout_at(deadline, answered).await.is_err() {
+                return Lookup::Unanswered;
             }
         }
-        Lookup::Ask(None)
+        match left() {
+            Duration::ZERO => Lookup::Unanswered,
+            left => Lookup::Ask(None, left),
+        }
     }
 
     /// A decision from what Redis granted or refused earlier, if that still holds.
@@ -331,7 +344,7 @@ mod tests {
     async fn one_request_refills_a_lease_while_the_others_wait_for_it() {
         let leases: Leases<&str> = Leases::default();
         let wait = Duration::from_secs(30);
-        let Lookup::Ask(Some(refill)) = leases.lookup(&"k", 10, wait).await else {
+        let Lookup::Ask(Some(refill), _) = leases.lookup(&"k", 10, wait).await else {
             panic!("the first request asks Redis");
         };
         let waiter = leases.lookup(&"k", 10, wait);
@@ -352,7 +365,7 @@ mod tests {
     async fn a_refill_that_fails_lets_the_waiters_ask_themselves() {
         let leases: Leases<&str> = Leases::default();
         let wait = Duration::from_secs(30);
-        let Lookup::Ask(Some(refill)) = leases.lookup(&"k", 10, wait).await else {
+        let Lookup::Ask(Some(refill), _) = leases.lookup(&"k", 10, wait).await else {
             panic!("the first request asks Redis");
         };
         let waiter = leases.lookup(&"k", 10, wait);
@@ -360,13 +373,28 @@ mod tests {
         assert!(futures_util::poll!(waiter.as_mut()).is_pending());
         drop(refill);
         assert!(
-            matches!(waiter.await, Lookup::Ask(Some(_))),
+            matches!(waiter.await, Lookup::Ask(Some(_), _)),
             "the next request refills instead"
         );
         assert!(
-            matches!(leases.lookup(&"k", 1, wait).await, Lookup::Ask(None)),
+            matches!(leases.lookup(&"k", 1, wait).await, Lookup::Ask(None, _)),
             "no lease, no waiting"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_slow_answer_takes_no_longer_than_the_decision_timeout() {
+        let leases: Leases<&str> = Leases::default();
+        let budget = Duration::from_millis(20);
+        let Lookup::Ask(Some(_asking), _) = leases.lookup(&"k", 10, budget).await else {
+            panic!("the first request asks Redis");
+        };
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            leases.lookup(&"k", 10, budget).await,
+            Lookup::Unanswered
+        ));
+        assert_eq!(started.elapsed(), budget);
     }
 
     #[test]

@@ -395,12 +395,14 @@ impl RateLimiter {
                     .await;
                 let decided = match lookup {
                     lease::Lookup::Decided(decided) => Some(decided),
-                    lease::Lookup::Ask(refill) => {
+                    lease::Lookup::Unanswered => None,
+                    lease::Lookup::Ask(refill, within) => {
                         let redis_key = redis_key(&self.key_prefix, &compiled.policy.name, key);
                         // Boxed: the Redis call's state is large, and every request future
                         // would otherwise carry it, in local mode too. One allocation next
                         // to a network round trip.
-                        let answer = Box::pin(redis.decide(&redis_key, &compiled.policy)).await;
+                        let answer =
+                            Box::pin(redis.decide(&redis_key, &compiled.policy, within)).await;
                         answer.map(|(granted, answer)| {
                             let (interval, now) = (compiled.policy.interval(), Instant::now());
                             match refill {

@@ -204,7 +204,14 @@ impl RedisLimiter {
     /// One GCRA step in Redis for `key`, asking for [`lease_size`] tokens: how many were
     /// granted (0: refused) and the decision for this request. `None` when Redis is
     /// skipped, failed or too slow (the caller then applies `on_redis_error`).
-    pub async fn decide(&self, key: &str, policy: &Policy) -> Option<(u32, Decision)> {
+    /// Waits at most `within` (`decision_timeout`, or what waiting on another request's
+    /// answer left of it).
+    pub async fn decide(
+        &self,
+        key: &str,
+        policy: &Policy,
+        within: Duration,
+    ) -> Option<(u32, Decision)> {
         let shared = &*self.shared;
         if shared.open.load(Ordering::Relaxed) {
             return None;
@@ -217,7 +224,7 @@ impl RedisLimiter {
             .arg(policy.burst)
             .arg(lease_size(policy.burst));
         match tokio::time::timeout(
-            shared.decision_timeout,
+            within.min(shared.decision_timeout),
             invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
         )
         .await
