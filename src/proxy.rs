@@ -30,7 +30,6 @@ use crate::request_body::{CutOnEnd, RequestBody, Upload, Uploads};
 use crate::routing::RouteTable;
 use crate::static_files::{StaticFiles, StaticTarget};
 use crate::upstream::{SendLimits, Upstreams};
-use crate::upstream_io::UpstreamConnection;
 use crate::websocket;
 
 /// Everything a request needs, built once at startup and shared by all connections.
@@ -507,8 +506,8 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         forwarding::strip_hop_by_hop(&mut parts.headers, false);
-        let connection = parts.extensions.remove::<UpstreamConnection>();
-        let body = CutOnEnd::new(body, upload.end.map(|end| end.on(connection)));
+        let upload_end = upload.end.map(|end| end.on(body.connection()));
+        let body = CutOnEnd::new(body, upload_end);
         Ok(Response::from_parts(
             parts,
             body.map_err(Into::into).boxed_unsync(),

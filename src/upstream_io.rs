@@ -276,8 +276,8 @@ pub struct UpstreamIo {
     handle: UpstreamConnection,
 }
 
-/// A handle on the connection that answered a request, found in the response's
-/// extensions.
+/// A handle on an upstream connection (the response body gives it out while it reads
+/// from that connection).
 #[derive(Clone, Debug)]
 pub struct UpstreamConnection(Arc<Shared>);
 

@@ -173,8 +173,7 @@ impl ConnPool {
         })
         .await;
         cancelled.disarm();
-        let mut response = response?;
-        response.extensions_mut().insert(handle.clone());
+        let response = response?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The upgrade completes when hyper polls the connection once more; the
             // relay takes the socket from there.
@@ -330,6 +329,14 @@ pub struct UpstreamBody {
     conn: Option<Conn>,
     pool: Arc<ConnPool>,
     ended: bool,
+}
+
+impl UpstreamBody {
+    /// The connection the body arrives on, while it is open (to kill it when an upload
+    /// to it must be cut).
+    pub fn connection(&self) -> Option<UpstreamConnection> {
+        self.conn.as_ref().map(|conn| conn.handle.clone())
+    }
 }
 
 impl Body for UpstreamBody {
